@@ -1,0 +1,80 @@
+"""Shared fixtures: a real Run-Flare server in a subprocess, free ports, temp data dirs."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class LiveServer:
+    """A `runflare serve` process listening on 127.0.0.1."""
+
+    url: str
+    port: int
+    data_dir: Path
+    process: subprocess.Popen
+
+    @property
+    def api(self) -> str:
+        return self.url + "/api/v1"
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+
+def start_server(data_dir: Path, *extra: str, env: dict[str, str] | None = None, port: int | None = None) -> LiveServer:
+    """Start `runflare serve` on a free port and wait until /api/v1/health answers."""
+    port = port or free_port()
+    log = open(data_dir / "server.log", "ab")  # noqa: SIM115 - closed with the process
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "runflare_server", "serve", "--host", "127.0.0.1", "--port", str(port),
+         "--data-dir", str(data_dir), *extra],
+        stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
+        start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited {proc.returncode}: {(data_dir / 'server.log').read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(url + "/api/v1/health", timeout=2) as r:
+                if r.status == 200:
+                    return LiveServer(url, port, data_dir, proc)
+        except OSError:
+            time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError("server did not become healthy: " + (data_dir / "server.log").read_text()[-3000:])
+
+
+@pytest.fixture(scope="session")
+def live_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+    """One real server for the whole session (embedded store and queue, default sandbox)."""
+    server = start_server(tmp_path_factory.mktemp("live-server"))
+    yield server
+    server.stop()
