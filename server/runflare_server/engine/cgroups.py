@@ -1,0 +1,283 @@
+"""Per-run resource limits: a cgroup per run (v2 or v1) where the host allows it, else rlimits.
+
+Usage::
+
+    cg = RunCgroup.create("run-abc", memory_kb=128_000, max_pids=60)   # None → use rlimits only
+    proc = subprocess.Popen(argv, preexec_fn=child_setup(limits, cg))   # joins the group before exec
+    ...
+    cg.peak_memory_kb(); cg.oom_killed(); cg.cpu_seconds(); cg.kill_all(); cg.remove()
+
+Groups are created below the calling process's own cgroup, in a ``runflare`` sub-group.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+import os
+import re
+import resource
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from .interface import Limits
+
+_CGROUP_ROOT = Path("/sys/fs/cgroup")
+_PARENT = "runflare"
+_V1_CONTROLLERS = ("memory", "pids", "cpuacct")
+_NAME_RE = re.compile(r"[^A-Za-z0-9_.-]")
+
+
+def _own_paths() -> dict[str, str]:
+    """Controller (or "" for v2) → this process's cgroup path, from /proc/self/cgroup."""
+    paths: dict[str, str] = {}
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/cgroup").read_text().splitlines():
+            _, ctrls, path = line.split(":", 2)
+            for ctrl in ctrls.split(",") if ctrls else [""]:
+                paths[ctrl] = path
+    return paths
+
+
+def _v1_mounts() -> dict[str, tuple[Path, str]]:
+    """Controller → (mount point, mount root) for cgroup v1 hierarchies."""
+    mounts: dict[str, tuple[Path, str]] = {}
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/mountinfo").read_text().splitlines():
+            pre, _, post = line.partition(" - ")
+            fields, post_fields = pre.split(), post.split()
+            if len(post_fields) < 3 or post_fields[0] != "cgroup":
+                continue
+            for opt in post_fields[2].split(","):
+                if opt in _V1_CONTROLLERS:
+                    mounts[opt] = (Path(fields[4]), fields[3])
+    return mounts
+
+
+def _try_make(path: Path) -> bool:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f"probe-{os.getpid()}"
+        probe.mkdir(exist_ok=True)
+        probe.rmdir()
+        return True
+    except OSError:
+        return False
+
+
+@functools.cache
+def _detect() -> tuple[str, dict[str, Path]]:
+    """Find the writable hierarchy: ("cgroup-v2", {"": parent}) / ("cgroup-v1", {ctrl: parent}) / ("rlimit", {})."""
+    own = _own_paths()
+    if (_CGROUP_ROOT / "cgroup.controllers").exists():
+        base = _CGROUP_ROOT / own.get("", "/").lstrip("/")
+        parent = base / _PARENT
+        if _try_make(parent) and _enable_v2_controllers(base, parent):
+            return "cgroup-v2", {"": parent}
+        return "rlimit", {}
+    mounts = _v1_mounts()
+    if "memory" not in mounts or "pids" not in mounts:
+        return "rlimit", {}
+    parents: dict[str, Path] = {}
+    for ctrl, (mnt, root) in mounts.items():
+        rel = os.path.relpath(own.get(ctrl, "/"), root) if own.get(ctrl, "/").startswith(root) else "."
+        parent = (mnt / rel / _PARENT).resolve()
+        if _try_make(parent):
+            parents[ctrl] = parent
+    if "memory" in parents and "pids" in parents:
+        return "cgroup-v1", parents
+    return "rlimit", {}
+
+
+def _enable_v2_controllers(base: Path, parent: Path) -> bool:
+    """Enable memory+pids (+cpu if offered) for groups below ``parent``."""
+    try:
+        available = (base / "cgroup.controllers").read_text().split()
+        if not {"memory", "pids"} <= set(available):
+            return False
+        wanted = [c for c in ("memory", "pids", "cpu") if c in available]
+        enabled = (base / "cgroup.subtree_control").read_text().split()
+        missing = [c for c in wanted if c not in enabled]
+        if missing:
+            (base / "cgroup.subtree_control").write_text(" ".join("+" + c for c in missing))
+        (parent / "cgroup.subtree_control").write_text(" ".join("+" + c for c in wanted))
+        return True
+    except OSError:
+        return False
+
+
+def mechanism() -> str:
+    """The limit mechanism in force: "cgroup-v2", "cgroup-v1" or "rlimit" (detected once)."""
+    return _detect()[0]
+
+
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text()
+    except OSError:
+        return None
+
+
+class RunCgroup:
+    """One cgroup (one directory per v1 controller) holding one run's processes."""
+
+    def __init__(self, kind: str, dirs: dict[str, Path]) -> None:
+        self.kind = kind
+        self.dirs = dirs
+        self._removed = False
+
+    @classmethod
+    def create(cls, name: str, memory_kb: int | None, max_pids: int | None) -> RunCgroup | None:
+        """Create the group with its limits; None when no writable hierarchy (callers use rlimits)."""
+        kind, parents = _detect()
+        if kind == "rlimit":
+            return None
+        name = _NAME_RE.sub("_", name)[:100] or "run"
+        dirs: dict[str, Path] = {}
+        try:
+            for ctrl, parent in parents.items():
+                d = parent / name
+                d.mkdir(exist_ok=True)
+                dirs[ctrl] = d
+            group = cls(kind, dirs)
+            group._set_limits(memory_kb, max_pids)
+            return group
+        except OSError:
+            cls(kind, dirs).remove()
+            return None
+
+    def _set_limits(self, memory_kb: int | None, max_pids: int | None) -> None:
+        if self.kind == "cgroup-v2":
+            d = self.dirs[""]
+            if memory_kb is not None:
+                (d / "memory.max").write_text(str(memory_kb * 1024))
+                with contextlib.suppress(OSError):
+                    (d / "memory.swap.max").write_text("0")
+            if max_pids is not None:
+                (d / "pids.max").write_text(str(max_pids))
+            return
+        mem = self.dirs["memory"]
+        if memory_kb is not None:
+            (mem / "memory.limit_in_bytes").write_text(str(memory_kb * 1024))
+            with contextlib.suppress(OSError):  # no swap accounting on this kernel: nothing to cap
+                (mem / "memory.memsw.limit_in_bytes").write_text(str(memory_kb * 1024))
+        if max_pids is not None:
+            (self.dirs["pids"] / "pids.max").write_text(str(max_pids))
+
+    def procs_files(self) -> list[str]:
+        """The cgroup.procs files a process writes its pid to, to join the group."""
+        return [str(d / "cgroup.procs") for d in self.dirs.values()]
+
+    def add_pid(self, pid: int) -> None:
+        """Move process ``pid`` into the group."""
+        for f in self.procs_files():
+            Path(f).write_text(str(pid))
+
+    def pids(self) -> list[int]:
+        """Processes currently in the group."""
+        d = self.dirs.get("") or self.dirs["pids"]
+        text = _read(d / "cgroup.procs") or ""
+        return [int(p) for p in text.split()]
+
+    def peak_memory_kb(self) -> int | None:
+        """Peak memory use of the group, in KB."""
+        if self.kind == "cgroup-v2":
+            text = _read(self.dirs[""] / "memory.peak")
+        else:
+            text = _read(self.dirs["memory"] / "memory.max_usage_in_bytes")
+        return int(text) // 1024 if text and text.strip().isdigit() else None
+
+    def oom_killed(self) -> bool:
+        """Whether the kernel OOM-killed a process of the group (memory limit hit)."""
+        if self.kind == "cgroup-v2":
+            text = _read(self.dirs[""] / "memory.events") or ""
+        else:
+            text = _read(self.dirs["memory"] / "memory.oom_control") or ""
+        m = re.search(r"^oom_kill (\d+)", text, re.M)
+        return bool(m and int(m.group(1)) > 0)
+
+    def cpu_seconds(self) -> float | None:
+        """CPU time (user+system) used by the group's processes so far."""
+        if self.kind == "cgroup-v2":
+            m = re.search(r"^usage_usec (\d+)", _read(self.dirs[""] / "cpu.stat") or "", re.M)
+            return int(m.group(1)) / 1e6 if m else None
+        if "cpuacct" not in self.dirs:
+            return None
+        text = _read(self.dirs["cpuacct"] / "cpuacct.usage")
+        return int(text) / 1e9 if text and text.strip().isdigit() else None
+
+    def kill_all(self, timeout: float = 5.0) -> None:
+        """SIGKILL every process of the group until it is empty (the pids limit bounds fork bombs)."""
+        if self.kind == "cgroup-v2" and (self.dirs[""] / "cgroup.kill").exists():
+            with contextlib.suppress(OSError):
+                (self.dirs[""] / "cgroup.kill").write_text("1")
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            pids = self.pids()
+            if not pids:
+                return
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, signal.SIGKILL)
+            time.sleep(0.005)
+
+    def remove(self) -> None:
+        """Kill what is left and delete the group's directories."""
+        if self._removed:
+            return
+        self._removed = True
+        if self.dirs:
+            self.kill_all()
+        for d in self.dirs.values():
+            for _ in range(50):
+                try:
+                    d.rmdir()
+                    break
+                except FileNotFoundError:
+                    break
+                except OSError:
+                    time.sleep(0.01)
+
+    def __enter__(self) -> RunCgroup:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+
+def rlimit_values(limits: Limits, use_cgroup: bool) -> dict[int, tuple[int, int]]:
+    """The rlimits a run's process gets. With a cgroup, memory and processes are left to the group."""
+    cpu = max(1, math.ceil(limits.cpu_time_limit + limits.cpu_extra_time))
+    values: dict[int, tuple[int, int]] = {
+        resource.RLIMIT_CPU: (cpu, cpu + 1),
+        resource.RLIMIT_CORE: (0, 0),
+        resource.RLIMIT_FSIZE: (limits.max_file_size * 1024,) * 2,
+    }
+    if limits.stack_limit > 0:
+        values[resource.RLIMIT_STACK] = (limits.stack_limit * 1024,) * 2
+    if not use_cgroup:
+        values[resource.RLIMIT_AS] = (limits.memory_limit * 1024,) * 2
+        values[resource.RLIMIT_NPROC] = (limits.max_processes_and_or_threads,) * 2
+    return values
+
+
+def rlimit_preexec(limits: Limits, cgroup: RunCgroup | None = None) -> Callable[[], None]:
+    """A ``preexec_fn`` that joins ``cgroup`` (if any) and sets the run's rlimits in the child."""
+    values = rlimit_values(limits, cgroup is not None)
+    procs = cgroup.procs_files() if cgroup else []
+
+    def setup() -> None:
+        for f in procs:
+            fd = os.open(f, os.O_WRONLY)
+            try:
+                os.write(fd, b"0")
+            finally:
+                os.close(fd)
+        for res, (soft, hard) in values.items():
+            with contextlib.suppress(ValueError, OSError):
+                resource.setrlimit(res, (soft, hard))
+
+    return setup
