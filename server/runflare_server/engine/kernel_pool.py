@@ -1,0 +1,301 @@
+"""Warm pools of ready, sandboxed Jupyter kernels, one pool per kernelspec.
+
+A kernel is handed out once and never taken back: the caller shuts it down after its run.
+Pools refill in the background (a few starts in parallel), replace kernels that die while
+waiting or hang at start, and leave nothing behind on stop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import secrets
+import shutil
+import subprocess
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil
+from jupyter_client.asynchronous import AsyncKernelClient
+from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
+
+from . import kernel_sandbox as sb
+
+log = logging.getLogger(__name__)
+
+# Lean start-up flags per kernel implementation (module run by the kernelspec).
+LEAN_ARGS = {
+    "ipykernel_launcher": ["--HistoryManager.enabled=False", "--InteractiveShell.colors=NoColor",
+                           "--IPKernelApp.quiet=True"],
+}
+
+
+@dataclass
+class KernelSpecInfo:
+    """What is needed to start one kernelspec."""
+
+    name: str
+    argv: list[str]
+    language: str
+    display_name: str
+    resource_dir: str
+    env: dict[str, str] = field(default_factory=dict)
+
+
+def installed_kernelspecs() -> dict[str, str]:
+    """Installed kernelspec names → resource dirs."""
+    return KernelSpecManager().find_kernel_specs()
+
+
+def load_spec(name: str) -> KernelSpecInfo:
+    """Read an installed kernelspec; raises KeyError when it is not installed."""
+    try:
+        spec = KernelSpecManager().get_kernel_spec(name)
+    except NoSuchKernel as e:
+        raise KeyError(name) from e
+    argv = sb.resolve_argv(spec.argv)
+    argv = [a.replace("{resource_dir}", spec.resource_dir) for a in argv]
+    for module, extra in LEAN_ARGS.items():
+        if module in argv:
+            argv += extra
+    return KernelSpecInfo(name, argv, spec.language, spec.display_name, spec.resource_dir, dict(spec.env or {}))
+
+
+def _connection(ip: str, key: str) -> dict[str, Any]:
+    return {"transport": "ipc", "ip": ip, "shell_port": 1, "iopub_port": 2, "stdin_port": 3,
+            "control_port": 4, "hb_port": 5, "key": key, "signature_scheme": "hmac-sha256"}
+
+
+class SandboxedKernel:
+    """One kernel process tree in its own sandbox, with a connected client. Used once."""
+
+    def __init__(self, spec: KernelSpecInfo, mode: str, runtime_dir: Path, network: bool = False) -> None:
+        self.spec = spec
+        self.mode = mode
+        self.network = network
+        self.id = secrets.token_hex(6)
+        self.dir = runtime_dir / f"k-{self.id}"
+        self.proc: subprocess.Popen | None = None
+        self.client: AsyncKernelClient | None = None
+        self.start_wall: float | None = None
+        self.start_cpu: float | None = None
+        self.kernel_info: dict[str, Any] = {}
+        self._closed = False
+
+    def _command(self) -> tuple[list[str], dict[str, str] | None]:
+        conn_inside = sb.SANDBOX_CONN if self.mode in ("bwrap", "unshare") else str(self.dir)
+        argv = [a.replace("{connection_file}", f"{conn_inside}/connection.json") for a in self.spec.argv]
+        env = sb.clean_env(self.spec.env, argv[0])
+        if self.mode == "bwrap":
+            return sb.bwrap_argv(argv, self.dir, network=self.network, env=env,
+                                 ro_extra=[self.spec.resource_dir]), None
+        if self.mode == "unshare":
+            return sb.unshare_argv(argv, self.dir, network=self.network, env=env), None
+        return argv, {**env, "HOME": str(self.dir / "work"), "IPYTHONDIR": str(self.dir / "work/.ipython")}
+
+    async def start(self, timeout: float) -> None:
+        """Start the sandbox and wait until the kernel answers kernel_info. Raises on failure."""
+        t0 = time.monotonic()
+        self.dir.mkdir(parents=True)
+        (self.dir / "work").mkdir()
+        key = secrets.token_hex(16)
+        inside = sb.SANDBOX_CONN if self.mode in ("bwrap", "unshare") else str(self.dir)
+        (self.dir / "connection.json").write_text(json.dumps(_connection(f"{inside}/k", key)))
+        cmd, env = self._command()
+        self.proc = sb.spawn(cmd, self.dir / "kernel.log", env, cwd=None if env is None else self.dir / "work")
+        self.client = AsyncKernelClient()
+        self.client.load_connection_info(_connection(str(self.dir / "k"), key))
+        self.client.start_channels()
+        ready = asyncio.ensure_future(self.client.wait_for_ready(timeout=timeout))
+        try:
+            while not ready.done():
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"kernel {self.spec.name} exited at start ({self.proc.returncode}): "
+                                       + self.log_tail())
+                if time.monotonic() - t0 > timeout:
+                    raise TimeoutError(f"kernel {self.spec.name} did not answer within {timeout}s")
+                await asyncio.wait({ready}, timeout=0.05)
+            ready.result()
+        finally:
+            if not ready.done():
+                ready.cancel()
+                with contextlib.suppress(BaseException):
+                    await ready
+        self.start_wall = time.monotonic() - t0
+        self.start_cpu = sb.tree_cpu_seconds(self.processes())
+
+    def log_tail(self, n: int = 2000) -> str:
+        """The end of the kernel's own stdout/stderr."""
+        try:
+            return (self.dir / "kernel.log").read_text(errors="replace")[-n:]
+        except OSError:
+            return ""
+
+    def alive(self) -> bool:
+        """Whether the sandbox process is still running."""
+        return self.proc is not None and self.proc.poll() is None and not self._closed
+
+    def processes(self) -> list[psutil.Process]:
+        """The sandbox's process tree (bwrap included)."""
+        return sb.tree(self.proc.pid) if self.proc else []
+
+    async def shutdown(self) -> None:
+        """Kill the whole sandbox, close the client and remove its directory. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        if self.client is not None:
+            with contextlib.suppress(Exception):
+                self.client.stop_channels()
+        if self.proc is not None:
+            await asyncio.get_running_loop().run_in_executor(None, sb.kill_tree, self.proc)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class KernelPool:
+    """Ready kernels of one kernelspec; ``size`` 0 means cold (start on demand)."""
+
+    def __init__(self, spec: KernelSpecInfo, size: int, mode: str, runtime_dir: Path,
+                 start_timeout: float = 30.0, starts: asyncio.Semaphore | None = None,
+                 retries: int = 3) -> None:
+        self.spec = spec
+        self.size = size
+        self.mode = mode
+        self.runtime_dir = runtime_dir
+        self.start_timeout = start_timeout
+        self.retries = retries
+        self._starts = starts or asyncio.Semaphore(2)
+        self._ready: deque[SandboxedKernel] = deque()
+        self._waiters: deque[asyncio.Future[SandboxedKernel]] = deque()
+        self._tasks: set[asyncio.Task] = set()
+        self._filling = 0
+        self._stopped = False
+        self.stats: dict[str, Any] = {"started": 0, "failed": 0, "replaced": 0, "handed_out": 0,
+                                      "start_wall_total": 0.0, "start_cpu_total": 0.0, "last_error": None}
+
+    async def start(self) -> None:
+        """Begin filling the pool (returns at once)."""
+        self._refill()
+
+    async def wait_full(self, timeout: float = 60.0) -> bool:
+        """Wait until the pool holds ``size`` ready kernels."""
+        deadline = time.monotonic() + timeout
+        while len(self._ready) < self.size and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        return len(self._ready) >= self.size
+
+    def _refill(self) -> None:
+        if self._stopped:
+            return
+        while len(self._ready) + self._filling < self.size + len(self._waiters):
+            self._filling += 1
+            task = asyncio.get_running_loop().create_task(self._fill_one())
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _fill_one(self) -> None:
+        try:
+            for attempt in range(self.retries):
+                try:
+                    kernel = await self.new_kernel()
+                except asyncio.CancelledError:
+                    raise
+                except Exception as e:  # a kernel that dies or hangs at start is replaced
+                    log.warning("kernel %s start failed (attempt %d): %s", self.spec.name, attempt + 1, e)
+                    await asyncio.sleep(0.2 * (attempt + 1))
+                    continue
+                if self._stopped:
+                    await kernel.shutdown()
+                    return
+                self._deliver(kernel)
+                return
+            err = RuntimeError(f"kernel {self.spec.name} failed to start: {self.stats['last_error']}")
+            while self._waiters:
+                w = self._waiters.popleft()
+                if not w.done():
+                    w.set_exception(err)
+                    break
+        finally:
+            self._filling -= 1
+
+    def _deliver(self, kernel: SandboxedKernel) -> None:
+        while self._waiters:
+            w = self._waiters.popleft()
+            if not w.done():
+                w.set_result(kernel)
+                return
+        self._ready.append(kernel)
+
+    async def new_kernel(self, network: bool = False) -> SandboxedKernel:
+        """Start one kernel now (limited to a few concurrent starts)."""
+        async with self._starts:
+            kernel = SandboxedKernel(self.spec, self.mode, self.runtime_dir, network)
+            try:
+                await kernel.start(self.start_timeout)
+            except BaseException as e:
+                self.stats["failed"] += 1
+                self.stats["last_error"] = str(e)[-500:]
+                await kernel.shutdown()
+                raise
+        self.stats["started"] += 1
+        self.stats["start_wall_total"] += kernel.start_wall or 0.0
+        self.stats["start_cpu_total"] += kernel.start_cpu or 0.0
+        return kernel
+
+    async def acquire(self, network: bool = False) -> SandboxedKernel:
+        """A ready kernel for one run (the caller must ``shutdown()`` it afterwards)."""
+        if self._stopped:
+            raise RuntimeError("pool stopped")
+        if network:  # pool kernels have no network namespace shared with the host
+            self.stats["handed_out"] += 1
+            return await self.new_kernel(network=True)
+        while self._ready:
+            kernel = self._ready.popleft()
+            if kernel.alive():
+                self.stats["handed_out"] += 1
+                self._refill()
+                return kernel
+            self.stats["replaced"] += 1
+            await kernel.shutdown()
+        fut: asyncio.Future[SandboxedKernel] = asyncio.get_running_loop().create_future()
+        self._waiters.append(fut)
+        self._refill()
+        try:
+            kernel = await fut
+        except asyncio.CancelledError:
+            if fut.done() and not fut.cancelled() and fut.exception() is None:
+                self._deliver(fut.result())
+            raise
+        self.stats["handed_out"] += 1
+        self._refill()
+        return kernel
+
+    async def stop(self) -> None:
+        """Cancel refills and shut every idle kernel down."""
+        self._stopped = True
+        for t in list(self._tasks):
+            t.cancel()
+        for t in list(self._tasks):
+            with contextlib.suppress(BaseException):
+                await t
+        while self._waiters:
+            w = self._waiters.popleft()
+            if not w.done():
+                w.set_exception(RuntimeError("pool stopped"))
+        kernels, self._ready = list(self._ready), deque()
+        await asyncio.gather(*(k.shutdown() for k in kernels), return_exceptions=True)
+
+    def health(self) -> dict[str, Any]:
+        """Pool size, ready kernels and start-cost figures."""
+        n = self.stats["started"] or 1
+        return {"kernelspec": self.spec.name, "size": self.size, "ready": len(self._ready),
+                "starting": self._filling, "started": self.stats["started"], "failed": self.stats["failed"],
+                "replaced": self.stats["replaced"], "handed_out": self.stats["handed_out"],
+                "avg_start_wall_s": round(self.stats["start_wall_total"] / n, 3),
+                "avg_start_cpu_s": round(self.stats["start_cpu_total"] / n, 3),
+                "last_error": self.stats["last_error"]}

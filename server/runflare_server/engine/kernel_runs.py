@@ -1,0 +1,557 @@
+"""Kernel runs: each submission runs inside a fresh, sandboxed Jupyter kernel from a warm pool.
+
+Semantics (documented for the API):
+- stdout/stderr are the kernel's ``stream`` messages; an uncaught exception's traceback (ANSI
+  stripped) goes to stderr and gives exit_code 1; ``sys.exit(n)`` gives exit_code n.
+- Rich outputs (display_data, execute_result) go to ``RunResult.outputs`` and are emitted as
+  ``display`` events, never into stdout. A text/plain-only execute_result (a bare expression on the
+  last line) is kept as an output too: stdout stays what ``python script.py`` would print.
+- ``memory_limit`` applies to what the code allocates on top of the idle kernel: the kernel's
+  processes move into a fresh cgroup when the run starts, and memory charged before (the kernel's
+  ~50-80 MB baseline) stays outside. ``memory`` is the cgroup's peak of that (KB).
+- ``time`` is the CPU the kernel's process tree used while the code ran; ``wall_time`` is the
+  execute wall time.
+- Output beyond ``max_output_bytes`` is cut and the kernel killed: exit_signal 25 (SIGXFSZ), message
+  "output truncated ...".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import logging
+import os
+import queue
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from . import kernel_sandbox as sb
+from .interface import Emit, Event, LanguageInfo, RunRequest, RunResult
+from .kernel_pool import KernelPool, KernelSpecInfo, SandboxedKernel, installed_kernelspecs, load_spec
+
+log = logging.getLogger(__name__)
+
+ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b[()][A-Za-z0-9]")
+SIGXFSZ = int(signal.SIGXFSZ)
+SIGKILL = int(signal.SIGKILL)
+
+
+@dataclass(frozen=True)
+class KernelLanguage:
+    """A kernel-run language id: which kernelspec runs it and under what name."""
+
+    id: int
+    label: str
+    kernelspec: str
+    source_file: str
+
+
+BUILTIN_LANGUAGES = (
+    KernelLanguage(1071, "Python 3", "python3", "script.py"),
+    KernelLanguage(1063, "JavaScript", "deno", "script.js"),
+    KernelLanguage(1074, "TypeScript", "deno", "script.ts"),
+    KernelLanguage(1046, "Bash", "bash", "script.sh"),
+)
+
+
+def strip_ansi(text: str) -> str:
+    """Remove terminal colour/control sequences."""
+    return ANSI.sub("", text)
+
+
+def _run(argv: list[str]) -> str:
+    try:
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=20)
+        return (out.stdout or out.stderr).strip()
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+
+
+def probe_version(spec: KernelSpecInfo, label: str) -> str:
+    """A Judge0-style name with real versions, e.g. "Python 3 (IPython kernel 7.4.0, Python 3.11.7)"."""
+    argv0 = spec.argv[0] if spec.argv else ""
+    if "ipykernel_launcher" in spec.argv or "ipykernel" in spec.argv:
+        v = _run([argv0, "-c", "import sys, ipykernel; print(ipykernel.__version__, sys.version.split()[0])"])
+        parts = v.split()
+        if len(parts) == 2:
+            return f"{label} (IPython kernel {parts[0]}, Python {parts[1]})"
+    if os.path.basename(argv0).startswith("deno"):
+        lines = _run([argv0, "--version"]).splitlines()
+        vers = dict(line.split()[:2] for line in lines if len(line.split()) >= 2)
+        if "deno" in vers:
+            extra = f", TypeScript {vers['typescript']}" if label == "TypeScript" and "typescript" in vers else ""
+            return f"{label} (Deno kernel {vers['deno']}{extra})"
+    if "bash_kernel" in spec.argv:
+        bk = _run([argv0, "-c", "import bash_kernel; print(bash_kernel.__version__)"])
+        m = re.search(r"version (\d+\.\d+\.\d+)", _run(["bash", "--version"]))
+        if bk:
+            return f"{label} (bash_kernel {bk}, Bash {m.group(1) if m else '?'})"
+    return f"{label} ({spec.display_name})"
+
+
+def install_kernelspecs(user: bool = False) -> list[str]:
+    """Install the bash_kernel and Deno kernelspecs when their packages are present; returns names installed."""
+    installed: list[str] = []
+    try:
+        import bash_kernel  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        args = [sys.executable, "-m", "bash_kernel.install"] + (["--user"] if user else ["--sys-prefix"])
+        if subprocess.run(args, capture_output=True, timeout=120).returncode == 0:
+            installed.append("bash")
+    deno = None
+    try:
+        from deno import find_deno_bin
+
+        deno = find_deno_bin()
+    except Exception:
+        deno = shutil.which("deno")
+    if deno:
+        env = {**os.environ}
+        if not user:  # install next to this interpreter's other kernelspecs
+            env["JUPYTER_DATA_DIR"] = os.path.join(sys.prefix, "share", "jupyter")
+        if subprocess.run([deno, "jupyter", "--install", "--force"], capture_output=True, env=env,
+                          timeout=120).returncode == 0:
+            installed.append("deno")
+    return installed
+
+
+async def _emit(emit: Emit, event: Event) -> None:
+    r = emit(event)
+    if inspect.isawaitable(r):
+        await r
+
+
+def python_preamble(request: RunRequest, source_file: str, interactive: bool) -> str:
+    """Silent set-up cell: sys.stdin (whole and via input()), sys.argv, __file__, quiet SystemExit."""
+    argv = [source_file, *shlex.split(request.command_line_arguments or "")]
+    data = request.stdin or ""
+    return f"""
+def _rf_setup(data, argv, interactive):
+    import builtins, io, sys, warnings
+    warnings.filterwarnings("ignore", message="To exit: use")
+    kernel = get_ipython().kernel
+    if interactive:
+        ask = kernel.raw_input
+        class _Stdin(io.TextIOBase):
+            def readable(self):
+                return True
+            def readline(self, size=-1):
+                try:
+                    return ask("") + "\\n"
+                except EOFError:
+                    return ""
+            def read(self, size=-1):
+                return "".join(iter(self.readline, ""))
+        sys.stdin = _Stdin()
+    else:
+        sys.stdin = io.StringIO(data)
+        def _input(prompt=""):
+            if prompt:
+                print(prompt, end="", flush=True)
+            line = sys.stdin.readline()
+            if not line:
+                raise EOFError("EOF when reading a line")
+            return line[:-1] if line.endswith("\\n") else line
+        kernel.raw_input = _input
+        kernel.getpass = lambda prompt="Password: ", stream=None: _input(prompt)
+    sys.argv = argv
+    get_ipython().user_ns["__file__"] = argv[0]
+_rf_setup({data!r}, {argv!r}, {interactive!r})
+del _rf_setup
+"""
+
+
+class StdinFeeder:
+    """Answers a kernel's input_request lines from request.stdin or the interactive queue."""
+
+    def __init__(self, request: RunRequest) -> None:
+        self.buffer = "" if request.stdin_queue is not None else (request.stdin or "")
+        self.queue = request.stdin_queue
+        self.eof = request.stdin_queue is None
+
+    async def line(self) -> str | None:
+        """The next line without its newline; None at end of input."""
+        while "\n" not in self.buffer and not self.eof and self.queue is not None:
+            chunk = await self.queue.get()
+            if chunk is None:
+                self.eof = True
+            else:
+                self.buffer += chunk
+        if not self.buffer:
+            return None
+        line, sep, rest = self.buffer.partition("\n")
+        self.buffer = rest
+        return line
+
+
+class _Run:
+    """One execution on one kernel, with limits watched; produces a RunResult."""
+
+    TICK = 0.05
+
+    def __init__(self, kernel: SandboxedKernel, request: RunRequest, emit: Emit, cgroup: Any) -> None:
+        self.kernel = kernel
+        self.request = request
+        self.limits = request.limits
+        self.emit = emit
+        self.cgroup = cgroup
+        self.stdout: list[str] = []
+        self.stderr: list[str] = []
+        self.out_bytes = 0
+        self.outputs: list[dict[str, Any]] = []
+        self.exit_code: int | None = None
+        self.exit_signal: int | None = None
+        self.message: str | None = None
+        self.outcome = "exited"
+        self.msg_id: str | None = None
+        self.reply: dict[str, Any] | None = None
+        self.idle = False
+        self.peak_rss_kb = 0
+        self.base_rss_kb = 0
+        self.stdin_task: asyncio.Task | None = None
+
+    def cpu_seconds(self) -> float:
+        if self.cgroup is not None:
+            v = self.cgroup.cpu_seconds()
+            if v is not None:
+                return max(0.0, v - self.base_cpu)
+        return max(0.0, sb.tree_cpu_seconds(self.kernel.processes()) - self.base_cpu)
+
+    async def _stream(self, name: str, text: str) -> None:
+        if name == "stderr" and self.request.redirect_stderr_to_stdout:
+            name = "stdout"
+        room = self.limits.max_output_bytes - self.out_bytes
+        data = text.encode("utf-8", "surrogateescape")
+        if len(data) > room:
+            text = data[: max(room, 0)].decode("utf-8", "ignore")
+            self.out_bytes = self.limits.max_output_bytes + 1
+        else:
+            self.out_bytes += len(data)
+        if text:
+            (self.stdout if name == "stdout" else self.stderr).append(text)
+            await _emit(self.emit, {"kind": "stream", "stream": name, "text": text})
+        if self.out_bytes > self.limits.max_output_bytes:
+            self._stop("exited", signal_=SIGXFSZ,
+                       message=f"output truncated: more than {self.limits.max_output_bytes} bytes of output")
+
+    def _stop(self, outcome: str, signal_: int | None = None, message: str | None = None) -> None:
+        if self.idle:
+            return
+        self.outcome = outcome
+        self.exit_signal = signal_
+        self.exit_code = None
+        self.message = message
+        self.idle = True
+        self.killed = True
+
+    async def _on_iopub(self, msg: dict[str, Any]) -> None:
+        if msg.get("parent_header", {}).get("msg_id") != self.msg_id:
+            return
+        kind, content = msg["msg_type"], msg["content"]
+        if kind == "stream":
+            await self._stream(content.get("name", "stdout"), content.get("text", ""))
+        elif kind in ("display_data", "execute_result", "update_display_data"):
+            out = {"data": content.get("data", {}), "metadata": content.get("metadata", {})}
+            self.outputs.append(out)
+            await _emit(self.emit, {"kind": "display", **out})
+        elif kind == "error":
+            await self._on_error(content)
+        elif kind == "status" and content.get("execution_state") == "idle":
+            self.idle = True
+
+    async def _on_error(self, content: dict[str, Any]) -> None:
+        ename, evalue = content.get("ename", ""), str(content.get("evalue", ""))
+        if ename == "SystemExit":
+            v = evalue.strip()
+            if v in ("", "None"):
+                self.exit_code = 0
+            elif re.fullmatch(r"-?\d+", v):
+                self.exit_code = int(v) & 0xFF
+            else:
+                self.exit_code = 1
+                await self._stream("stderr", v + "\n")
+            return
+        self.exit_code = 1
+        tb = strip_ansi("\n".join(content.get("traceback") or [f"{ename}: {evalue}"]))
+        await self._stream("stderr", tb if tb.endswith("\n") else tb + "\n")
+
+    async def _answer_stdin(self, feeder: StdinFeeder, msg: dict[str, Any]) -> None:
+        prompt = msg["content"].get("prompt", "")
+        if prompt:
+            await self._stream("stdout", prompt)
+        line = await feeder.line()
+        self.kernel.client.input("\x04" if line is None else line)
+
+    async def execute(self, code: str) -> None:
+        """Send the code and pump messages until idle+reply, a limit, or the kernel's death."""
+        kc = self.kernel.client
+        feeder = StdinFeeder(self.request)
+        procs = self.kernel.processes()
+        self.base_cpu = (self.cgroup.cpu_seconds() if self.cgroup is not None else None)
+        if self.base_cpu is None:
+            self.cgroup_cpu = False
+            self.base_cpu = sb.tree_cpu_seconds(procs)
+        self.base_rss_kb = sb.tree_rss_kb(procs)
+        self.killed = False
+        lim = self.limits
+        cpu_kill = lim.cpu_time_limit + lim.cpu_extra_time
+        t0 = time.monotonic()
+        self.msg_id = kc.execute(code, silent=False, store_history=False, allow_stdin=True, stop_on_error=True)
+        last_sample = 0.0
+        died_at: float | None = None
+        while not (self.idle and self.reply is not None):
+            got = False
+            for get, handler in ((kc.get_iopub_msg, self._on_iopub), (kc.get_shell_msg, self._on_shell),
+                                 (kc.get_stdin_msg, None)):
+                try:
+                    msg = await get(timeout=0)
+                except queue.Empty:
+                    continue
+                got = True
+                if handler is not None:
+                    await handler(msg)
+                elif msg["msg_type"] == "input_request" and (self.stdin_task is None or self.stdin_task.done()):
+                    self.stdin_task = asyncio.ensure_future(self._answer_stdin(feeder, msg))
+                if self.killed:
+                    break
+            if self.killed:
+                break
+            now = time.monotonic()
+            if now - t0 > lim.wall_time_limit:
+                self._stop("time_limit", message="wall time limit exceeded")
+                break
+            if now - last_sample > 0.1:
+                last_sample = now
+                if self.cpu_seconds() > cpu_kill:
+                    self._stop("time_limit", message="CPU time limit exceeded")
+                    break
+                if self.cgroup is None:
+                    rss = sb.tree_rss_kb(self.kernel.processes())
+                    self.peak_rss_kb = max(self.peak_rss_kb, rss)
+                    if rss - self.base_rss_kb > lim.memory_limit:
+                        self._stop("exited", signal_=SIGKILL, message="memory limit exceeded")
+                        break
+            if not self.kernel.alive():
+                died_at = died_at or now
+                if now - died_at > 0.3:  # let in-flight output arrive first
+                    self._on_death()
+                    break
+            if not got:
+                await asyncio.sleep(self.TICK if died_at is None else 0.02)
+        self.wall = time.monotonic() - t0
+        self.cpu = self.cpu_seconds()
+        if self.stdin_task is not None:
+            self.stdin_task.cancel()
+        if not self.killed and self.outcome == "exited" and self.exit_signal is None \
+                and self.cpu > lim.cpu_time_limit:
+            self.outcome, self.message = "time_limit", "CPU time limit exceeded"
+
+    def _on_death(self) -> None:
+        rc = self.kernel.proc.returncode if self.kernel.proc else None
+        if self.cgroup is not None and self.cgroup.oom_killed():
+            self._stop("exited", signal_=SIGKILL, message="memory limit exceeded")
+            return
+        sig = rc - 128 if rc is not None and rc > 128 else (-rc if rc is not None and rc < 0 else None)
+        if sig:
+            self._stop("exited", signal_=sig, message=f"kernel died (signal {sig})")
+        else:
+            self._stop("exited", message=f"kernel exited with status {rc}")
+            self.exit_code = rc if rc else 1
+
+    async def _on_shell(self, msg: dict[str, Any]) -> None:
+        if msg.get("parent_header", {}).get("msg_id") != self.msg_id or msg["msg_type"] != "execute_reply":
+            return
+        self.reply = msg["content"]
+        if self.exit_code is None:
+            status = self.reply.get("status")
+            self.exit_code = 0 if status == "ok" else 1
+
+    def result(self) -> RunResult:
+        if self.outcome == "time_limit":
+            self.exit_code = None
+        memory = None
+        if self.cgroup is not None:
+            memory = self.cgroup.peak_memory_kb()
+        if memory is None and self.peak_rss_kb:
+            memory = max(0, self.peak_rss_kb - self.base_rss_kb)
+        return RunResult(outcome=self.outcome, stdout="".join(self.stdout), stderr="".join(self.stderr),
+                         exit_code=self.exit_code, exit_signal=self.exit_signal,
+                         time=round(self.cpu, 3), wall_time=round(self.wall, 3), memory=memory,
+                         message=self.message, outputs=self.outputs)
+
+
+class KernelRuns:
+    """The kernel-run engine: language table, warm pools, sandboxed execution."""
+
+    def __init__(self, pool_sizes: dict[str, int] | None = None, sandbox: str = "auto",
+                 extra_ids: dict[int, str] | None = None, runtime_dir: str | Path | None = None,
+                 start_timeout: float = 30.0, max_parallel_starts: int = 2) -> None:
+        self.pool_sizes = {"python3": 2} if pool_sizes is None else dict(pool_sizes)
+        self.requested_sandbox = sandbox
+        self.extra_ids = dict(extra_ids or {})
+        self._own_runtime = runtime_dir is None
+        self.runtime_dir = Path(runtime_dir) if runtime_dir else Path(tempfile.mkdtemp(prefix="rf-k-"))
+        self.start_timeout = start_timeout
+        self.max_parallel_starts = max_parallel_starts
+        self.mode = "unavailable"
+        self.cgroups = "rlimits"
+        self.pools: dict[str, KernelPool] = {}
+        self._specs: dict[str, KernelSpecInfo] = {}
+        self._languages: dict[int, LanguageInfo] = {}
+        self._active: set[SandboxedKernel] = set()
+        self._starts: asyncio.Semaphore | None = None
+        self.runs = 0
+
+    async def start(self) -> None:
+        """Detect the sandbox, kernelspecs and versions; start the warm pools (filled in the background)."""
+        loop = asyncio.get_running_loop()
+        self.mode = await loop.run_in_executor(None, sb.detect_mode, self.requested_sandbox)
+        self.cgroups = await loop.run_in_executor(None, sb.cgroup_mechanism)
+        self.runtime_dir.mkdir(parents=True, exist_ok=True)
+        self._starts = asyncio.Semaphore(self.max_parallel_starts)
+        if self.mode == "unavailable":
+            log.error("kernel runs disabled: neither bwrap nor unshare works here (choose --sandbox none "
+                      "explicitly to run unsandboxed)")
+            return
+        for name in installed_kernelspecs():
+            try:
+                self._specs[name] = load_spec(name)
+            except Exception as e:  # a broken kernelspec is simply not offered
+                log.warning("kernelspec %s unusable: %s", name, e)
+        table = [*BUILTIN_LANGUAGES, *(KernelLanguage(i, s, s, "script") for i, s in self.extra_ids.items())]
+        probes = [(lang, loop.run_in_executor(None, probe_version, self._specs[lang.kernelspec], lang.label))
+                  for lang in table if lang.kernelspec in self._specs]
+        for lang, fut in probes:
+            name = await fut
+            self._languages[lang.id] = LanguageInfo(id=lang.id, name=name, source_file=lang.source_file,
+                                                    kernel=lang.kernelspec)
+        for name, size in self.pool_sizes.items():
+            if name in self._specs and size > 0:
+                await self._pool(name).start()
+
+    def _pool(self, name: str) -> KernelPool:
+        if name not in self.pools:
+            self.pools[name] = KernelPool(self._specs[name], self.pool_sizes.get(name, 0), self.mode,
+                                          self.runtime_dir, self.start_timeout, self._starts)
+        return self.pools[name]
+
+    async def wait_ready(self, timeout: float = 60.0) -> bool:
+        """Wait until every warm pool is full (tests, benchmarks)."""
+        results = await asyncio.gather(*(p.wait_full(timeout) for p in self.pools.values()))
+        return all(results)
+
+    async def stop(self) -> None:
+        """Stop the pools and kill every kernel, idle or running."""
+        await asyncio.gather(*(p.stop() for p in self.pools.values()), return_exceptions=True)
+        await asyncio.gather(*(k.shutdown() for k in list(self._active)), return_exceptions=True)
+        if self._own_runtime:
+            shutil.rmtree(self.runtime_dir, ignore_errors=True)
+
+    def languages(self) -> list[LanguageInfo]:
+        """Kernel-run languages whose kernelspec is installed."""
+        return sorted(self._languages.values(), key=lambda lang: lang.id)
+
+    def kernelspecs(self) -> list[str]:
+        """Kernelspec names usable in a submission's ``kernel`` field."""
+        return sorted(self._specs)
+
+    def health(self) -> dict[str, Any]:
+        """Sandbox mechanism, cgroup mechanism and each pool's state."""
+        return {"sandbox": self.mode, "cgroups": self.cgroups, "running": len(self._active), "runs": self.runs,
+                "pools": {name: p.health() for name, p in self.pools.items()}}
+
+    def _kernelspec_for(self, request: RunRequest) -> str | None:
+        if request.kernel:
+            return request.kernel if request.kernel in self._specs else None
+        lang = self._languages.get(request.language_id or -1)
+        return lang.kernel if lang else None
+
+    async def run(self, request: RunRequest, emit: Emit) -> RunResult:
+        """Run one submission in a fresh sandboxed kernel. Never raises for user-code failures."""
+        name = self._kernelspec_for(request)
+        if name is None or self.mode == "unavailable":
+            what = request.kernel or request.language_id
+            return RunResult(outcome="internal", message=f"no kernel available for {what!r}")
+        self.runs += 1
+        await _emit(emit, {"kind": "stage", "stage": "starting", "message": f"waiting for a {name} kernel"})
+        try:
+            kernel = await self._pool(name).acquire(network=request.limits.enable_network)
+        except Exception as e:
+            return RunResult(outcome="internal", message=f"kernel {name} could not start: {e}")
+        self._active.add(kernel)
+        cgroup = None
+        try:
+            cgroup = self._confine(kernel, request)
+            lang = self._languages.get(request.language_id or -1)
+            source_file = lang.source_file if lang and lang.source_file else "script"
+            if kernel.spec.language == "python":
+                await self._silent(kernel, python_preamble(request, source_file,
+                                                           request.stdin_queue is not None))
+            await _emit(emit, {"kind": "stage", "stage": "running", "message": "running"})
+            run = _Run(kernel, request, emit, cgroup)
+            await run.execute(self._wrap(kernel, request))
+            return run.result()
+        except Exception as e:
+            log.exception("kernel run %s failed", request.token)
+            return RunResult(outcome="internal", message=f"kernel run failed: {e}")
+        finally:
+            self._active.discard(kernel)
+            if cgroup is not None:
+                cgroup.kill_all()
+            await kernel.shutdown()
+            if cgroup is not None:
+                await asyncio.get_running_loop().run_in_executor(None, cgroup.remove)
+
+    def _confine(self, kernel: SandboxedKernel, request: RunRequest) -> Any:
+        """Move the kernel's tree into a fresh cgroup with this run's limits; set RLIMIT_FSIZE."""
+        lim = request.limits
+        procs = kernel.processes()
+        sb.set_fsize_limit(procs, max(lim.max_file_size, 1) * 1024)
+        tasks = 0
+        for p in procs:
+            with contextlib.suppress(Exception):
+                tasks += p.num_threads()
+        cgroup = sb.create_cgroup(f"run-{kernel.id}", lim.memory_limit, tasks + lim.max_processes_and_or_threads)
+        if cgroup is None:
+            return None
+        try:
+            for p in procs:
+                cgroup.add_pid(p.pid)
+        except OSError as e:
+            log.warning("could not move kernel into its cgroup: %s", e)
+            cgroup.remove()
+            return None
+        return cgroup
+
+    async def _silent(self, kernel: SandboxedKernel, code: str, timeout: float = 10.0) -> None:
+        kc = kernel.client
+        msg_id = kc.execute(code, silent=True, store_history=False)
+        deadline = time.monotonic() + timeout
+        while True:
+            msg = await kc.get_shell_msg(timeout=max(0.1, deadline - time.monotonic()))
+            if msg.get("parent_header", {}).get("msg_id") == msg_id:
+                if msg["content"].get("status") != "ok":
+                    raise RuntimeError(f"kernel set-up failed: {msg['content'].get('evalue')}")
+                return
+
+    def _wrap(self, kernel: SandboxedKernel, request: RunRequest) -> str:
+        """The code to execute (bash gets its stdin and argv around the program)."""
+        code = request.source_code
+        if kernel.spec.language == "bash":
+            args = " ".join(shlex.quote(a) for a in shlex.split(request.command_line_arguments or ""))
+            stdin = request.stdin or ""
+            return (f"set -- {args}\n{{\n{code}\n}} <<'RF_STDIN_EOF'\n{stdin}"
+                    f"{'' if stdin.endswith(chr(10)) or not stdin else chr(10)}RF_STDIN_EOF")
+        return code

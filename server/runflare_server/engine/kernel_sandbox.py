@@ -1,0 +1,344 @@
+"""Sandbox a whole Jupyter kernel: bubblewrap (or unshare) around a kernelspec's argv.
+
+Inside the sandbox the kernel sees a read-only system, a private tmpfs work dir (``/sandbox``,
+its cwd and HOME, gone with the sandbox), its connection dir (``/run/kernel``, the only host
+dir bound writable: ipc socket files live there), a fresh /tmp, /proc and /dev, no network
+(unless asked), its own PID/IPC/UTS namespaces, a new session and a clean environment.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import site
+import subprocess
+import sys
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+log = logging.getLogger(__name__)
+
+SANDBOX_WORK = "/sandbox"
+SANDBOX_CONN = "/run/kernel"
+MODES = ("bwrap", "unshare", "none", "auto")
+
+# System trees bound read-only when present (the host's root file system is never bound whole).
+SYSTEM_RO = ("/usr", "/etc", "/opt", "/var/lib/dpkg/alternatives")
+SYSTEM_LINKS = ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
+WORK_TMPFS_BYTES = 256 << 20
+
+
+def _probe(argv: list[str]) -> bool:
+    try:
+        return subprocess.run(argv, capture_output=True, timeout=20).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+def detect_mode(requested: str = "auto") -> str:
+    """The sandbox mechanism to use: "bwrap", "unshare", "none" or "unavailable".
+
+    "auto" tries bubblewrap, then unshare; it never silently picks "none".
+    """
+    if requested not in MODES:
+        raise ValueError(f"unknown sandbox mode {requested!r}; choose one of {MODES}")
+    if requested == "none":
+        log.warning("kernel runs: sandbox DISABLED (--sandbox none): user code runs with the server's rights")
+        return "none"
+    if requested in ("auto", "bwrap") and shutil.which("bwrap"):
+        if _probe(["bwrap", "--unshare-all", "--die-with-parent", "--ro-bind", "/", "/", "--proc", "/proc",
+                   "--dev", "/dev", "true"]):
+            return "bwrap"
+        log.warning("bwrap is installed but cannot create namespaces here")
+    if requested in ("auto", "unshare") and shutil.which("unshare") and _probe(
+            ["unshare", "--net", "--pid", "--fork", "--mount", "--ipc", "--uts", "true"]):
+        return "unshare"
+    return "unavailable"
+
+
+def resolve_argv(argv: list[str]) -> list[str]:
+    """A kernelspec argv with its program made absolute ("python" is this interpreter, as in jupyter_client)."""
+    argv = list(argv)
+    if argv and argv[0] in {"python", f"python{sys.version_info[0]}", "python%i.%i" % sys.version_info[:2]}:
+        argv[0] = sys.executable
+    elif argv and not os.path.isabs(argv[0]):
+        argv[0] = shutil.which(argv[0]) or argv[0]
+    return argv
+
+
+def readonly_paths(argv: list[str], extra: Iterable[str] = ()) -> list[str]:
+    """Host paths the kernel needs to read: system trees, Python prefixes, the kernel program's tree."""
+    paths: list[str] = [p for p in SYSTEM_RO if os.path.exists(p)]
+    candidates = [sys.prefix, sys.base_prefix, sys.exec_prefix, site.getusersitepackages(), *extra]
+    if argv and os.path.isabs(argv[0]):
+        real = os.path.realpath(argv[0])
+        candidates += [os.path.dirname(os.path.dirname(real))]
+    for c in candidates:
+        if c and os.path.exists(c) and not any(_under(c, p) for p in paths):
+            paths = [p for p in paths if not _under(p, c)] + [os.path.realpath(c)]
+    return sorted(set(paths))
+
+
+def _under(path: str, parent: str) -> bool:
+    path, parent = os.path.realpath(path), os.path.realpath(parent)
+    return path == parent or path.startswith(parent.rstrip("/") + "/")
+
+
+def clean_env(extra: dict[str, str] | None = None, argv0: str | None = None) -> dict[str, str]:
+    """The whole environment a sandboxed kernel gets (nothing inherited from the server)."""
+    bindirs = [os.path.dirname(sys.executable)]
+    if argv0 and os.path.isabs(argv0):
+        bindirs.append(os.path.dirname(argv0))
+    path = ":".join(dict.fromkeys([*bindirs, "/usr/local/bin", "/usr/bin", "/bin"]))
+    env = {
+        "PATH": path,
+        "HOME": SANDBOX_WORK,
+        "TMPDIR": "/tmp",
+        "LANG": "C.UTF-8",
+        "LC_ALL": "C.UTF-8",
+        "PYTHONDONTWRITEBYTECODE": "1",
+        "PYTHONUNBUFFERED": "1",
+        "IPYTHONDIR": SANDBOX_WORK + "/.ipython",
+        "MPLCONFIGDIR": "/tmp/matplotlib",
+        "DENO_DIR": SANDBOX_WORK + "/.deno",
+        "DENO_NO_UPDATE_CHECK": "1",
+        "NO_COLOR": "1",
+        "TERM": "dumb",
+    }
+    env.update(extra or {})
+    env.pop("JPY_PARENT_PID", None)  # ipykernel exits at once in a PID namespace otherwise
+    return env
+
+
+def bwrap_argv(argv: list[str], conn_dir: Path, *, network: bool, env: dict[str, str],
+               ro_extra: Iterable[str] = ()) -> list[str]:
+    """bubblewrap command line running ``argv`` (already rewritten for in-sandbox paths)."""
+    cmd = ["bwrap", "--unshare-all", "--die-with-parent", "--new-session", "--clearenv"]
+    if network:
+        cmd.append("--share-net")
+    for p in readonly_paths(argv, ro_extra):
+        cmd += ["--ro-bind", p, p]
+    for link in SYSTEM_LINKS:
+        if os.path.islink(link):
+            cmd += ["--symlink", os.readlink(link), link]
+        elif os.path.isdir(link):
+            cmd += ["--ro-bind", link, link]
+    cmd += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp",
+            "--size", str(WORK_TMPFS_BYTES), "--tmpfs", SANDBOX_WORK,
+            "--bind", str(conn_dir), SANDBOX_CONN, "--chdir", SANDBOX_WORK]
+    for k, v in env.items():
+        cmd += ["--setenv", k, v]
+    return cmd + ["--", *argv]
+
+
+def unshare_argv(argv: list[str], conn_dir: Path, *, network: bool, env: dict[str, str]) -> list[str]:
+    """Fallback when bubblewrap is missing: new namespaces, tmpfs over /tmp and the work dir.
+
+    Weaker than bwrap: the host file system stays visible (read-only remount of / is attempted).
+    """
+    script = (
+        "set -e; mount --make-rprivate /; "
+        f"mkdir -p {SANDBOX_WORK} {SANDBOX_CONN} 2>/dev/null || true; "
+        f"mount -t tmpfs -o size={WORK_TMPFS_BYTES} tmpfs {SANDBOX_WORK}; "
+        f"mount --bind {conn_dir} {SANDBOX_CONN}; "
+        "mount -t tmpfs tmpfs /tmp; "
+        "mount -o remount,bind,ro / 2>/dev/null || true; "
+        f'cd {SANDBOX_WORK}; exec env -i "$@"'
+    )
+    ns = ["--pid", "--fork", "--mount-proc", "--mount", "--ipc", "--uts", "--kill-child"]
+    if not network:
+        ns.append("--net")
+    envs = [f"{k}={v}" for k, v in env.items()]
+    return ["unshare", *ns, "--", "sh", "-c", script, "sandbox", *envs, *argv]
+
+
+def spawn(cmd: list[str], log_path: Path, env: dict[str, str] | None = None,
+          cwd: Path | None = None) -> subprocess.Popen:
+    """Start a sandbox process in its own session. Call from the event loop thread:
+    bwrap's --die-with-parent fires when the spawning *thread* exits."""
+    with open(log_path, "ab") as out:
+        return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True, close_fds=True, cwd=cwd,
+                                env=env if env is not None else {"PATH": os.environ.get("PATH", "/usr/bin:/bin")})
+
+
+def tree(pid: int) -> list[psutil.Process]:
+    """A process and all its descendants (empty if it is gone)."""
+    try:
+        root = psutil.Process(pid)
+        return [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return []
+
+
+def tree_cpu_seconds(procs: list[psutil.Process]) -> float:
+    """User+system CPU of these processes, waited-for children included."""
+    total = 0.0
+    for p in procs:
+        try:
+            t = p.cpu_times()
+            total += t.user + t.system + t.children_user + t.children_system
+        except psutil.Error:
+            pass
+    return total
+
+
+def tree_rss_kb(procs: list[psutil.Process]) -> int:
+    """Sum of resident memory of these processes, in KB."""
+    total = 0
+    for p in procs:
+        try:
+            total += p.memory_info().rss
+        except psutil.Error:
+            pass
+    return total // 1024
+
+
+def kill_tree(proc: subprocess.Popen, extra: Iterable[psutil.Process] = ()) -> None:
+    """SIGKILL the sandbox: descendants first (so bwrap reaps its namespace), then bwrap, then reap."""
+    procs = tree(proc.pid)
+    for p in [*procs[1:], *extra]:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+    try:
+        proc.wait(timeout=1)
+    except subprocess.TimeoutExpired:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        proc.kill()
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            log.error("sandbox %s did not die", proc.pid)
+    psutil.wait_procs(procs[1:], timeout=1)
+
+
+def set_fsize_limit(procs: list[psutil.Process], max_bytes: int) -> None:
+    """RLIMIT_FSIZE on running processes (inherited by what they start next)."""
+    import resource
+
+    for p in procs:
+        try:
+            p.rlimit(resource.RLIMIT_FSIZE, (max_bytes, max_bytes))
+        except (psutil.Error, OSError, ValueError):
+            pass
+
+
+def describe(mode: str) -> dict[str, Any]:
+    """Health summary of the sandbox in force."""
+    return {"mode": mode, "bwrap": shutil.which("bwrap") is not None, "unshare": shutil.which("unshare") is not None}
+
+
+class _V1Cgroup:
+    """Minimal cgroup v1 group (memory, pids, cpuacct): used only until engine/cgroups.py exists."""
+
+    ROOT = "/sys/fs/cgroup"
+    CONTROLLERS = ("memory", "pids", "cpuacct")
+
+    def __init__(self, dirs: dict[str, Path]) -> None:
+        self.dirs = dirs
+
+    @classmethod
+    def create(cls, name: str, memory_kb: int | None, max_pids: int | None) -> _V1Cgroup | None:
+        dirs: dict[str, Path] = {}
+        try:
+            for c in cls.CONTROLLERS:
+                d = Path(cls.ROOT, c, "runflare-kernels", name)
+                d.mkdir(parents=True, exist_ok=True)
+                dirs[c] = d
+            if memory_kb:
+                (dirs["memory"] / "memory.limit_in_bytes").write_text(str(memory_kb * 1024))
+                swap = dirs["memory"] / "memory.memsw.limit_in_bytes"
+                if swap.exists():
+                    try:
+                        swap.write_text(str(memory_kb * 1024))
+                    except OSError:
+                        pass
+            if max_pids:
+                (dirs["pids"] / "pids.max").write_text(str(max_pids))
+        except OSError as e:
+            log.info("cgroup v1 unavailable (%s)", e)
+            for d in dirs.values():
+                try:
+                    d.rmdir()
+                except OSError:
+                    pass
+            return None
+        return cls(dirs)
+
+    def add_pid(self, pid: int) -> None:
+        for d in self.dirs.values():
+            (d / "cgroup.procs").write_text(str(pid))
+
+    def _read(self, c: str, f: str) -> str:
+        try:
+            return (self.dirs[c] / f).read_text()
+        except OSError:
+            return ""
+
+    def peak_memory_kb(self) -> int | None:
+        v = self._read("memory", "memory.max_usage_in_bytes").strip()
+        return int(v) // 1024 if v else None
+
+    def oom_killed(self) -> bool:
+        for line in self._read("memory", "memory.oom_control").splitlines():
+            if line.startswith("oom_kill ") and int(line.split()[1]) > 0:
+                return True
+        return False
+
+    def cpu_seconds(self) -> float | None:
+        v = self._read("cpuacct", "cpuacct.usage").strip()
+        return int(v) / 1e9 if v else None
+
+    def kill_all(self) -> None:
+        for c in self.dirs:
+            for pid in self._read(c, "cgroup.procs").split():
+                try:
+                    os.kill(int(pid), signal.SIGKILL)
+                except OSError:
+                    pass
+
+    def remove(self) -> None:
+        import time
+
+        for d in self.dirs.values():
+            for _ in range(50):
+                try:
+                    d.rmdir()
+                    break
+                except FileNotFoundError:
+                    break
+                except OSError:
+                    self.kill_all()
+                    time.sleep(0.02)
+
+
+def create_cgroup(name: str, memory_kb: int | None, max_pids: int | None) -> Any:
+    """A per-run cgroup (engine/cgroups.py when present, else a v1 fallback), or None."""
+    try:
+        from . import cgroups  # written by another engineer; optional until it lands
+    except ImportError:
+        return _V1Cgroup.create(name, memory_kb, max_pids)
+    return cgroups.RunCgroup.create(name, memory_kb, max_pids)
+
+
+def cgroup_mechanism() -> str:
+    """Which limit mechanism per-run cgroups use here."""
+    try:
+        from . import cgroups
+    except ImportError:
+        probe = _V1Cgroup.create("probe-%d" % os.getpid(), None, None)
+        if probe is None:
+            return "rlimits"
+        probe.remove()
+        return "cgroup-v1"
+    return str(cgroups.mechanism())
