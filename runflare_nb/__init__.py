@@ -1,0 +1,50 @@
+"""Run-Flare from Python and notebooks: a REST + WebSocket client, the ``%runflare`` magic and a
+live ipywidgets view. Talks to any Run-Flare (or Judge0) server over HTTP only."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .async_client import AsyncClient
+from .client import Client
+from .errors import (
+    AuthError,
+    HTTPError,
+    NotFound,
+    RunflareError,
+    ServerUnreachable,
+    UnknownLanguage,
+    ValidationError,
+    WaitTimeout,
+)
+from .languages import resolve as resolve_language
+
+__all__ = [
+    "AsyncClient", "AuthError", "Client", "HTTPError", "NotFound", "RunflareError", "ServerUnreachable",
+    "SubmissionWidget", "UnknownLanguage", "ValidationError", "WaitTimeout", "load_ipython_extension",
+    "resolve_language", "run_widget", "unload_ipython_extension", "wait_all",
+]
+
+_LAZY = {"SubmissionWidget", "run_widget", "wait_all"}  # ipywidgets is imported only when used
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        from . import widget
+
+        return getattr(widget, name)
+    raise AttributeError(name)
+
+
+def load_ipython_extension(ipython: Any) -> None:
+    """``%load_ext runflare_nb``: register ``%runflare`` / ``%%runflare`` (safe to repeat)."""
+    from .magic import RunflareMagics
+
+    ipython.register_magics(RunflareMagics)
+
+
+def unload_ipython_extension(ipython: Any) -> None:
+    """``%unload_ext runflare_nb``: remove the magics."""
+    magics = ipython.magics_manager.magics
+    for kind in ("line", "cell"):
+        magics[kind].pop("runflare", None)
