@@ -1,0 +1,117 @@
+"""The base handler: JSON in and out, auth, CORS, maintenance mode, error shapes without tracebacks."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from tornado import web
+
+from ..service import Service
+
+
+class ApiError(Exception):
+    """An error answer: status code and JSON body (None = empty body)."""
+
+    def __init__(self, status: int, body: Any = None):
+        super().__init__(status)
+        self.status = status
+        self.body = body
+
+
+def allowed_origin(origins: list[str], origin: str | None) -> str | None:
+    if not origin or not origins:
+        return None
+    if "*" in origins or origin in origins:
+        return origin
+    return None
+
+
+def check_auth(service: Service, request: Any, needs_user: bool) -> None:
+    """401 without a valid X-Auth-Token when tokens are configured; 403 without X-Auth-User when needed."""
+    settings = service.settings
+    def value(name: str) -> str | None:
+        return request.headers.get(name) or (request.query_arguments.get(name, [b""])[0].decode() or None)
+    if settings.auth_tokens and value("X-Auth-Token") not in settings.auth_tokens:
+        raise ApiError(401)
+    if needs_user:
+        user = value("X-Auth-User")
+        if not user or (settings.authz_users and user not in settings.authz_users):
+            raise ApiError(403)
+
+
+class BaseHandler(web.RequestHandler):
+    """Every /api/v1 route."""
+
+    needs_user: set[str] = set()  # methods that also need X-Auth-User
+
+    @property
+    def service(self) -> Service:
+        return self.application.settings["service"]
+
+    def set_default_headers(self) -> None:
+        self.set_header("Content-Type", "application/json; charset=UTF-8")
+        origin = allowed_origin(self.application.settings["service"].settings.cors_origins,
+                                self.request.headers.get("Origin"))
+        if origin:
+            self.set_header("Access-Control-Allow-Origin", origin)
+            self.set_header("Vary", "Origin")
+
+    def options(self, *args: Any) -> None:
+        """CORS preflight."""
+        self.set_header("Access-Control-Allow-Methods", "GET, POST, PUT, DELETE, OPTIONS")
+        self.set_header("Access-Control-Allow-Headers", "Content-Type, X-Auth-Token, X-Auth-User")
+        self.set_header("Access-Control-Max-Age", "600")
+        self.set_status(204)
+        self.finish()
+
+    def prepare(self) -> None:
+        if self.request.method == "OPTIONS":
+            return
+        check_auth(self.service, self.request, self.request.method in self.needs_user)
+        if self.request.method in ("POST", "PUT", "DELETE") and self.service.settings.maintenance_mode:
+            raise ApiError(503, {"error": "maintenance mode is on"})
+
+    def json_body(self) -> Any:
+        """The request body as JSON: 415 for another content type, 413 when too large, 400 when malformed."""
+        ctype = self.request.headers.get("Content-Type", "").split(";")[0].strip().lower()
+        if ctype != "application/json":
+            raise ApiError(415, {"error": "Content-Type must be application/json"})
+        if len(self.request.body) > self.service.settings.max_body_size:
+            raise ApiError(413, {"error": f"body larger than {self.service.settings.max_body_size} bytes"})
+        try:
+            return json.loads(self.request.body or b"null")
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise ApiError(400, {"error": f"malformed JSON: {exc}"}) from None
+
+    def flag(self, name: str) -> bool:
+        return self.get_query_argument(name, "false").lower() in ("true", "1", "yes")
+
+    def send(self, body: Any, status: int = 200) -> None:
+        self.set_status(status)
+        self.finish(json.dumps(body))
+
+    def _handle_request_exception(self, e: BaseException) -> None:
+        if isinstance(e, ApiError):
+            if self._finished:
+                return
+            self.clear()
+            self.set_default_headers()
+            self.set_status(e.status)
+            if e.body is None:
+                self.clear_header("Content-Type")
+                self.finish()
+            else:
+                self.finish(json.dumps(e.body))
+            return
+        super()._handle_request_exception(e)
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        """Unexpected failures: a JSON error, never a traceback."""
+        reason = self._reason if status_code < 500 else "internal server error"
+        self.finish(json.dumps({"error": reason}))
+
+
+class NotFoundHandler(BaseHandler):
+    def prepare(self) -> None:
+        raise ApiError(404, {"error": "Not Found"})

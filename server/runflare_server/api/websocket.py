@@ -1,0 +1,163 @@
+"""GET /api/v1/submissions/{token}/ws: replay the submission's events from `since`, then stream live ones."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from typing import Any
+
+from tornado import web, websocket
+
+from .. import events
+from .base import ApiError, allowed_origin, check_auth
+
+log = logging.getLogger(__name__)
+
+
+class SubmissionSocket(websocket.WebSocketHandler):
+    """One client following one submission. Each client pulls from the shared log with its own cursor."""
+
+    @property
+    def service(self) -> Any:
+        return self.application.settings["service"]
+
+    async def get(self, token: str, *args: Any, **kwargs: Any) -> None:
+        try:
+            check_auth(self.service, self.request, needs_user=False)
+            self.since = int(self.get_query_argument("since", "0"))
+        except ApiError as exc:
+            self.set_status(exc.status)
+            return self.finish()
+        except ValueError:
+            self.set_status(400)
+            return self.finish(json.dumps({"error": "since must be an integer"}))
+        self.sub = await self.service.submissions.get(token)
+        if self.sub is None:
+            self.set_status(404)
+            return self.finish(json.dumps({"error": "Not Found"}))
+        self.token = token
+        await super().get(token, *args, **kwargs)
+
+    def check_origin(self, origin: str) -> bool:
+        if allowed_origin(self.service.settings.cors_origins, origin):
+            return True
+        return super().check_origin(origin)
+
+    def open(self, token: str) -> None:
+        self.settings_ = self.service.settings
+        self.sent_seq = self.since
+        self.last_activity = time.monotonic()
+        self.send_now(events.message("connected", token, message=f"Connected to submission {token}"))
+        self.forwarder = asyncio.create_task(self.forward())
+        self.idle_watch = asyncio.create_task(self.watch_idle())
+
+    def send_now(self, message: dict[str, Any]) -> asyncio.Future | None:
+        if "seq" not in message:
+            message = {**message, "seq": self.sent_seq}
+        try:
+            return self.write_message(json.dumps(message))
+        except websocket.WebSocketClosedError:
+            return None
+
+    async def forward(self) -> None:
+        broker = self.service.broker
+        try:
+            if not broker.has_log(self.token):
+                await self.replay_from_store()
+                return
+            async for event in broker.subscribe(self.token, self.since):
+                if broker.last_seq(self.token) - event["seq"] > self.settings_.ws_max_lag:
+                    self.close(1013, "client too slow; resume with ?since=%d" % self.sent_seq)
+                    return
+                sent = self.send_now(event)
+                if sent is None:
+                    return
+                try:
+                    await asyncio.wait_for(sent, self.settings_.ws_send_timeout)
+                except asyncio.TimeoutError:
+                    self.close(1013, "client too slow; resume with ?since=%d" % self.sent_seq)
+                    return
+                self.sent_seq = event["seq"]
+                self.last_activity = time.monotonic()
+            self.close(1000, "submission finished")
+        except websocket.WebSocketClosedError:
+            return
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("websocket forwarding failed for %s", self.token)
+            self.send_now(events.message("error", self.token, error="internal error", details="forwarding failed"))
+            self.close(1011)
+
+    async def replay_from_store(self) -> None:
+        """No live log (restart or long finished): tell the story the store still knows."""
+        sub = await self.service.submissions.get(self.token)
+        if sub is None:
+            self.close(1000)
+            return
+        if self.since < 1:
+            self.sent_seq = 1
+            self.send_now({**events.status_update(self.token, sub), "seq": 1})
+        if sub["status_id"] >= 3:
+            self.close(1000, "submission finished")
+
+    async def watch_idle(self) -> None:
+        limit = self.settings_.ws_idle_timeout
+        while True:
+            await asyncio.sleep(min(limit, 30.0))
+            if time.monotonic() - self.last_activity > limit:
+                self.close(1000, "idle")
+                return
+
+    def on_message(self, raw: str | bytes) -> None:
+        self.last_activity = time.monotonic()
+        try:
+            message = json.loads(raw)
+            kind = message.get("type") if isinstance(message, dict) else None
+        except ValueError:
+            kind, message = None, None
+        if kind == "ping":
+            self.send_now(events.message("pong", self.token))
+        elif kind == "stdin" and isinstance(message, dict):
+            asyncio.ensure_future(self.feed_stdin(message))
+        else:
+            self.send_now(events.message("error", self.token, error="unknown message",
+                                         details='send {"type": "ping"} or {"type": "stdin", "data": "..."}'))
+
+    async def feed_stdin(self, message: dict[str, Any]) -> None:
+        data, eof = message.get("data"), bool(message.get("eof"))
+        if data is not None and not isinstance(data, str):
+            self.send_now(events.message("error", self.token, error="bad stdin", details="data must be a string"))
+            return
+        if not self.sub.get("interactive"):
+            self.send_now(events.message("error", self.token, error="not interactive",
+                                         details="create the submission with \"interactive\": true"))
+            return
+        sub = await self.service.submissions.get(self.token)
+        if sub is None or sub["status_id"] >= 3:
+            self.send_now(events.message("error", self.token, error="stdin not accepted",
+                                         details="the program has finished"))
+            return
+        delivered = True
+        if data:
+            delivered = await self.service.broker.send_input(self.token, data)
+        if eof:
+            delivered = await self.service.broker.send_input(self.token, None) and delivered
+        if not delivered:
+            self.send_now(events.message("error", self.token, error="stdin not accepted",
+                                         details="the program is not running"))
+
+    def on_close(self) -> None:
+        for task in (getattr(self, "forwarder", None), getattr(self, "idle_watch", None)):
+            if task is not None:
+                task.cancel()
+
+
+def websocket_settings(settings: Any) -> dict[str, Any]:
+    return {"websocket_ping_interval": settings.ws_ping_interval,
+            "websocket_ping_timeout": max(settings.ws_ping_interval * 3, 30)}
+
+
+__all__ = ["SubmissionSocket", "websocket_settings", "web"]

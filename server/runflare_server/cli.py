@@ -1,0 +1,107 @@
+"""`runflare serve`, `runflare run FILE`, `runflare languages`, `runflare install-kernels`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .config import Settings, default_data_dir
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="runflare",
+        description="Run-Flare: run untrusted code through managed Jupyter kernels behind a Judge0-compatible API. "
+                    "Every setting can also come from a RUNFLARE_<NAME> environment variable.",
+    )
+    parser.add_argument("--version", action="version", version=f"runflare {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    serve = sub.add_parser("serve", help="start the server (embedded SQLite store and in-process queue)")
+    serve.add_argument("--host", help="address to listen on (default 127.0.0.1, env RUNFLARE_HOST)")
+    serve.add_argument("--port", type=int, help="port to listen on (default 8787, env RUNFLARE_PORT)")
+    serve.add_argument("--data-dir", type=Path, help=f"where the database lives (default {default_data_dir()})")
+    serve.add_argument("--sandbox", choices=["auto", "bwrap", "unshare", "none"],
+                       help="how runs are isolated (default auto: bwrap, else unshare); 'none' is for development")
+    serve.add_argument("--workers", type=int, help="concurrent runs (default: number of CPUs)")
+    serve.add_argument("--role", choices=["all", "api", "worker"], help="what this process does (default all)")
+    serve.add_argument("--auth-token", action="append", dest="auth_tokens", metavar="TOKEN",
+                       help="require X-Auth-Token on /api/v1 (repeatable)")
+    serve.add_argument("--authz-user", action="append", dest="authz_users", metavar="TOKEN",
+                       help="X-Auth-User tokens allowed to list and delete (repeatable)")
+    serve.add_argument("--cors-origin", action="append", dest="cors_origins", metavar="ORIGIN",
+                       help="allowed CORS origin: a URL, '*', or 'null' for pages opened from disk (repeatable)")
+    serve.add_argument("--enable-submission-delete", action="store_true", default=None,
+                       help="allow DELETE /submissions/{token}")
+    serve.add_argument("--allow-enable-network", action="store_true", default=None,
+                       help="let submissions ask for network access")
+    serve.add_argument("--maintenance-mode", action="store_true", default=None, help="refuse new submissions")
+    serve.add_argument("--max-queue-size", type=int, help="submissions allowed to wait (default 100)")
+    serve.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING (default INFO)")
+
+    run = sub.add_parser("run", help="submit a file to a server and stream its output here", add_help=False)
+    run.add_argument("args", nargs=argparse.REMAINDER)
+
+    sub.add_parser("languages", help="list the languages this machine can run")
+    install = sub.add_parser("install-kernels", help="install the Run-Flare, bash and Deno kernelspecs")
+    install.add_argument("--prefix", help="install under this prefix (default: the current environment)")
+    return parser
+
+
+def settings_from(args: argparse.Namespace) -> Settings:
+    overrides: dict[str, Any] = {
+        key: value for key, value in vars(args).items()
+        if key in Settings.model_fields and value is not None
+    }
+    return Settings(**overrides)
+
+
+async def serve(settings: Settings) -> None:
+    from .service import Service
+
+    service = Service(settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await service.start()
+    await stop.wait()
+    logging.getLogger("runflare").info("stopping: draining running submissions")
+    await service.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "serve":
+        logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        asyncio.run(serve(settings_from(args)))
+        return 0
+    if args.command == "run":
+        from runflare_nb.terminal import main as run_main
+
+        return run_main(args.args)
+    if args.command == "languages":
+        from .engine.manager import detect_languages
+
+        for lang in asyncio.run(detect_languages(Settings())):
+            print(f"{lang.id:>5}  {lang.name}")
+        return 0
+    if args.command == "install-kernels":
+        from .engine.manager import install_kernelspecs
+
+        for line in install_kernelspecs(args.prefix):
+            print(line)
+        return 0
+    parser.print_help()
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,69 @@
+"""The engine the service uses: program runs on Run-Flare kernels, kernel runs on fresh sandboxed kernels."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from typing import Any
+
+from ..config import Settings
+from .interface import Emit, LanguageInfo, RunRequest, RunResult
+
+KERNEL_RUN_BASE = 1000  # kernel-run ids are 1000 + the Judge0 id
+
+
+class KernelEngine:
+    """Dispatches each run to the program-run pool or the kernel-run pools."""
+
+    def __init__(self, settings: Settings):
+        from .kernel_runs import KernelRuns
+        try:  # TEMP until program runs land
+            from .program_runs import ProgramRuns
+        except ImportError:
+            from .kernel_runs import KernelRuns as _K
+            class ProgramRuns(_K):  # noqa
+                def __init__(self, size, sandbox):
+                    super().__init__(pool_sizes={}, sandbox=sandbox)
+                def languages(self): return []
+
+        runtime_dir = settings.data_dir / "runtime"
+        self.program_runs = ProgramRuns(size=settings.workers or os.cpu_count() or 1, sandbox=settings.sandbox)
+        self.kernel_runs = KernelRuns(pool_sizes=settings.kernel_pool, sandbox=settings.sandbox,
+                                      extra_ids=settings.kernel_language_ids, runtime_dir=runtime_dir)
+
+    async def start(self) -> None:
+        await asyncio.gather(self.program_runs.start(), self.kernel_runs.start())
+
+    async def stop(self) -> None:
+        await asyncio.gather(self.program_runs.stop(), self.kernel_runs.stop(), return_exceptions=True)
+
+    def languages(self) -> list[LanguageInfo]:
+        return [*self.program_runs.languages(), *self.kernel_runs.languages()]
+
+    def kernelspecs(self) -> list[str]:
+        return self.kernel_runs.kernelspecs()
+
+    def is_kernel_run(self, request: RunRequest) -> bool:
+        return request.kernel is not None or (request.language_id or 0) >= KERNEL_RUN_BASE
+
+    async def run(self, request: RunRequest, emit: Emit) -> RunResult:
+        pool = self.kernel_runs if self.is_kernel_run(request) else self.program_runs
+        return await pool.run(request, emit)
+
+    def health(self) -> dict[str, Any]:
+        return {"program_runs": self.program_runs.health(), "kernel_runs": self.kernel_runs.health()}
+
+
+async def detect_languages(settings: Settings) -> list[LanguageInfo]:
+    """The languages this machine can run, without starting any kernel."""
+    from . import languages
+
+    return sorted(languages.available_languages(), key=lambda lang: lang.name.lower())
+
+
+def install_kernelspecs(prefix: str | None = None) -> list[str]:
+    """Install the Run-Flare kernelspecs (one per program language) and the bash and Deno kernels."""
+    from ..kernels.install import install_kernelspecs as install_runflare
+    from .kernel_runs import install_kernelspecs as install_third_party
+
+    return [*install_runflare(prefix), *install_third_party()]

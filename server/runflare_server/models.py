@@ -1,0 +1,288 @@
+"""Pydantic models of the API: submission validation with Judge0's rules and error shape, and output rendering."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from datetime import datetime, timezone
+from typing import Any
+from urllib.parse import urlparse
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .config import Settings
+from .statuses import STATUSES
+
+FieldErrors = dict[str, list[str]]
+
+
+class SubmissionCreate(BaseModel):
+    """The body of POST /submissions. Unknown keys are ignored, as Judge0 does."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    source_code: str | None = Field(None, description="The program (base64 when base64_encoded=true)")
+    language_id: int | None = Field(None, description="An id from /languages")
+    stdin: str | None = None
+    expected_output: str | None = None
+    cpu_time_limit: float | None = Field(None, description="Seconds of CPU")
+    cpu_extra_time: float | None = None
+    wall_time_limit: float | None = None
+    memory_limit: int | None = Field(None, description="KB")
+    stack_limit: int | None = Field(None, description="KB")
+    max_processes_and_or_threads: int | None = None
+    enable_per_process_and_thread_time_limit: bool | None = None
+    enable_per_process_and_thread_memory_limit: bool | None = None
+    max_file_size: int | None = Field(None, description="KB")
+    compiler_options: str | None = None
+    command_line_arguments: str | None = None
+    redirect_stderr_to_stdout: bool | None = None
+    callback_url: str | None = None
+    additional_files: str | None = None
+    enable_network: bool | None = None
+    number_of_runs: int | None = None
+    kernel: str | None = Field(None, description="(RF) an installed kernelspec: a kernel run on it")
+    interactive: bool | None = Field(None, description="(RF) stdin comes from the WebSocket")
+
+
+class SubmissionView(BaseModel):
+    """A submission as GET returns it with fields=* (each field may be left out by `fields`)."""
+
+    token: str
+    source_code: str | None = None
+    language_id: int | None = None
+    stdin: str | None = None
+    expected_output: str | None = None
+    stdout: str | None = None
+    stderr: str | None = None
+    compile_output: str | None = None
+    message: str | None = None
+    status_id: int | None = None
+    status: dict[str, Any] | None = Field(None, description='{"id": 3, "description": "Accepted"}')
+    language: dict[str, Any] | None = Field(None, description='{"id": 71, "name": "Python (3.11.7)"}')
+    created_at: str | None = None
+    finished_at: str | None = None
+    time: str | None = Field(None, description='CPU seconds, "0.012"')
+    wall_time: str | None = None
+    memory: int | None = Field(None, description="KB")
+    exit_code: int | None = None
+    exit_signal: int | None = None
+    number_of_runs: int | None = None
+    cpu_time_limit: str | None = None
+    cpu_extra_time: str | None = None
+    wall_time_limit: str | None = None
+    memory_limit: int | None = None
+    stack_limit: int | None = None
+    max_processes_and_or_threads: int | None = None
+    enable_per_process_and_thread_time_limit: bool | None = None
+    enable_per_process_and_thread_memory_limit: bool | None = None
+    max_file_size: int | None = None
+    compiler_options: str | None = None
+    command_line_arguments: str | None = None
+    redirect_stderr_to_stdout: bool | None = None
+    callback_url: str | None = None
+    additional_files: str | None = None
+    enable_network: bool | None = None
+    kernel: str | None = None
+    interactive: bool | None = None
+    outputs: list[dict[str, Any]] | None = Field(None, description="(RF) rich displays {data, metadata}")
+    session: dict[str, Any] | None = Field(None, description="(RF) the kernel that ran it")
+
+
+class BatchCreate(BaseModel):
+    submissions: list[dict[str, Any]]
+
+
+class Language(BaseModel):
+    id: int
+    name: str
+    is_archived: bool | None = None
+    source_file: str | None = None
+    compile_cmd: str | None = None
+    run_cmd: str | None = None
+    kernel: str | None = None
+
+
+class StatusModel(BaseModel):
+    id: int
+    description: str
+
+
+class ErrorBody(BaseModel):
+    error: str
+
+
+ALL_FIELDS = list(SubmissionView.model_fields)
+DEFAULT_FIELDS = ["token", "time", "memory", "stdout", "stderr", "compile_output", "message", "status"]
+TEXT_FIELDS = ("source_code", "stdin", "expected_output")
+ENCODED_OUT = ("source_code", "stdin", "expected_output", "stdout", "stderr", "compile_output", "message")
+DECIMAL_FIELDS = ("cpu_time_limit", "cpu_extra_time", "wall_time_limit")
+LIMIT_FIELDS = (
+    "cpu_time_limit", "cpu_extra_time", "wall_time_limit", "memory_limit", "stack_limit",
+    "max_processes_and_or_threads", "max_file_size", "number_of_runs",
+)
+# (field, min, max-setting) for the range checks
+RANGES: dict[str, tuple[float, str]] = {
+    "cpu_time_limit": (0, "max_cpu_time_limit"),
+    "cpu_extra_time": (0, "max_cpu_extra_time"),
+    "wall_time_limit": (1, "max_wall_time_limit"),
+    "memory_limit": (2048, "max_memory_limit"),
+    "stack_limit": (0, "max_stack_limit"),
+    "max_processes_and_or_threads": (1, "max_max_processes_and_or_threads"),
+    "max_file_size": (0, "max_max_file_size"),
+    "number_of_runs": (1, "max_number_of_runs"),
+}
+PYDANTIC_MESSAGES = {
+    "int_parsing": "is not a number", "int_type": "is not a number", "int_from_float": "must be an integer",
+    "float_parsing": "is not a number", "float_type": "is not a number",
+    "bool_parsing": "is not a boolean", "bool_type": "is not a boolean",
+    "string_type": "must be a string", "finite_number": "is not a number",
+}
+
+
+class SubmissionRules:
+    """Validates bodies against this server's settings, languages and kernelspecs."""
+
+    def __init__(self, settings: Settings, language_ids: set[int], kernelspecs: set[str]):
+        self.settings = settings
+        self.language_ids = language_ids
+        self.kernelspecs = kernelspecs
+
+    def validate(self, body: Any, base64_encoded: bool) -> tuple[dict[str, Any] | None, FieldErrors]:
+        """Return (submission fields with defaults applied, {}) or (None, Judge0-shaped field errors)."""
+        if not isinstance(body, dict):
+            return None, {"base": ["submission must be a JSON object"]}
+        try:
+            parsed = SubmissionCreate.model_validate(body)
+        except ValidationError as exc:
+            errors: FieldErrors = {}
+            for err in exc.errors():
+                name = str(err["loc"][0]) if err["loc"] else "base"
+                errors.setdefault(name, []).append(PYDANTIC_MESSAGES.get(err["type"], err["msg"]))
+            return None, errors
+        data = parsed.model_dump()
+        errors = {}
+        add = lambda field, msg: errors.setdefault(field, []).append(msg)  # noqa: E731
+        s = self.settings
+
+        for name in TEXT_FIELDS:
+            if base64_encoded and data[name] is not None:
+                try:
+                    raw = base64.b64decode(data[name].encode("ascii"), validate=False)
+                    data[name] = raw.decode("utf-8", errors="surrogateescape")
+                except (binascii.Error, ValueError, UnicodeEncodeError):
+                    add(name, "is not valid base64")
+        if not data["source_code"] and "source_code" not in errors:
+            add("source_code", "can't be blank")
+        elif data["source_code"] and len(data["source_code"].encode("utf-8", "surrogateescape")) > s.max_source_size:
+            add("source_code", f"is too long (maximum is {s.max_source_size} bytes)")
+        if data["stdin"] and len(data["stdin"].encode("utf-8", "surrogateescape")) > s.max_stdin_size:
+            add("stdin", f"is too long (maximum is {s.max_stdin_size} bytes)")
+
+        if data["kernel"] is not None:
+            if data["kernel"] not in self.kernelspecs:
+                add("kernel", f"kernel {data['kernel']!r} is not installed")
+        elif data["language_id"] is None:
+            add("language_id", "can't be blank")
+        elif data["language_id"] not in self.language_ids:
+            add("language_id", f"language with id {data['language_id']} doesn't exist")
+
+        for name, (low, high_key) in RANGES.items():
+            if data[name] is None:
+                data[name] = getattr(s, name)
+                continue
+            high = getattr(s, high_key)
+            if data[name] < low:
+                add(name, f"must be greater than or equal to {low}")
+            elif data[name] > high:
+                add(name, f"must be less than or equal to {high:g}")
+
+        for name in ("compiler_options", "command_line_arguments"):
+            if data[name] is not None and len(data[name]) > 512:
+                add(name, "is too long (maximum is 512 characters)")
+        if data["compiler_options"] and not s.enable_compiler_options:
+            add("compiler_options", "setting compiler options is not allowed")
+        elif (data["compiler_options"] and s.allowed_languages_for_compile_options
+              and data["language_id"] not in s.allowed_languages_for_compile_options):
+            add("compiler_options", "setting compiler options is not allowed for this language")
+        if data["command_line_arguments"] and not s.enable_command_line_arguments:
+            add("command_line_arguments", "setting command line arguments is not allowed")
+        if data["callback_url"] is not None:
+            url = urlparse(data["callback_url"])
+            if url.scheme not in ("http", "https") or not url.netloc:
+                add("callback_url", "must be an http(s) URL")
+            elif not s.enable_callbacks:
+                add("callback_url", "callbacks are not allowed")
+        if data["additional_files"] is not None and not s.enable_additional_files:
+            add("additional_files", "additional files are not supported by this server")
+
+        if data["enable_network"] is None:
+            data["enable_network"] = s.enable_network
+        elif data["enable_network"] and not s.allow_enable_network:
+            add("enable_network", "enabling network is not allowed")
+        for flag in ("enable_per_process_and_thread_time_limit", "enable_per_process_and_thread_memory_limit"):
+            if data[flag] is None:
+                data[flag] = getattr(s, flag)
+            elif data[flag] and not getattr(s, "allow_" + flag):
+                add(flag, "is not allowed")
+        if data["redirect_stderr_to_stdout"] is None:
+            data["redirect_stderr_to_stdout"] = s.redirect_stderr_to_stdout
+        data["interactive"] = bool(data["interactive"])
+        return (None, errors) if errors else (data, {})
+
+
+def parse_fields(raw: str | None) -> list[str]:
+    """The `fields` query parameter; raises ValueError("invalid fields: [..]") for unknown names."""
+    if not raw:
+        return DEFAULT_FIELDS
+    if raw.strip() == "*":
+        return ALL_FIELDS
+    names = [name.strip() for name in raw.split(",") if name.strip()]
+    unknown = [name for name in names if name not in ALL_FIELDS]
+    if unknown:
+        raise ValueError(f"invalid fields: [{', '.join(unknown)}]")
+    return names
+
+
+def iso(ts: float | None) -> str | None:
+    """Seconds since the epoch → ISO 8601, UTC, milliseconds, Z."""
+    if ts is None:
+        return None
+    return datetime.fromtimestamp(ts, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+
+
+def seconds(value: float | None) -> str | None:
+    return None if value is None else f"{value:.3f}"
+
+
+class NotUtf8(ValueError):
+    """Output holds bytes that are not UTF-8; the client must ask for base64."""
+
+
+def render(sub: dict[str, Any], fields: list[str], base64_encoded: bool, language_names: dict[int, str]) -> dict:
+    """A stored submission → the JSON object clients see, with only `fields`."""
+    out: dict[str, Any] = {}
+    for name in fields:
+        value = sub.get(name)
+        if name == "status":
+            value = STATUSES[sub["status_id"]].rest()
+        elif name == "language":
+            lid = sub.get("language_id")
+            value = {"id": lid, "name": language_names.get(lid, sub.get("kernel") or "")} if lid or sub.get("kernel") else None
+        elif name in ("created_at", "finished_at"):
+            value = iso(value)
+        elif name in ("time", "wall_time"):
+            value = seconds(value)
+        elif name in DECIMAL_FIELDS:
+            value = None if value is None else str(float(value))
+        elif name in ENCODED_OUT and value is not None:
+            raw = value.encode("utf-8", "surrogateescape")
+            if base64_encoded:
+                value = base64.b64encode(raw).decode("ascii")
+            else:
+                try:
+                    raw.decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    raise NotUtf8(name) from exc
+        out[name] = value
+    return out

@@ -1,0 +1,142 @@
+"""Server switches: auth tokens, CORS, maintenance mode, queue size, delete, callbacks."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, HTTPServer
+
+import pytest
+from conftest import free_port, start_server
+from http_client import call, get, post
+
+HELLO = {"source_code": 'print("Hello!")', "language_id": 71}
+LEAN = {"RUNFLARE_KERNEL_POOL": "{}"}
+
+
+@pytest.fixture(scope="module")
+def locked_server(tmp_path_factory):
+    server = start_server(tmp_path_factory.mktemp("locked"), "--auth-token", "s3cret", "--authz-user", "boss",
+                          "--cors-origin", "null", "--cors-origin", "http://teach.example",
+                          "--enable-submission-delete", "--workers", "1", "--max-queue-size", "2", env=LEAN)
+    yield server
+    server.stop()
+
+
+def test_auth_token_required(locked_server):
+    api = locked_server.api
+    r = get(f"{api}/languages")
+    assert r.status == 401 and r.body == b""
+    assert get(f"{api}/languages", headers={"X-Auth-Token": "wrong"}).status == 401
+    assert get(f"{api}/languages", headers={"X-Auth-Token": "s3cret"}).status == 200
+    assert get(f"{api}/languages?X-Auth-Token=s3cret").status == 200
+
+
+def test_list_and_delete_need_authorized_user(locked_server):
+    api, auth = locked_server.api, {"X-Auth-Token": "s3cret"}
+    token = post(f"{api}/submissions?wait=true&fields=token", HELLO, headers=auth).json["token"]
+    assert get(f"{api}/submissions", headers=auth).status == 403
+    assert get(f"{api}/submissions", headers={**auth, "X-Auth-User": "intruder"}).status == 403
+    listing = get(f"{api}/submissions", headers={**auth, "X-Auth-User": "boss"}).json
+    assert listing["submissions"][0]["token"] == token and listing["meta"]["total_count"] >= 1
+    assert call("DELETE", f"{api}/submissions/{token}", headers=auth).status == 403
+    deleted = call("DELETE", f"{api}/submissions/{token}?fields=token,stdout", headers={**auth, "X-Auth-User": "boss"})
+    assert deleted.status == 200 and deleted.json == {"token": token, "stdout": "Hello!\n"}
+    assert get(f"{api}/submissions/{token}", headers=auth).status == 404
+
+
+def test_cors(locked_server):
+    api = locked_server.api
+    pre = call("OPTIONS", f"{api}/submissions", headers={"Origin": "null", "Access-Control-Request-Method": "POST"})
+    assert pre.status == 204
+    assert pre.headers["Access-Control-Allow-Origin"] == "null"
+    assert "X-Auth-Token" in pre.headers["Access-Control-Allow-Headers"]
+    ok = get(f"{api}/statuses", headers={"Origin": "http://teach.example", "X-Auth-Token": "s3cret"})
+    assert ok.headers["Access-Control-Allow-Origin"] == "http://teach.example"
+    other = get(f"{api}/statuses", headers={"Origin": "http://evil.example", "X-Auth-Token": "s3cret"})
+    assert other.headers.get("Access-Control-Allow-Origin") is None
+
+
+def test_queue_full_is_503(locked_server):
+    api, auth = locked_server.api, {"X-Auth-Token": "s3cret"}
+    sleeper = {"source_code": "import time; time.sleep(3)", "language_id": 71}
+    first = post(f"{api}/submissions", sleeper, headers=auth).json["token"]
+    deadline = time.monotonic() + 30
+    while get(f"{api}/submissions/{first}", headers=auth).json["status"]["id"] == 1:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert post(f"{api}/submissions", sleeper, headers=auth).status == 201
+    assert post(f"{api}/submissions", sleeper, headers=auth).status == 201
+    full = post(f"{api}/submissions", sleeper, headers=auth)
+    assert full.status == 503 and full.json == {"error": "queue is full"}
+
+
+def test_maintenance_mode(tmp_path):
+    server = start_server(tmp_path, "--maintenance-mode", env=LEAN)
+    try:
+        r = post(f"{server.api}/submissions", HELLO)
+        assert r.status == 503 and "maintenance" in r.json["error"]
+        assert get(f"{server.api}/config_info").json["maintenance_mode"] is True
+        assert get(f"{server.api}/languages").status == 200
+    finally:
+        server.stop()
+
+
+class CallbackSink:
+    """A real HTTP server recording the PUTs it receives."""
+
+    def __init__(self, port: int):
+        self.received: list[dict] = []
+        sink = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_PUT(self):
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                sink.received.append(json.loads(body))
+                self.send_response(200)
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = HTTPServer(("127.0.0.1", port), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_callback_is_put_with_base64_result(live_server):
+    sink = CallbackSink(free_port())
+    try:
+        url = f"http://127.0.0.1:{sink.server.server_port}/done"
+        token = post(f"{live_server.api}/submissions", {**HELLO, "callback_url": url}).json["token"]
+        deadline = time.monotonic() + 60
+        while not sink.received and time.monotonic() < deadline:
+            time.sleep(0.05)
+        (body,) = sink.received
+        assert body["token"] == token and body["status"]["id"] == 3
+        import base64
+        assert base64.b64decode(body["stdout"]) == b"Hello!\n"
+    finally:
+        sink.close()
+
+
+def test_callback_retried_on_connection_error(live_server):
+    port = free_port()
+    token = post(f"{live_server.api}/submissions",
+                 {**HELLO, "callback_url": f"http://127.0.0.1:{port}/late"}).json["token"]
+    deadline = time.monotonic() + 60
+    while get(f"{live_server.api}/submissions/{token}").json["status"]["id"] < 3:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    sink = CallbackSink(port)  # the first try found nothing listening
+    try:
+        while not sink.received and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert sink.received and sink.received[0]["token"] == token
+    finally:
+        sink.close()

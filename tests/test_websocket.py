@@ -1,0 +1,217 @@
+"""The submission WebSocket with real clients (the `websockets` package and tornado's) against a real server."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+from conftest import start_server
+from http_client import get, post
+from tornado.websocket import websocket_connect
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.sync.client import connect
+
+TICKER = {"source_code": "import time\nfor i in range(8):\n    print('line', i, flush=True)\n    time.sleep(0.1)\n",
+          "language_id": 71}
+
+
+def ws_url(server, token: str, query: str = "") -> str:
+    return server.url.replace("http://", "ws://") + f"/api/v1/submissions/{token}/ws" + query
+
+
+def read_all(ws, limit: float = 60) -> list[dict]:
+    """Every message until the server closes the socket."""
+    messages = []
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        try:
+            messages.append(json.loads(ws.recv(timeout=deadline - time.monotonic())))
+        except ConnectionClosed:
+            return messages
+    raise AssertionError("socket did not close")
+
+
+def events_only(messages: list[dict]) -> list[dict]:
+    return [m for m in messages if m["type"] in ("status_update", "progress_update")]
+
+
+def test_lines_arrive_live_before_the_end(live_server):
+    token = post(f"{live_server.api}/submissions", TICKER).json["token"]
+    chunks = []
+    with connect(ws_url(live_server, token)) as ws:
+        first = json.loads(ws.recv(timeout=30))
+        assert first["type"] == "connected" and first["message"] == f"Connected to submission {token}"
+        while True:
+            message = json.loads(ws.recv(timeout=60))
+            for key in ("type", "timestamp", "token", "seq"):
+                assert key in message
+            if message.get("stream") == "stdout":
+                chunks.append(message["text"])
+                if len(chunks) == 1:  # the program is still running when its first line reaches us
+                    assert get(f"{live_server.api}/submissions/{token}").json["status"]["id"] == 2
+            if message["type"] == "status_update" and message["status"]["id"] >= 3:
+                final = message
+                break
+        with pytest.raises(ConnectionClosed) as closed:
+            ws.recv(timeout=10)
+        assert closed.value.rcvd.code == 1000
+    assert final["status"] == {"id": 3, "name": "Accepted", "description": "Submission completed successfully"}
+    assert len(chunks) >= 2
+    assert "".join(chunks) == final["data"]["stdout"] == "".join(f"line {i}\n" for i in range(8))
+
+
+def test_status_and_stage_sequence(live_server):
+    token = post(f"{live_server.api}/submissions?wait=true&fields=token", TICKER).json["token"]
+    with connect(ws_url(live_server, token)) as ws:
+        messages = read_all(ws)
+    assert messages[0]["type"] == "connected"
+    evs = events_only(messages)
+    assert [m["seq"] for m in evs] == list(range(1, len(evs) + 1))
+    statuses = [m["status"]["id"] for m in evs if m["type"] == "status_update"]
+    assert statuses == [1, 2, 3]
+    stages = [m["stage"] for m in evs if m["type"] == "progress_update" and "stream" not in m]
+    assert stages[0] == "queued" and stages[-1] == "finished" and "running" in stages
+    assert evs[-1]["type"] == "status_update"  # the final status is the last event
+    assert evs[-1]["data"]["stdout"] == "".join(f"line {i}\n" for i in range(8))
+    assert float(evs[-1]["data"]["time"]) > 0
+
+
+def test_replay_after_finish_equals_live_story(live_server):
+    token = post(f"{live_server.api}/submissions", TICKER).json["token"]
+    with connect(ws_url(live_server, token)) as ws:
+        live = events_only(read_all(ws))
+    with connect(ws_url(live_server, token)) as ws:
+        replay = events_only(read_all(ws))
+    assert replay == live
+
+
+def test_two_clients_get_every_event_once_in_order(live_server):
+    token = post(f"{live_server.api}/submissions", TICKER).json["token"]
+    with connect(ws_url(live_server, token)) as a, connect(ws_url(live_server, token)) as b:
+        from_a, from_b = events_only(read_all(a)), events_only(read_all(b))
+    assert from_a == from_b
+    assert len({m["seq"] for m in from_a}) == len(from_a)
+
+
+def test_resume_with_since_has_no_duplicates(live_server):
+    token = post(f"{live_server.api}/submissions", TICKER).json["token"]
+    seen = []
+    with connect(ws_url(live_server, token)) as ws:
+        ws.recv(timeout=30)
+        while len(seen) < 4:
+            seen.append(json.loads(ws.recv(timeout=30)))
+    last = seen[-1]["seq"]
+    with connect(ws_url(live_server, token, f"?since={last}")) as ws:
+        rest = read_all(ws)
+    assert rest[0]["type"] == "connected" and rest[0]["seq"] == last
+    rest = events_only(rest)
+    assert rest[0]["seq"] == last + 1
+    with connect(ws_url(live_server, token)) as ws:
+        whole = events_only(read_all(ws))
+    assert seen + rest == whole
+
+
+def test_ping_pong_and_bad_messages_keep_the_socket_open(live_server):
+    token = post(f"{live_server.api}/submissions", {"source_code": "import time; time.sleep(1)",
+                                                    "language_id": 71}).json["token"]
+    with connect(ws_url(live_server, token)) as ws:
+        ws.send("this is not json")
+        ws.send(json.dumps({"type": "dance"}))
+        ws.send(json.dumps({"type": "ping"}))
+        got = []
+        while not any(m["type"] == "pong" for m in got):
+            got.append(json.loads(ws.recv(timeout=30)))
+        errors = [m for m in got if m["type"] == "error"]
+        assert len(errors) == 2 and all(e["error"] and e["details"] for e in errors)
+        pong = next(m for m in got if m["type"] == "pong")
+        assert pong["token"] == token and "timestamp" in pong and "seq" in pong
+        rest = read_all(ws)
+    assert rest[-1]["type"] == "status_update" and rest[-1]["status"]["id"] == 3
+
+
+def test_unknown_token_is_404_before_upgrade(live_server):
+    with pytest.raises(InvalidStatus) as err:
+        connect(ws_url(live_server, "no-such-token"))
+    assert err.value.response.status_code == 404
+
+
+def test_client_that_leaves_mid_run_does_not_stop_it(live_server):
+    token = post(f"{live_server.api}/submissions", TICKER).json["token"]
+    with connect(ws_url(live_server, token)) as ws:
+        while json.loads(ws.recv(timeout=30)).get("stream") != "stdout":
+            pass
+    deadline = time.monotonic() + 60
+    while (sub := get(f"{live_server.api}/submissions/{token}").json)["status"]["id"] < 3:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert sub["status"]["id"] == 3 and sub["stdout"].count("\n") == 8
+
+
+def test_stderr_chunks_match_final_stderr(live_server):
+    src = "import sys\nfor i in range(5):\n    print(i, file=sys.stderr, flush=True)\n    print(-i, flush=True)\n"
+    token = post(f"{live_server.api}/submissions", {"source_code": src, "language_id": 71}).json["token"]
+    with connect(ws_url(live_server, token)) as ws:
+        messages = events_only(read_all(ws))
+    final = messages[-1]["data"]
+    for stream in ("stdout", "stderr"):
+        assert "".join(m["text"] for m in messages if m.get("stream") == stream) == final[stream]
+
+
+async def test_tornado_client_follows_a_run(live_server):
+    token = post(f"{live_server.api}/submissions", TICKER).json["token"]
+    conn = await websocket_connect(ws_url(live_server, token))
+    messages = []
+    while (raw := await conn.read_message()) is not None:
+        messages.append(json.loads(raw))
+    assert conn.close_code == 1000
+    assert messages[0]["type"] == "connected" and messages[-1]["status"]["id"] == 3
+
+
+@pytest.fixture(scope="module")
+def tight_server(tmp_path_factory):
+    server = start_server(tmp_path_factory.mktemp("tight"), "--auth-token", "tok", env={
+        "RUNFLARE_KERNEL_POOL": "{}", "RUNFLARE_WS_IDLE_TIMEOUT": "1", "RUNFLARE_WS_SEND_TIMEOUT": "1",
+        "RUNFLARE_MAX_OUTPUT_SIZE": str(16 << 20)})
+    yield server
+    server.stop()
+
+
+def test_token_as_query_parameter(tight_server):
+    token = post(f"{tight_server.api}/submissions", {"source_code": "print(1)", "language_id": 71},
+                 headers={"X-Auth-Token": "tok"}).json["token"]
+    with pytest.raises(InvalidStatus) as err:
+        connect(ws_url(tight_server, token))
+    assert err.value.response.status_code == 401
+    with connect(ws_url(tight_server, token, "?X-Auth-Token=tok")) as ws:
+        assert read_all(ws)[-1]["status"]["id"] == 3
+
+
+def test_idle_connection_is_closed(tight_server):
+    src = "import time; time.sleep(8)"
+    token = post(f"{tight_server.api}/submissions", {"source_code": src, "language_id": 71,
+                                                      "wall_time_limit": 10},
+                 headers={"X-Auth-Token": "tok"}).json["token"]
+    with connect(ws_url(tight_server, token, "?X-Auth-Token=tok")) as ws:
+        messages = read_all(ws, limit=7)  # closed for idleness long before the program ends
+    assert not any(m["type"] == "status_update" and m["status"]["id"] >= 3 for m in messages)
+    assert ws.close_code == 1000
+
+
+def test_slow_consumer_is_closed_with_1013_and_can_resume(tight_server):
+    src = "import sys\nfor i in range(4000):\n    sys.stdout.write(str(i).rjust(10) * 400 + '\\n')\n    sys.stdout.flush()\n"
+    token = post(f"{tight_server.api}/submissions", {"source_code": src, "language_id": 71},
+                 headers={"X-Auth-Token": "tok"}).json["token"]
+    with connect(ws_url(tight_server, token, "?X-Auth-Token=tok"), max_size=None, max_queue=1) as ws:
+        time.sleep(8)  # read nothing while ~16 MB of output is produced
+        got = []
+        try:
+            while True:
+                got.append(json.loads(ws.recv(timeout=30)))
+        except ConnectionClosed:
+            pass
+        assert ws.close_code == 1013
+    last = max(m["seq"] for m in got)
+    with connect(ws_url(tight_server, token, f"?X-Auth-Token=tok&since={last}"), max_size=None) as ws:
+        rest = events_only(read_all(ws))
+    assert rest[0]["seq"] == last + 1 and rest[-1]["type"] == "status_update"
