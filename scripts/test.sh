@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Install Run-Flare with its test extras and run the whole suite.
+# Fresh machine → the whole test suite: system packages, Run-Flare with its test extras, kernelspecs, pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+bash scripts/install-system.sh
 python3 -m pip install -q -e ".[test]"
-python3 -m runflare_server install-kernels
-python3 -m pytest -q "$@"
+python3 -m runflare_server install-kernels >/dev/null
+python3 -m pytest "$@"
