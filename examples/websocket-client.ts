@@ -2,7 +2,10 @@
  * Run-Flare WebSocket client: submit a program and follow its run live.
  *
  *   deno run --allow-net --allow-env --allow-read examples/websocket-client.ts FILE [--language ID]
- *        [--stdin TEXT] [--url URL] [--poll] [--verbose]
+ *        [--stdin TEXT] [--url URL] [--poll] [--retries N] [--verbose]
+ *
+ * --poll skips the socket; --retries N sets how many consecutive failures to open the socket
+ * lead to the polling fallback (default 5).
  *
  * The server address comes from --url, else env RUNFLARE_URL, else http://localhost:8787.
  * env RUNFLARE_AUTH_TOKEN, when set, is sent as X-Auth-Token (header for REST, query for the socket).
@@ -425,6 +428,7 @@ interface CliArgs {
   url: string;
   poll: boolean;
   verbose: boolean;
+  retries?: number;
 }
 
 function parseArgs(argv: string[]): CliArgs {
@@ -439,12 +443,15 @@ function parseArgs(argv: string[]): CliArgs {
     else if (a === "--stdin") out.stdin = value();
     else if (a === "--url") out.url = value();
     else if (a === "--poll") out.poll = true;
+    else if (a === "--retries") out.retries = Number(value());
     else if (a === "--verbose" || a === "-v") out.verbose = true;
     else if (a.startsWith("-")) throw new Error(`unknown option ${a}`);
     else out.file = a;
   }
   if (!out.file) {
-    throw new Error("usage: websocket-client.ts FILE [--language ID] [--stdin TEXT] [--url URL] [--poll] [--verbose]");
+    throw new Error(
+      "usage: websocket-client.ts FILE [--language ID] [--stdin TEXT] [--url URL] [--poll] [--retries N] [--verbose]",
+    );
   }
   out.url = out.url ?? Deno.env.get("RUNFLARE_URL") ?? "http://localhost:8787";
   return out as CliArgs;
@@ -491,7 +498,7 @@ async function main(): Promise<number> {
     onPong: () => args.verbose && info("pong"),
     onReconnect: (n, delay, since) => info(`reconnecting (attempt ${n}) in ${delay} ms, since=${since}`),
     onFallback: (reason) => info(`websocket unavailable (${reason}); polling`),
-  }, { forcePolling: args.poll, authToken: client.authToken });
+  }, { forcePolling: args.poll, authToken: client.authToken, maxRetries: args.retries });
 
   const result = await stream.run();
   const d = result.data;
