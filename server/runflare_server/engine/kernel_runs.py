@@ -24,6 +24,7 @@ import logging
 import os
 import queue
 import re
+import secrets
 import shlex
 import shutil
 import signal
@@ -282,6 +283,9 @@ class _Run:
             else:
                 self.exit_code = 1
                 await self._stream("stderr", v + "\n")
+            return
+        if not ename and not content.get("traceback") and re.fullmatch(r"-?\d+", evalue.strip()):
+            self.exit_code = int(evalue) & 0xFF  # bash_kernel: the command's exit status
             return
         self.exit_code = 1
         tb = strip_ansi("\n".join(content.get("traceback") or [f"{ename}: {evalue}"]))
@@ -552,6 +556,9 @@ class KernelRuns:
         if kernel.spec.language == "bash":
             args = " ".join(shlex.quote(a) for a in shlex.split(request.command_line_arguments or ""))
             stdin = request.stdin or ""
-            return (f"set -- {args}\n{{\n{code}\n}} <<'RF_STDIN_EOF'\n{stdin}"
-                    f"{'' if stdin.endswith(chr(10)) or not stdin else chr(10)}RF_STDIN_EOF")
+            if stdin and not stdin.endswith("\n"):
+                stdin += "\n"
+            end = "RF_STDIN_" + secrets.token_hex(8)
+            # a subshell, so that `exit n` ends the program (not the kernel's shell) with status n
+            return f"(\nset -- {args}\n{code}\n) <<'{end}'\n{stdin}{end}"
         return code

@@ -21,6 +21,8 @@ from typing import Any
 
 import psutil
 
+from . import cgroups
+
 log = logging.getLogger(__name__)
 
 SANDBOX_WORK = "/sandbox"
@@ -238,107 +240,11 @@ def describe(mode: str) -> dict[str, Any]:
     return {"mode": mode, "bwrap": shutil.which("bwrap") is not None, "unshare": shutil.which("unshare") is not None}
 
 
-class _V1Cgroup:
-    """Minimal cgroup v1 group (memory, pids, cpuacct): used only until engine/cgroups.py exists."""
-
-    ROOT = "/sys/fs/cgroup"
-    CONTROLLERS = ("memory", "pids", "cpuacct")
-
-    def __init__(self, dirs: dict[str, Path]) -> None:
-        self.dirs = dirs
-
-    @classmethod
-    def create(cls, name: str, memory_kb: int | None, max_pids: int | None) -> _V1Cgroup | None:
-        dirs: dict[str, Path] = {}
-        try:
-            for c in cls.CONTROLLERS:
-                d = Path(cls.ROOT, c, "runflare-kernels", name)
-                d.mkdir(parents=True, exist_ok=True)
-                dirs[c] = d
-            if memory_kb:
-                (dirs["memory"] / "memory.limit_in_bytes").write_text(str(memory_kb * 1024))
-                swap = dirs["memory"] / "memory.memsw.limit_in_bytes"
-                if swap.exists():
-                    try:
-                        swap.write_text(str(memory_kb * 1024))
-                    except OSError:
-                        pass
-            if max_pids:
-                (dirs["pids"] / "pids.max").write_text(str(max_pids))
-        except OSError as e:
-            log.info("cgroup v1 unavailable (%s)", e)
-            for d in dirs.values():
-                try:
-                    d.rmdir()
-                except OSError:
-                    pass
-            return None
-        return cls(dirs)
-
-    def add_pid(self, pid: int) -> None:
-        for d in self.dirs.values():
-            (d / "cgroup.procs").write_text(str(pid))
-
-    def _read(self, c: str, f: str) -> str:
-        try:
-            return (self.dirs[c] / f).read_text()
-        except OSError:
-            return ""
-
-    def peak_memory_kb(self) -> int | None:
-        v = self._read("memory", "memory.max_usage_in_bytes").strip()
-        return int(v) // 1024 if v else None
-
-    def oom_killed(self) -> bool:
-        for line in self._read("memory", "memory.oom_control").splitlines():
-            if line.startswith("oom_kill ") and int(line.split()[1]) > 0:
-                return True
-        return False
-
-    def cpu_seconds(self) -> float | None:
-        v = self._read("cpuacct", "cpuacct.usage").strip()
-        return int(v) / 1e9 if v else None
-
-    def kill_all(self) -> None:
-        for c in self.dirs:
-            for pid in self._read(c, "cgroup.procs").split():
-                try:
-                    os.kill(int(pid), signal.SIGKILL)
-                except OSError:
-                    pass
-
-    def remove(self) -> None:
-        import time
-
-        for d in self.dirs.values():
-            for _ in range(50):
-                try:
-                    d.rmdir()
-                    break
-                except FileNotFoundError:
-                    break
-                except OSError:
-                    self.kill_all()
-                    time.sleep(0.02)
-
-
-def create_cgroup(name: str, memory_kb: int | None, max_pids: int | None) -> Any:
-    """A per-run cgroup (engine/cgroups.py when present, else a v1 fallback), or None."""
-    try:
-        from . import cgroups  # written by another engineer; optional until it lands
-    except ImportError:
-        return _V1Cgroup.create(name, memory_kb, max_pids)
+def create_cgroup(name: str, memory_kb: int | None, max_pids: int | None) -> cgroups.RunCgroup | None:
+    """A per-run cgroup with these limits, or None where no hierarchy is writable."""
     return cgroups.RunCgroup.create(name, memory_kb, max_pids)
 
 
 def cgroup_mechanism() -> str:
-    """Which limit mechanism per-run cgroups use here."""
-    try:
-        from . import cgroups
-    except ImportError:
-        probe = _V1Cgroup.create("probe-%d" % os.getpid(), None, None)
-        if probe is None:
-            return "rlimits"
-        probe.remove()
-        return "cgroup-v1"
-    return str(cgroups.mechanism())
+    """Which limit mechanism per-run cgroups use here ("cgroup-v1", "cgroup-v2" or "rlimit")."""
+    return cgroups.mechanism()

@@ -1,0 +1,180 @@
+"""Kernel runs end to end: real sandboxed kernels from a warm pool, driven through KernelRuns."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import re
+from collections.abc import Iterator
+
+import pytest
+from runflare_server.engine.interface import Limits, RunRequest, RunResult
+from runflare_server.engine.kernel_pool import installed_kernelspecs
+from runflare_server.engine.kernel_runs import KernelRuns, install_kernelspecs
+
+pytestmark = pytest.mark.timeout(120)
+
+
+class Engine:
+    """A started KernelRuns on its own event loop (kernels are spawned from this thread)."""
+
+    def __init__(self, **kw) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.engine = KernelRuns(**kw)
+        self.loop.run_until_complete(self.engine.start())
+
+    def run(self, code: str, *, language_id: int | None = 1071, **kw) -> tuple[RunResult, list[dict]]:
+        events: list[dict] = []
+        request = RunRequest(token="t", source_code=code, language_id=language_id, **kw)
+        result = self.loop.run_until_complete(self.engine.run(request, events.append))
+        return result, events
+
+    def close(self) -> None:
+        self.loop.run_until_complete(self.engine.stop())
+        self.loop.close()
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Engine]:
+    if "bash" not in installed_kernelspecs():
+        install_kernelspecs()
+    e = Engine(pool_sizes={"python3": 2}, runtime_dir=tmp_path_factory.mktemp("rt"))
+    e.loop.run_until_complete(e.engine.wait_ready(60))
+    yield e
+    e.close()
+
+
+def test_languages_and_kernelspecs(engine: Engine) -> None:
+    langs = {lang.id: lang for lang in engine.engine.languages()}
+    assert re.fullmatch(r"Python 3 \(IPython kernel \d+\.\d+\.\d+, Python 3\.\d+\.\d+\)", langs[1071].name)
+    assert langs[1071].kernel == "python3"
+    assert "python3" in engine.engine.kernelspecs()
+    health = engine.engine.health()
+    assert health["sandbox"] == "bwrap"
+    assert health["pools"]["python3"]["size"] == 2
+
+
+def test_hello_and_events(engine: Engine) -> None:
+    result, events = engine.run("print('hello')\nimport sys; print('oops', file=sys.stderr)")
+    assert result.outcome == "exited" and result.exit_code == 0
+    assert result.stdout == "hello\n" and result.stderr == "oops\n"
+    assert result.time is not None and result.wall_time is not None and result.memory is not None
+    stages = [e["stage"] for e in events if e["kind"] == "stage"]
+    assert stages == ["starting", "running"]
+    streams = [(e["stream"], e["text"]) for e in events if e["kind"] == "stream"]
+    assert ("stdout", "hello\n") in streams and ("stderr", "oops\n") in streams
+
+
+def test_stdin_whole_and_by_line(engine: Engine) -> None:
+    code = "name = input('name? ')\nrest = __import__('sys').stdin.read()\nprint(f'[{name}]', rest.split())"
+    result, _ = engine.run(code, stdin="ada\n1 2\n3\n")
+    assert result.stdout == "name? [ada] ['1', '2', '3']\n"
+    result, _ = engine.run("import sys\nprint(sys.stdin.read().upper(), end='')", stdin="abc\ndef")
+    assert result.stdout == "ABC\nDEF"
+
+
+def test_stdin_eof_is_eoferror(engine: Engine) -> None:
+    result, _ = engine.run("print(input())\nprint(input())", stdin="only\n")
+    assert result.stdout == "only\n"
+    assert result.exit_code == 1 and "EOFError" in result.stderr
+
+
+def test_argv_and_file(engine: Engine) -> None:
+    result, _ = engine.run("import sys; print(sys.argv, __file__, __name__)",
+                           command_line_arguments="-n 3 'two words'")
+    assert result.stdout == "['script.py', '-n', '3', 'two words'] script.py __main__\n"
+
+
+def test_exception_is_exit_1_with_plain_traceback(engine: Engine) -> None:
+    result, events = engine.run("def f():\n    raise ValueError('bad value')\nf()")
+    assert result.outcome == "exited" and result.exit_code == 1
+    assert "ValueError" in result.stderr and "bad value" in result.stderr
+    assert "\x1b[" not in result.stderr and result.stdout == ""
+    assert any(e["kind"] == "stream" and "ValueError" in e["text"] for e in events)
+
+
+@pytest.mark.parametrize(("code", "exit_code", "stderr"), [
+    ("import sys; sys.exit(3)", 3, ""),
+    ("raise SystemExit(0)", 0, ""),
+    ("import sys; sys.exit()", 0, ""),
+    ("import sys; sys.exit('fatal: no input')", 1, "fatal: no input\n"),
+])
+def test_sys_exit_codes(engine: Engine, code: str, exit_code: int, stderr: str) -> None:
+    result, _ = engine.run("print('before')\n" + code + "\nprint('after')")
+    assert result.exit_code == exit_code
+    assert result.stdout == "before\n" and result.stderr == stderr
+
+
+def test_rich_outputs_not_in_stdout(engine: Engine) -> None:
+    png = base64.b64encode(
+        bytes.fromhex("89504e470d0a1a0a0000000d4948445200000001000000010806000000"
+                      "1f15c4890000000d4944415478da63f8cfc0f01f0005000201a5d4b3b30000000049454e44ae426082")).decode()
+    code = (
+        "from IPython.display import HTML, Image, display\nimport base64\n"
+        "print('text')\n"
+        "display(HTML('<table><tr><td>1</td></tr></table>'))\n"
+        f"display(Image(data=base64.b64decode('{png}')))\n"
+        "6 * 7\n"
+    )
+    result, events = engine.run(code)
+    assert result.stdout == "text\n"
+    mimes = [set(o["data"]) for o in result.outputs]
+    assert {"text/html", "text/plain"} in mimes and {"image/png", "text/plain"} in mimes
+    assert {"text/plain"} in mimes and result.outputs[-1]["data"]["text/plain"] == "42"
+    png_out = next(o for o in result.outputs if "image/png" in o["data"])
+    assert png_out["data"]["image/png"].strip() == png
+    displays = [e for e in events if e["kind"] == "display"]
+    assert len(displays) == 3 and displays[0]["data"]["text/html"].startswith("<table>")
+
+
+def test_redirect_stderr_to_stdout(engine: Engine) -> None:
+    result, _ = engine.run("import sys\nprint('a')\nprint('b', file=sys.stderr)", redirect_stderr_to_stdout=True)
+    assert result.stdout.split() == ["a", "b"] and result.stderr == ""
+
+
+def test_each_run_gets_a_fresh_kernel(engine: Engine) -> None:
+    first, _ = engine.run("import os\nsecret = 41\nopen('mark', 'w').write('x')\nprint(os.getpid())")
+    second, _ = engine.run("import os\nprint('secret' in globals(), os.path.exists('mark'), os.listdir('.'))")
+    assert first.exit_code == 0
+    assert second.stdout.startswith("False False ")
+
+
+def test_kernel_field_selects_kernelspec(engine: Engine) -> None:
+    result, _ = engine.run("import sys; print(sys.version_info[0])", language_id=None, kernel="python3")
+    assert result.stdout == "3\n"
+    result, _ = engine.run("print(1)", language_id=None, kernel="no-such-kernel")
+    assert result.outcome == "internal" and "no-such-kernel" in (result.message or "")
+
+
+def test_interactive_stdin_queue(engine: Engine) -> None:
+    async def go() -> RunResult:
+        q: asyncio.Queue[str | None] = asyncio.Queue()
+        request = RunRequest(token="i", source_code="a = input('a? ')\nb = input()\nprint(a + b)\nprint(input())",
+                             language_id=1071, stdin_queue=q)
+        for chunk in ("fir", "st\nsec", "ond\n", None):
+            q.put_nowait(chunk)
+        return await engine.engine.run(request, lambda e: None)
+
+    result = engine.loop.run_until_complete(go())
+    assert result.stdout.startswith("a? firstsecond\n")
+    assert result.exit_code == 1 and "EOFError" in result.stderr
+
+
+def test_limits_reported_in_result(engine: Engine) -> None:
+    result, _ = engine.run("x = bytearray(30 * 1024 * 1024)\nfor i in range(0, len(x), 4096): x[i] = 1\n"
+                           "s = sum(range(3_000_000))",
+                           limits=Limits(memory_limit=256_000))
+    assert result.exit_code == 0
+    assert result.memory is not None and result.memory > 25_000
+    assert result.time is not None and result.time > 0
+
+
+def test_bash_kernel(engine: Engine) -> None:
+    if "bash" not in engine.engine.kernelspecs():
+        pytest.skip("bash_kernel is not installed (pip install bash_kernel)")
+    result, _ = engine.run('read x; echo "got $x $1"; exit 4', language_id=1046, stdin="line\n",
+                           command_line_arguments="arg1")
+    assert result.stdout.strip() == "got line arg1"
+    assert result.exit_code == 4
+    result, _ = engine.run("echo fine", language_id=1046)
+    assert result.stdout.strip() == "fine" and result.exit_code == 0
