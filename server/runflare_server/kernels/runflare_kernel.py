@@ -1,0 +1,147 @@
+"""The Run-Flare kernel: each execute_request compiles and runs the cell as a program in a fresh sandbox.
+
+One kernel serves every program language. The request's ``metadata["runflare"]`` may carry::
+
+    {"language_id": 50, "stdin": "...", "args": "a 'b c'", "compiler_options": "-O2",
+     "limits": {...Limits fields...}, "redirect_stderr_to_stdout": false, "interactive": false}
+
+Without it (e.g. from JupyterLab) the kernel's default language (``RUNFLARE_LANGUAGE``, a Judge0 id) and
+default limits apply. Output streams live as iopub ``stream`` messages; when ``metadata["runflare"]`` is
+present the kernel also publishes ``runflare_stage`` iopub messages ({"stage": "compiling"|"running"}).
+The execute_reply's ``metadata["runflare"]`` holds the result (``ProgramResult.to_json()``: outcome,
+exit code/signal, CPU time, wall time, peak memory KB, compile output, exact stdout/stderr as base64).
+
+Interactive stdin: with ``"interactive": true`` and ``allow_stdin``, the kernel asks for the program's
+input over the Jupyter stdin channel (``input_request`` with prompt ""); each ``input_reply`` value is
+written to the program's stdin as is, and a reply whose ``metadata["runflare_eof"]`` is true or whose value is
+"\\x04" closes it (as does the program's exit).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+from typing import Any
+
+from ipykernel.kernelbase import Kernel
+
+from runflare_server.engine import languages as langs
+from runflare_server.engine.interface import Limits
+from runflare_server.kernels.runner import Runner
+
+_LIMIT_FIELDS = {f.name for f in dataclasses.fields(Limits)}
+
+
+class RunFlareKernel(Kernel):
+    """Compiles and runs programs in fresh sandboxes; user code never runs in this process."""
+
+    implementation = "runflare"
+    implementation_version = "0.1.0"
+    banner = "Run-Flare: each cell runs as a program in a fresh sandbox"
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.default_language = int(os.environ.get("RUNFLARE_LANGUAGE", "71"))
+        self.runner = Runner(os.environ.get("RUNFLARE_SANDBOX", "auto"), subreaper=True)
+        self._last: dict[str, Any] | None = None
+        self.runs = 0
+
+    @property
+    def language_info(self) -> dict[str, Any]:  # type: ignore[override]
+        lang = langs.BY_ID.get(self.default_language, langs.BY_ID[71])
+        ext = os.path.splitext(lang.source_file)[1]
+        name = lang.kernelspec.removeprefix("runflare-")
+        return {"name": {"cpp": "c++", "sql": "sql"}.get(name, name), "file_extension": ext,
+                "mimetype": "text/plain", "codemirror_mode": name}
+
+    def do_execute(self, code: str, silent: bool, store_history: bool = True, user_expressions: dict | None = None,
+                   allow_stdin: bool = False, *, cell_meta: dict | None = None, cell_id: str | None = None) -> dict:
+        parent = self.get_parent("shell")
+        rf: dict[str, Any] = (parent.get("metadata") or {}).get("runflare") or {}
+        engine_call = bool(rf)
+        limits = Limits(**{k: v for k, v in (rf.get("limits") or {}).items() if k in _LIMIT_FIELDS})
+        stdin = rf.get("stdin")
+
+        def on_output(name: str, text: str) -> None:
+            if not silent:
+                self.send_response(self.iopub_socket, "stream", {"name": name, "text": text})
+
+        def on_stage(stage: str) -> None:
+            if engine_call:
+                self.send_response(self.iopub_socket, "runflare_stage", {"stage": stage, "message": stage})
+
+        reader = self._stdin_reader() if rf.get("interactive") and allow_stdin else None
+        result = self.runner.run(
+            int(rf.get("language_id") or self.default_language), code,
+            stdin=stdin.encode("utf-8", "surrogateescape") if isinstance(stdin, str) else None,
+            args=rf.get("args"), compiler_options=rf.get("compiler_options"), limits=limits,
+            redirect_stderr=bool(rf.get("redirect_stderr_to_stdout")), on_output=on_output, on_stage=on_stage,
+            stdin_reader=reader)
+        if reader is not None:
+            self._stdin_stop.set()
+        self.runs += 1
+        self._last = result.to_json()
+        self._last["kernel_runs"] = self.runs
+        if result.outcome == "exited" and not result.exit_code and not result.exit_signal:
+            return {"status": "ok", "execution_count": self.execution_count, "payload": [], "user_expressions": {}}
+        if not engine_call and not silent and result.compile_output and result.outcome == "compile_error":
+            self.send_response(self.iopub_socket, "stream", {"name": "stderr", "text": result.compile_output})
+        evalue = result.message or result.outcome
+        if not engine_call and not silent:
+            self.send_response(self.iopub_socket, "error",
+                               {"ename": result.outcome, "evalue": evalue, "traceback": [evalue]})
+        return {"status": "error", "execution_count": self.execution_count, "ename": result.outcome,
+                "evalue": evalue, "traceback": [evalue]}
+
+    def finish_metadata(self, parent: dict, metadata: dict, reply_content: dict) -> dict:
+        if self._last is not None and parent.get("header", {}).get("msg_type") == "execute_request":
+            metadata["runflare"], self._last = self._last, None
+        return metadata
+
+    def _stdin_reader(self):
+        """Chunks of program input asked for over the stdin channel; None at end of input or when stopped."""
+        import threading
+
+        import zmq
+
+        parent, ident = self.get_parent("shell"), self._parent_ident["shell"]  # context vars: read them here
+        self._stdin_stop = stop = threading.Event()
+
+        def read() -> bytes | None:
+            if stop.is_set():
+                return None
+            self.session.send(self.stdin_socket, "input_request", {"prompt": "", "password": False}, parent,
+                              ident=ident)
+            while not stop.is_set():
+                rlist, _, _ = zmq.select([self.stdin_socket], [], [], 0.1)
+                if not rlist:
+                    continue
+                _, reply = self.session.recv(self.stdin_socket)
+                if reply is None:
+                    continue
+                value = (reply.get("content") or {}).get("value", "")
+                if value == "\x04" or (reply.get("metadata") or {}).get("runflare_eof"):
+                    stop.set()
+                    return value.encode("utf-8", "surrogateescape") if value not in ("", "\x04") else None
+                return value.encode("utf-8", "surrogateescape")
+            return None
+
+        return read
+
+    def do_shutdown(self, restart: bool) -> dict:
+        return {"status": "ok", "restart": restart}
+
+    def do_is_complete(self, code: str) -> dict:
+        return {"status": "complete"}
+
+
+def main() -> None:
+    """Launch the kernel (``python -m runflare_server.kernels -f CONNECTION_FILE``)."""
+    from ipykernel.kernelapp import IPKernelApp
+
+    IPKernelApp.launch_instance(kernel_class=RunFlareKernel)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

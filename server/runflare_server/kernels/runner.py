@@ -1,0 +1,394 @@
+"""Compile and run one program in a fresh sandbox, streaming its output, enforcing its limits.
+
+Runs inside the Run-Flare kernel process (never inside the server). Each step (compile, run) is one
+process in one fresh sandbox and one fresh cgroup; a tiny Perl reaper (perl-base is Essential on Debian)
+sits between the sandbox and the program so the exact exit code / signal / exec failure is reported
+through a status pipe, which bubblewrap alone cannot do (it folds signals into 128+n).
+"""
+
+from __future__ import annotations
+
+import codecs
+import contextlib
+import errno
+import os
+import selectors
+import shlex
+import signal
+import subprocess
+import tempfile
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from runflare_server.engine import languages as langs
+from runflare_server.engine import sandbox
+from runflare_server.engine.cgroups import RunCgroup, rlimit_preexec
+from runflare_server.engine.interface import Limits
+
+# Limits of the compile step: the server's maxima, not the submission's (a compiler needs room).
+COMPILE_LIMITS = Limits(cpu_time_limit=15.0, cpu_extra_time=5.0, wall_time_limit=30.0, memory_limit=1_024_000,
+                        stack_limit=0, max_processes_and_or_threads=256, max_file_size=256_000,
+                        max_output_bytes=64 * 1024)
+PERL = "/usr/bin/perl"
+REAPER = r"""
+use POSIX ();
+my $fd = shift @ARGV;
+open(my $st, '>&=', $fd) or POSIX::_exit(120);
+use Fcntl; fcntl($st, F_SETFD, FD_CLOEXEC);
+my $pid = fork;
+defined $pid or POSIX::_exit(121);
+if (!$pid) { exec { $ARGV[0] } @ARGV; syswrite $st, "exec " . ($! + 0) . " $!\n"; POSIX::_exit(127); }
+$SIG{$_} = 'IGNORE' for qw(HUP INT QUIT TERM PIPE USR1 USR2 ALRM);
+while (waitpid($pid, 0) < 0) { }
+my $s = $?;
+syswrite $st, (($s & 127) ? "signal " . ($s & 127) : "exit " . ($s >> 8)) . "\n";
+POSIX::_exit(($s & 127) ? 128 + ($s & 127) : ($s >> 8));
+"""
+POLL = 0.05
+
+
+@dataclass
+class StepResult:
+    """What one sandboxed process did."""
+
+    exit_code: int | None = None
+    exit_signal: int | None = None
+    exec_error: str | None = None
+    time_limit: str | None = None  # "cpu" | "wall" when a limit killed it
+    cpu: float | None = None
+    wall: float | None = None
+    memory: int | None = None
+    oom: bool = False
+    truncated: bool = False
+    stdout: bytes = b""
+    stderr: bytes = b""
+
+
+@dataclass
+class ProgramResult:
+    """The reply metadata of one run (JSON-able; stdout/stderr travel as exact bytes, base64)."""
+
+    outcome: str
+    stdout: bytes = b""
+    stderr: bytes = b""
+    compile_output: str | None = None
+    exit_code: int | None = None
+    exit_signal: int | None = None
+    time: float | None = None
+    wall_time: float | None = None
+    memory: int | None = None
+    message: str | None = None
+    stages: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        import base64
+
+        d = asdict(self)
+        d["stdout_b64"] = base64.b64encode(d.pop("stdout")).decode()
+        d["stderr_b64"] = base64.b64encode(d.pop("stderr")).decode()
+        return d
+
+
+OnOutput = Callable[[str, str], None]  # (stream name, decoded text)
+
+
+class Runner:
+    """Compiles and runs programs of any available language in fresh sandboxes."""
+
+    def __init__(self, mode: str = "auto", *, subreaper: bool = False) -> None:
+        self.mode = sandbox.resolve_mode(mode)
+        # bwrap's inner process outlives the outer one by a moment; a subreaper collects it (not init).
+        self.reap_orphans = subreaper and _become_subreaper()
+
+    def run(self, language_id: int, source: str, *, stdin: bytes | None = None, args: str | None = None,
+            compiler_options: str | None = None, limits: Limits | None = None, redirect_stderr: bool = False,
+            on_output: OnOutput | None = None, on_stage: Callable[[str], None] | None = None,
+            stdin_reader: Callable[[], bytes | None] | None = None) -> ProgramResult:
+        """Compile (if needed) and run one program; never raises for the program's failures."""
+        limits = limits or Limits()
+        lang = langs.BY_ID.get(language_id)
+        if lang is None or not langs.available(lang):
+            return ProgramResult("internal", message=f"language {language_id} is not available here")
+        try:
+            argv = shlex.split(args or "")
+            copts = shlex.split(compiler_options or "")
+        except ValueError as e:
+            return ProgramResult("internal", message=f"cannot split arguments: {e}")
+        workdir = sandbox.new_workdir()
+        try:
+            (workdir / lang.source_file).write_text(source, encoding="utf-8", errors="surrogateescape")
+            env = sandbox.sandbox_env(lang.env, path=os.pathsep.join([*langs.tool_dirs(lang), sandbox.DEFAULT_PATH]))
+            ro = langs.ro_paths(lang)
+            compile_output = None
+            if lang.compile_cmd:
+                if on_stage:
+                    on_stage("compiling")
+                cmd = langs.expand(lang.compile_cmd, compiler_options=copts, memory_kb=COMPILE_LIMITS.memory_limit)
+                step = self.step(cmd, workdir, env, ro, COMPILE_LIMITS, merge_stderr=True)
+                compile_output = step.stdout.decode("utf-8", "replace") or None
+                if step.exit_code != 0:
+                    why = ("compilation timed out" if step.time_limit else
+                           f"compiler killed by signal {step.exit_signal}" if step.exit_signal else
+                           step.exec_error)
+                    return ProgramResult("compile_error", compile_output=compile_output or why, message=why)
+            if on_stage:
+                on_stage("running")
+            cmd = langs.expand(lang.run_cmd, args=argv, memory_kb=limits.memory_limit)
+            step = self.step(cmd, workdir, env, ro, limits, stdin=stdin, merge_stderr=redirect_stderr,
+                             on_output=on_output, stdin_reader=stdin_reader, network=limits.enable_network)
+            return self._result(step, limits, compile_output)
+        except Exception as e:  # noqa: BLE001 - the kernel must answer even when the host fails
+            return ProgramResult("internal", message=f"{type(e).__name__}: {e}")
+        finally:
+            sandbox.remove_workdir(workdir)
+
+    @staticmethod
+    def _result(step: StepResult, limits: Limits, compile_output: str | None) -> ProgramResult:
+        r = ProgramResult("exited", stdout=step.stdout, stderr=step.stderr, compile_output=compile_output,
+                          exit_code=step.exit_code, exit_signal=step.exit_signal, time=step.cpu,
+                          wall_time=step.wall, memory=step.memory)
+        msgs = []
+        if step.exec_error:
+            r.outcome, r.exit_code = "exec_format", None
+            msgs.append(step.exec_error)
+        elif step.time_limit or step.exit_signal == signal.SIGXCPU or (
+                step.cpu is not None and step.cpu > limits.cpu_time_limit):
+            r.outcome = "time_limit"
+            msgs.append("wall time limit exceeded" if step.time_limit == "wall" else "CPU time limit exceeded")
+        elif step.oom:
+            r.exit_signal, r.exit_code = int(signal.SIGKILL), None
+            msgs.append("memory limit exceeded")
+        elif step.exit_signal:
+            msgs.append(f"killed by signal {step.exit_signal} ({signal.Signals(step.exit_signal).name})"
+                        if step.exit_signal in signal.Signals._value2member_map_ else f"killed by signal {step.exit_signal}")
+        elif step.exit_code:
+            msgs.append(f"exited with code {step.exit_code}")
+        if step.truncated:
+            msgs.append(f"output truncated after {limits.max_output_bytes} bytes")
+        r.message = "; ".join(msgs) or None
+        return r
+
+    def step(self, argv: list[str], workdir: Path, env: dict[str, str], ro: list[str], limits: Limits, *,
+             stdin: bytes | None = None, merge_stderr: bool = False, on_output: OnOutput | None = None,
+             stdin_reader: Callable[[], bytes | None] | None = None, network: bool = False) -> StepResult:
+        """Run ``argv`` as one fresh sandboxed process under ``limits`` and wait for it."""
+        res = StepResult()
+        st_r, st_w = os.pipe()
+        cmd = sandbox.wrap([PERL, "-e", REAPER, str(st_w), *argv], workdir=workdir, mode=self.mode, env=env,
+                           network=network, ro_paths=ro)
+        cg = RunCgroup.create(f"run-{os.getpid()}-{uuid.uuid4().hex[:12]}", limits.memory_limit,
+                              limits.max_processes_and_or_threads)
+        stdin_file = None
+        try:
+            if stdin_reader is not None:
+                stdin_arg: Any = subprocess.PIPE
+            elif stdin:
+                stdin_file = tempfile.TemporaryFile()  # noqa: SIM115 - closed in finally
+                stdin_file.write(stdin)
+                stdin_file.seek(0)
+                stdin_arg = stdin_file
+            else:
+                stdin_arg = subprocess.DEVNULL
+            start = time.monotonic()
+            proc = subprocess.Popen(
+                cmd, stdin=stdin_arg, stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT if merge_stderr else subprocess.PIPE,
+                pass_fds=(st_w,), cwd=workdir, start_new_session=True, preexec_fn=rlimit_preexec(limits, cg))
+            os.close(st_w)
+            st_w = -1
+            feeder = _start_feeder(proc, stdin_reader) if stdin_reader is not None else None
+            self._pump(proc, res, limits, cg, start, on_output)
+            _, status, rusage = _wait(proc)
+            res.wall = round(time.monotonic() - start, 3)
+            if feeder:
+                feeder.join(timeout=1)
+            if cg:
+                res.oom = cg.oom_killed()
+                res.cpu = cg.cpu_seconds()
+                res.memory = cg.peak_memory_kb()
+            if res.cpu is None:
+                res.cpu = rusage.ru_utime + rusage.ru_stime
+            if res.memory is None:
+                res.memory = rusage.ru_maxrss
+            res.cpu = round(res.cpu, 3)
+            _parse_status(_read_all(st_r), status, res)
+            if self.reap_orphans:
+                _reap_orphans()
+            return res
+        finally:
+            if cg:
+                cg.remove()
+            if st_w >= 0:
+                os.close(st_w)
+            os.close(st_r)
+            if stdin_file:
+                stdin_file.close()
+
+    @staticmethod
+    def _pump(proc: subprocess.Popen, res: StepResult, limits: Limits, cg: RunCgroup | None, start: float,
+              on_output: OnOutput | None) -> None:
+        """Read stdout/stderr until EOF, keeping up to the cap, killing the sandbox on a time limit."""
+        sel = selectors.DefaultSelector()
+        names = {}
+        bufs = {"stdout": bytearray(), "stderr": bytearray()}
+        decoders = {n: codecs.getincrementaldecoder("utf-8")("replace") for n in bufs}
+        for name, pipe in (("stdout", proc.stdout), ("stderr", proc.stderr)):
+            if pipe is not None:
+                os.set_blocking(pipe.fileno(), False)
+                sel.register(pipe, selectors.EVENT_READ)
+                names[pipe.fileno()] = name
+        kept = 0
+        next_check = 0.0
+        cpu_cap = limits.cpu_time_limit + limits.cpu_extra_time
+        try:
+            while names:
+                for key, _ in sel.select(POLL):
+                    fd = key.fileobj.fileno()
+                    try:
+                        chunk = os.read(fd, 1 << 16)
+                    except BlockingIOError:
+                        continue
+                    if not chunk:
+                        sel.unregister(key.fileobj)
+                        del names[fd]
+                        continue
+                    room = limits.max_output_bytes - kept
+                    if len(chunk) > room:
+                        res.truncated = True
+                        chunk = chunk[:max(room, 0)]
+                    if chunk:
+                        kept += len(chunk)
+                        bufs[names[fd]] += chunk
+                        if on_output:
+                            text = decoders[names[fd]].decode(chunk)
+                            if text:
+                                on_output(names[fd], text)
+                now = time.monotonic()
+                if now < next_check:
+                    continue
+                next_check = now + POLL
+                elapsed = now - start
+                if res.time_limit is None:
+                    if elapsed > limits.wall_time_limit:
+                        res.time_limit = "wall"
+                    elif cg and (cg.cpu_seconds() or 0) > cpu_cap:
+                        res.time_limit = "cpu"
+                    if res.time_limit:
+                        _kill(proc, cg)
+                elif elapsed > limits.wall_time_limit + 5:
+                    _kill(proc, cg)  # still open: something holds the pipes; keep killing
+        finally:
+            sel.close()
+        if on_output:
+            for name, dec in decoders.items():
+                if tail := dec.decode(b"", final=True):
+                    on_output(name, tail)
+        res.stdout, res.stderr = bytes(bufs["stdout"]), bytes(bufs["stderr"])
+
+
+def _kill(proc: subprocess.Popen, cg: RunCgroup | None) -> None:
+    """Kill the whole sandbox: the bwrap process (its PID namespace dies with it) and the cgroup."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(proc.pid, signal.SIGKILL)  # not proc.kill(): it may reap the process before our wait4
+    if cg:
+        cg.kill_all()
+
+
+def _wait(proc: subprocess.Popen) -> tuple[int, int, Any]:
+    """wait4 the sandbox process (its rusage covers every reaped descendant)."""
+    while True:
+        try:
+            pid, status, rusage = os.wait4(proc.pid, 0)
+            break
+        except InterruptedError:
+            continue
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    for pipe in (proc.stdin, proc.stdout, proc.stderr):
+        if pipe:
+            with contextlib.suppress(OSError):
+                pipe.close()
+    return pid, status, rusage
+
+
+def _read_all(fd: int) -> str:
+    data = b""
+    os.set_blocking(fd, False)
+    with contextlib.suppress(BlockingIOError):
+        while chunk := os.read(fd, 4096):
+            data += chunk
+    return data.decode(errors="replace")
+
+
+def _parse_status(text: str, status: int, res: StepResult) -> None:
+    """Exit code / signal / exec failure from the reaper's line, else from the sandbox's own status."""
+    line = text.strip().splitlines()[-1] if text.strip() else ""
+    kind, _, rest = line.partition(" ")
+    if kind == "exit":
+        res.exit_code = int(rest)
+    elif kind == "signal":
+        res.exit_signal = int(rest)
+    elif kind == "exec":
+        code, _, msg = rest.partition(" ")
+        res.exec_error = f"cannot execute the program: {msg}"
+        if int(code) not in (errno.ENOEXEC, errno.EACCES, errno.ENOENT):
+            res.exec_error += f" (errno {code})"
+    elif os.WIFSIGNALED(status):
+        res.exit_signal = os.WTERMSIG(status)  # the sandbox itself was killed (limit, or the program killed its parent)
+    else:
+        code = os.WEXITSTATUS(status)
+        if code > 128:
+            res.exit_signal = code - 128
+        else:
+            res.exit_code = code
+
+
+def _start_feeder(proc: subprocess.Popen, reader: Callable[[], bytes | None]):
+    """A thread copying chunks from ``reader`` to the program's stdin until it returns None."""
+    import threading
+
+    def feed() -> None:
+        try:
+            while (chunk := reader()) is not None:
+                if proc.poll() is not None:
+                    break
+                proc.stdin.write(chunk)
+                proc.stdin.flush()
+        except (BrokenPipeError, OSError, ValueError):
+            pass
+        finally:
+            with contextlib.suppress(OSError, ValueError):
+                proc.stdin.close()
+
+    t = threading.Thread(target=feed, name="runflare-stdin", daemon=True)
+    t.start()
+    return t
+
+
+def _become_subreaper() -> bool:
+    """Make this process the reaper of its orphaned descendants (Linux prctl PR_SET_CHILD_SUBREAPER)."""
+    import ctypes
+
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def _reap_orphans(timeout: float = 1.0) -> None:
+    """Collect orphans that were re-parented to this (subreaper) process; they are dying sandbox inits."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            if time.monotonic() > deadline:
+                return
+            time.sleep(0.002)
