@@ -58,12 +58,14 @@ def start_server(data_dir: Path, *extra: str, env: dict[str, str] | None = None,
         start_new_session=True,
     )
     url = f"http://127.0.0.1:{port}"
+    headers = {"X-Auth-Token": extra[extra.index("--auth-token") + 1]} if "--auth-token" in extra else {}
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"server exited {proc.returncode}: {(data_dir / 'server.log').read_text()[-3000:]}")
         try:
-            with urllib.request.urlopen(url + "/api/v1/health", timeout=2) as r:
+            request = urllib.request.Request(url + "/api/v1/health", headers=headers)
+            with urllib.request.urlopen(request, timeout=2) as r:
                 if r.status == 200:
                     return LiveServer(url, port, data_dir, proc)
         except OSError:

@@ -40,7 +40,7 @@ def test_sigkill_with_queued_and_running_then_restart(tmp_path):
 
     again = start_server(tmp_path, "--workers", "1", env=LEAN, port=server.port)
     try:
-        for token, out in zip(tokens, ["slow done\n", "quick\n", "quick\n"]):
+        for token, out in zip(tokens, ["slow done\n", "quick\n", "quick\n"], strict=True):
             deadline = time.monotonic() + 60
             while status(again.api, token) < 3:
                 assert time.monotonic() < deadline

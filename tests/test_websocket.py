@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import time
 
 import pytest
@@ -202,7 +203,10 @@ def test_slow_consumer_is_closed_with_1013_and_can_resume(tight_server):
     src = "import sys\nfor i in range(4000):\n    sys.stdout.write(str(i).rjust(10) * 400 + '\\n')\n    sys.stdout.flush()\n"
     token = post(f"{tight_server.api}/submissions", {"source_code": src, "language_id": 71},
                  headers={"X-Auth-Token": "tok"}).json["token"]
-    with connect(ws_url(tight_server, token, "?X-Auth-Token=tok"), max_size=None, max_queue=1) as ws:
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8192)  # so the server's buffers fill, not ours
+    sock.connect(("127.0.0.1", tight_server.port))
+    with connect(ws_url(tight_server, token, "?X-Auth-Token=tok"), sock=sock, max_size=None, max_queue=1) as ws:
         time.sleep(8)  # read nothing while ~16 MB of output is produced
         got = []
         try:

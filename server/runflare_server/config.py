@@ -85,7 +85,6 @@ class Settings(BaseSettings):
     max_output_size: int = 1024 * 1024
     ws_idle_timeout: float = 3600.0
     ws_ping_interval: float = 20.0
-    ws_max_lag: int = 1000  # events a client may fall behind before it is closed with 1013
     ws_send_timeout: float = 10.0
 
     @property
