@@ -17,17 +17,10 @@ class KernelEngine:
 
     def __init__(self, settings: Settings):
         from .kernel_runs import KernelRuns
-        try:  # TEMP until program runs land
-            from .program_runs import ProgramRuns
-        except ImportError:
-            from .kernel_runs import KernelRuns as _K
-            class ProgramRuns(_K):  # noqa
-                def __init__(self, size, sandbox):
-                    super().__init__(pool_sizes={}, sandbox=sandbox)
-                def languages(self): return []
+        from .program_runs import ProgramRuns
 
         runtime_dir = settings.data_dir / "runtime"
-        self.program_runs = ProgramRuns(size=settings.workers or os.cpu_count() or 1, sandbox=settings.sandbox)
+        self.program_runs = ProgramRuns(size=settings.workers or os.cpu_count() or 1, sandbox_mode=settings.sandbox)
         self.kernel_runs = KernelRuns(pool_sizes=settings.kernel_pool, sandbox=settings.sandbox,
                                       extra_ids=settings.kernel_language_ids, runtime_dir=runtime_dir)
 
