@@ -1,0 +1,257 @@
+"""Program runs: a pool of long-lived Run-Flare kernels, each able to run any program language.
+
+A run takes an idle kernel, sends one execute_request (the program as code; language, stdin, argv,
+compiler options and limits in ``metadata["runflare"]``), forwards the kernel's iopub ``stream`` and
+``runflare_stage`` messages as engine events while the program runs, and builds the ``RunResult`` from
+the execute_reply's ``metadata["runflare"]``. User code never runs in the kernels (each program is a
+fresh sandboxed process), so kernels are reused; they are replaced when they die and recycled after
+``recycle_after`` runs.
+
+Interactive runs (``request.stdin_queue``): the kernel asks for input over the stdin channel; each
+``input_request`` is answered with the next chunk from the queue, ``None`` from the queue ends the input.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import dataclasses
+import inspect
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from jupyter_client.kernelspec import KernelSpec
+from jupyter_client.manager import AsyncKernelManager
+
+from . import cgroups, languages, sandbox
+from .interface import Emit, LanguageInfo, RunRequest, RunResult
+
+log = logging.getLogger(__name__)
+_SERVER_DIR = str(Path(__file__).resolve().parents[2])  # .../server, so kernels import runflare_server
+REPLY_GRACE = 30.0  # seconds past the run's own limits before a kernel is declared stuck
+
+
+@dataclasses.dataclass(eq=False)
+class _Kernel:
+    km: AsyncKernelManager
+    kc: Any
+    runs: int = 0
+
+
+class ProgramRuns:
+    """The program-run engine: ``await start()``, ``await run(request, emit)``, ``await stop()``."""
+
+    def __init__(self, size: int | None = None, *, sandbox_mode: str = "auto", recycle_after: int = 200,
+                 runs_dir: str | None = None, kernel_env: dict[str, str] | None = None) -> None:
+        self.size = max(1, size or os.cpu_count() or 1)
+        self.sandbox_mode = sandbox_mode
+        self.recycle_after = recycle_after
+        self.runs_dir = runs_dir
+        self.kernel_env = kernel_env or {}
+        self._idle: asyncio.Queue[_Kernel] = asyncio.Queue()
+        self._all: set[_Kernel] = set()
+        self._tasks: set[asyncio.Task] = set()
+        self._stopping = False
+        self._languages: list[LanguageInfo] = []
+        self.mode = ""
+        self.stats = {"runs": 0, "kernels_started": 0, "kernels_replaced": 0}
+
+    async def start(self) -> None:
+        """Detect languages and sandbox, start the kernel pool (in parallel)."""
+        loop = asyncio.get_running_loop()
+        self.mode = await loop.run_in_executor(None, sandbox.resolve_mode, self.sandbox_mode)
+        self._languages = await loop.run_in_executor(None, languages.language_infos)
+        await loop.run_in_executor(None, cgroups.mechanism)
+        kernels = await asyncio.gather(*(self._start_kernel() for _ in range(self.size)), return_exceptions=True)
+        for k in kernels:
+            if isinstance(k, BaseException):
+                log.error("Run-Flare kernel failed to start: %s", k)
+            else:
+                self._idle.put_nowait(k)
+        if self._idle.empty():
+            raise RuntimeError("no Run-Flare kernel could start")
+
+    async def stop(self) -> None:
+        """Shut every kernel down; nothing is left running."""
+        self._stopping = True
+        for t in list(self._tasks):
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*(self._shutdown(k) for k in list(self._all)), return_exceptions=True)
+        self._all.clear()
+        self._idle = asyncio.Queue()
+
+    def languages(self) -> list[LanguageInfo]:
+        """Program languages available on this host."""
+        return list(self._languages)
+
+    def kernelspecs(self) -> list[str]:
+        """Program runs are chosen by language id, not by kernelspec."""
+        return []
+
+    def health(self) -> dict[str, Any]:
+        """Pool state and the sandbox / limit mechanisms in force."""
+        return {"kernels": len(self._all), "idle": self._idle.qsize(), "sandbox": self.mode,
+                "limits": cgroups.mechanism(), "languages": [lang.id for lang in self._languages], **self.stats}
+
+    async def run(self, request: RunRequest, emit: Emit) -> RunResult:
+        """Run one submission on an idle kernel; never raises for the program's failures."""
+        if self._stopping:
+            return RunResult("internal", message="engine is stopping")
+        if request.language_id not in {lang.id for lang in self._languages}:
+            return RunResult("internal", message=f"language {request.language_id} is not available")
+        await _emit(emit, {"kind": "stage", "stage": "starting", "message": "waiting for a kernel"})
+        kernel = await self._idle.get()
+        healthy = False
+        try:
+            result, healthy = await self._execute(kernel, request, emit)
+            return result
+        except Exception as e:  # noqa: BLE001 - a failed kernel is an internal error, never a crash
+            log.exception("program run failed")
+            return RunResult("internal", message=f"{type(e).__name__}: {e}")
+        finally:
+            self.stats["runs"] += 1
+            kernel.runs += 1
+            if healthy and kernel.runs < self.recycle_after and not self._stopping:
+                self._idle.put_nowait(kernel)
+            else:
+                self._spawn(self._replace(kernel))
+
+    async def _execute(self, kernel: _Kernel, request: RunRequest, emit: Emit) -> tuple[RunResult, bool]:
+        kc = kernel.kc
+        limits = request.limits
+        meta = {"runflare": {
+            "language_id": request.language_id, "stdin": request.stdin, "args": request.command_line_arguments,
+            "compiler_options": request.compiler_options, "limits": dataclasses.asdict(limits),
+            "redirect_stderr_to_stdout": request.redirect_stderr_to_stdout,
+            "interactive": request.stdin_queue is not None, "token": request.token}}
+        content = {"code": request.source_code, "silent": False, "store_history": False, "user_expressions": {},
+                   "allow_stdin": request.stdin_queue is not None, "stop_on_error": False}
+        msg = kc.session.msg("execute_request", content, metadata=meta)
+        msg_id = msg["header"]["msg_id"]
+        kc.shell_channel.send(msg)
+        budget = limits.wall_time_limit + 60.0 + REPLY_GRACE  # compile (≤30 s) + run + slack
+        deadline = time.monotonic() + budget
+        feeder = self._spawn(self._feed_stdin(kc, msg_id, request.stdin_queue)) if request.stdin_queue else None
+        try:
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return RunResult("internal", message="the kernel did not answer in time"), False
+                try:
+                    m = await kc.get_iopub_msg(timeout=min(left, 1.0))
+                except asyncio.TimeoutError:
+                    if not await kernel.km.is_alive():
+                        return RunResult("internal", message="the kernel died"), False
+                    continue
+                except Exception:  # noqa: BLE001 - queue.Empty from jupyter_client
+                    if not await kernel.km.is_alive():
+                        return RunResult("internal", message="the kernel died"), False
+                    continue
+                if m["parent_header"].get("msg_id") != msg_id:
+                    continue
+                mtype, c = m["msg_type"], m["content"]
+                if mtype == "stream":
+                    await _emit(emit, {"kind": "stream", "stream": c["name"], "text": c["text"]})
+                elif mtype == "runflare_stage":
+                    await _emit(emit, {"kind": "stage", "stage": c["stage"], "message": c.get("message", "")})
+                elif mtype == "status" and c.get("execution_state") == "idle":
+                    break
+            reply = await kc.get_shell_msg(timeout=max(1.0, deadline - time.monotonic()))
+            while reply["parent_header"].get("msg_id") != msg_id:
+                reply = await kc.get_shell_msg(timeout=max(1.0, deadline - time.monotonic()))
+        finally:
+            if feeder:
+                feeder.cancel()
+        rf = reply["metadata"].get("runflare")
+        if not rf:
+            return RunResult("internal", message="the kernel sent no result"), True
+        return _to_result(rf), True
+
+    async def _feed_stdin(self, kc: Any, msg_id: str, queue: asyncio.Queue[str | None]) -> None:
+        """Answer the kernel's input_requests for this run from the queue."""
+        while True:
+            m = await kc.get_stdin_msg(timeout=None)
+            if m["msg_type"] != "input_request" or m["parent_header"].get("msg_id") != msg_id:
+                continue
+            chunk = await queue.get()
+            reply = kc.session.msg("input_reply", {"value": chunk or ""},
+                                   metadata={"runflare_eof": chunk is None})
+            kc.stdin_channel.send(reply)
+            if chunk is None:
+                return
+
+    async def _start_kernel(self) -> _Kernel:
+        env = {k: v for k, v in os.environ.items() if k != "JPY_PARENT_PID"}
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (_SERVER_DIR, env.get("PYTHONPATH")) if p)
+        env["RUNFLARE_SANDBOX"] = self.mode or self.sandbox_mode
+        if self.runs_dir:
+            env["RUNFLARE_RUNS_DIR"] = self.runs_dir
+        env.update(self.kernel_env)
+        km = AsyncKernelManager()
+        km._kernel_spec = KernelSpec(argv=[sys.executable, "-m", "runflare_server.kernels", "-f", "{connection_file}"],
+                                     display_name="Run-Flare", language="runflare", env={})
+        await km.start_kernel(env=env)
+        kc = km.client()
+        try:
+            kc.start_channels()
+            await kc.wait_for_ready(timeout=60)
+        except BaseException:
+            kc.stop_channels()
+            await km.shutdown_kernel(now=True)
+            raise
+        k = _Kernel(km, kc)
+        self._all.add(k)
+        self.stats["kernels_started"] += 1
+        return k
+
+    async def _shutdown(self, k: _Kernel) -> None:
+        self._all.discard(k)
+        with contextlib.suppress(Exception):
+            k.kc.stop_channels()
+        try:
+            await asyncio.wait_for(k.km.shutdown_kernel(now=False), 10)
+        except Exception:  # noqa: BLE001
+            with contextlib.suppress(Exception):
+                await k.km.shutdown_kernel(now=True)
+
+    async def _replace(self, k: _Kernel) -> None:
+        await self._shutdown(k)
+        if self._stopping:
+            return
+        self.stats["kernels_replaced"] += 1
+        for attempt in range(3):
+            try:
+                self._idle.put_nowait(await self._start_kernel())
+                return
+            except Exception as e:  # noqa: BLE001
+                log.error("could not replace a Run-Flare kernel (attempt %d): %s", attempt + 1, e)
+                await asyncio.sleep(1)
+
+    def _spawn(self, coro: Any) -> asyncio.Task:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+
+async def _emit(emit: Emit, event: dict[str, Any]) -> None:
+    r = emit(event)
+    if inspect.isawaitable(r):
+        await r
+
+
+def _to_result(rf: dict[str, Any]) -> RunResult:
+    """The RunResult of the kernel's reply metadata (exact output bytes, kept as surrogateescape)."""
+    def text(key: str) -> str:
+        return base64.b64decode(rf.get(key) or "").decode("utf-8", "surrogateescape")
+
+    return RunResult(outcome=rf["outcome"], stdout=text("stdout_b64"), stderr=text("stderr_b64"),
+                     compile_output=rf.get("compile_output"), exit_code=rf.get("exit_code"),
+                     exit_signal=rf.get("exit_signal"), time=rf.get("time"), wall_time=rf.get("wall_time"),
+                     memory=rf.get("memory"), message=rf.get("message"))
