@@ -138,8 +138,9 @@ def python_preamble(request: RunRequest, source_file: str, interactive: bool) ->
     """Silent set-up cell: sys.stdin (whole and via input()), sys.argv, __file__, quiet SystemExit."""
     argv = [source_file, *shlex.split(request.command_line_arguments or "")]
     data = request.stdin or ""
+    cap = request.limits.max_output_bytes
     return f"""
-def _rf_setup(data, argv, interactive):
+def _rf_setup(data, argv, interactive, cap):
     import builtins, io, sys, warnings
     warnings.filterwarnings("ignore", message="To exit: use")
     kernel = get_ipython().kernel
@@ -169,7 +170,25 @@ def _rf_setup(data, argv, interactive):
         kernel.getpass = lambda prompt="Password: ", stream=None: _input(prompt)
     sys.argv = argv
     get_ipython().user_ns["__file__"] = argv[0]
-_rf_setup({data!r}, {argv!r}, {interactive!r})
+    # Output cap inside the kernel too: past it, writes stop here instead of piling up in the
+    # kernel's buffers (the server cuts at the cap and kills the kernel).
+    left = [cap + 1]
+    def capped(write, flush):
+        def w(text):
+            if left[0] <= 0:
+                import time
+                while True:
+                    time.sleep(1)
+            text = text[: left[0]]
+            left[0] -= len(text)
+            n = write(text)
+            if left[0] <= 0:
+                flush()
+            return n
+        return w
+    for s in (sys.stdout, sys.stderr):
+        s.write = capped(s.write, s.flush)
+_rf_setup({data!r}, {argv!r}, {interactive!r}, {cap!r})
 del _rf_setup
 """
 

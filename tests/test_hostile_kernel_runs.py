@@ -1,0 +1,218 @@
+"""Hostile programs in kernel runs: each ends with the right outcome, leaves nothing behind,
+and the next run is unaffected. Kernels start cold here, so any process left after a run is a leak."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+from runflare_server.engine.interface import Limits, RunRequest, RunResult
+from runflare_server.engine.kernel_pool import installed_kernelspecs
+from runflare_server.engine.kernel_runs import KernelRuns, install_kernelspecs
+
+pytestmark = pytest.mark.timeout(120)
+SECRET_ENV = "RUNFLARE_TEST_SECRET"
+FAST = Limits(cpu_time_limit=1.0, cpu_extra_time=0.5, wall_time_limit=3.0)
+
+
+class Engine:
+    """A started KernelRuns (no warm pool) on its own event loop."""
+
+    def __init__(self, runtime_dir: Path) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.engine = KernelRuns(pool_sizes={}, runtime_dir=runtime_dir)
+        self.loop.run_until_complete(self.engine.start())
+
+    def run(self, code: str, language_id: int = 1071, **kw) -> RunResult:
+        request = RunRequest(token="h", source_code=code, language_id=language_id, **kw)
+        return self.loop.run_until_complete(self.engine.run(request, lambda e: None))
+
+    def close(self) -> None:
+        self.loop.run_until_complete(self.engine.stop())
+        self.loop.close()
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Engine]:
+    if "bash" not in installed_kernelspecs():
+        install_kernelspecs()
+    os.environ[SECRET_ENV] = "s3cr3t-env"
+    e = Engine(tmp_path_factory.mktemp("rt"))
+    yield e
+    e.close()
+    os.environ.pop(SECRET_ENV, None)
+
+
+def leftovers() -> list[str]:
+    """Processes this test process started that are still around (zombies reaped by now)."""
+    procs = psutil.Process().children(recursive=True)
+    gone, alive = psutil.wait_procs(procs, timeout=3)
+    return [" ".join(p.cmdline()[:3]) for p in alive if p.status() != psutil.STATUS_ZOMBIE]
+
+
+@pytest.fixture
+def check(engine: Engine) -> Iterator[Engine]:
+    """After the hostile run: nothing left running, and a plain run still works."""
+    yield engine
+    assert leftovers() == []
+    after = engine.run("print('still fine')")
+    assert after.stdout == "still fine\n" and after.exit_code == 0
+
+
+def test_infinite_loop_hits_cpu_limit(check: Engine) -> None:
+    result = check.run("while True:\n    pass", limits=FAST)
+    assert result.outcome == "time_limit"
+    assert result.time is not None and result.time >= FAST.cpu_time_limit
+
+
+def test_sleep_past_wall_limit(check: Engine) -> None:
+    result = check.run("import time\nprint('zz', flush=True)\ntime.sleep(60)", limits=FAST)
+    assert result.outcome == "time_limit" and result.stdout == "zz\n"
+    assert result.wall_time is not None and result.wall_time >= FAST.wall_time_limit
+
+
+def test_fork_bomb_is_contained(check: Engine) -> None:
+    code = "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass"
+    result = check.run(code, limits=Limits(cpu_time_limit=1.0, cpu_extra_time=0.5, wall_time_limit=3.0,
+                                           max_processes_and_or_threads=20))
+    assert result.outcome == "time_limit"
+
+
+def test_process_limit_refuses_forks(check: Engine) -> None:
+    code = ("import subprocess\nps = []\ntry:\n    for i in range(50):\n"
+            "        ps.append(subprocess.Popen(['sleep', '30']))\nexcept OSError as e:\n"
+            "    print('refused after', len(ps), type(e).__name__)\n")
+    result = check.run(code, limits=Limits(max_processes_and_or_threads=5))
+    assert result.stdout.startswith("refused after ") and int(result.stdout.split()[2]) <= 5
+
+
+def test_memory_balloon_is_killed(check: Engine) -> None:
+    result = check.run("x = b'x' * (400 * 1024 * 1024)\nprint('survived')", limits=Limits(memory_limit=64_000))
+    assert result.outcome == "exited"
+    assert result.exit_signal == 9 and result.message == "memory limit exceeded"
+    assert "survived" not in result.stdout
+
+
+def test_hundred_megabytes_of_output_is_cut(check: Engine) -> None:
+    code = "import sys\nchunk = 'y' * (1 << 20)\nfor i in range(100):\n    sys.stdout.write(chunk)\n"
+    result = check.run(code, limits=Limits(max_output_bytes=1 << 20))
+    assert len(result.stdout.encode()) <= 1 << 20
+    assert len(result.stdout) > 0 and set(result.stdout) == {"y"}
+    assert "output truncated" in (result.message or "")
+
+
+def test_huge_file_is_refused(check: Engine) -> None:
+    code = ("try:\n    with open('big.bin', 'wb') as f:\n        f.write(b'z' * (20 << 20))\n"
+            "except OSError as e:\n    print('refused', e.errno)\nimport os\nprint(os.path.getsize('big.bin'))")
+    result = check.run(code, limits=Limits(max_file_size=1024))
+    assert result.stdout.startswith("refused 27\n")  # EFBIG
+    assert int(result.stdout.split()[-1]) <= 1024 * 1024
+
+
+def test_no_network_local_or_public(check: Engine) -> None:
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    accepted: list[object] = []
+    listener.settimeout(0.2)
+    stop = threading.Event()
+
+    def accept() -> None:
+        while not stop.is_set():
+            try:
+                accepted.append(listener.accept())
+            except OSError:
+                pass
+
+    t = threading.Thread(target=accept)
+    t.start()
+    code = (
+        "import socket\n"
+        f"for addr in [('127.0.0.1', {port}), ('1.1.1.1', 53)]:\n"
+        "    try:\n"
+        "        socket.create_connection(addr, timeout=2).close()\n"
+        "        print('connected', addr[0])\n"
+        "    except OSError as e:\n"
+        "        print('blocked', addr[0])\n"
+        "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+        "try:\n"
+        "    s.sendto(b'x', ('1.1.1.1', 53)); print('sent udp')\n"
+        "except OSError:\n"
+        "    print('blocked udp')\n"
+    )
+    try:
+        result = check.run(code)
+    finally:
+        stop.set()
+        t.join()
+        listener.close()
+    assert result.stdout == "blocked 127.0.0.1\nblocked 1.1.1.1\nblocked udp\n"
+    assert accepted == []
+
+
+def test_server_files_and_environment_invisible(check: Engine, tmp_path: Path) -> None:
+    secret = tmp_path / "data" / "secret.txt"
+    secret.parent.mkdir()
+    secret.write_text("top secret")
+    runtime = check.engine.runtime_dir
+    code = (
+        "import os\n"
+        f"for p in [{str(secret)!r}, {str(runtime)!r}, '/root/.bash_history', '/work']:\n"
+        "    print(p.split('/')[-1], os.path.exists(p))\n"
+        f"print({SECRET_ENV!r} in os.environ, sorted(os.listdir('/run/kernel')) == sorted(os.listdir('/run/kernel')))\n"
+        "try:\n    open('/etc/evil', 'w')\nexcept OSError as e:\n    print('ro', e.errno)\n"
+        "try:\n    open('/usr/evil', 'w')\nexcept OSError as e:\n    print('ro', e.errno)\n"
+    )
+    result = check.run(code)
+    lines = result.stdout.splitlines()
+    assert lines[:4] == ["secret.txt False", f"{runtime.name} False", ".bash_history False", "work False"]
+    assert lines[4].startswith("False")
+    assert lines[5:] == ["ro 30", "ro 30"]  # EROFS
+
+
+def test_killing_its_parent_and_everything(check: Engine) -> None:
+    result = check.run("import os, signal\nos.kill(os.getppid(), signal.SIGKILL)\nos.kill(1, signal.SIGKILL)\n"
+                       "print('parent survives', flush=True)\nos.kill(-1, signal.SIGKILL)\nprint('unreachable')")
+    assert result.outcome == "exited"
+    assert "parent survives" in result.stdout and "unreachable" not in result.stdout
+    assert result.exit_signal == 9 or (result.exit_code or 0) != 0
+
+
+def test_child_outliving_the_run_is_killed(check: Engine) -> None:
+    marker = f"{time.time_ns() % 10**9}"
+    code = ("import subprocess\n"
+            f"subprocess.Popen(['sleep', '3{marker}'], start_new_session=True)\n"
+            f"subprocess.Popen(['sh', '-c', '(sleep 4{marker} &) ; exit 0'])\n"
+            "print('spawned')")
+    result = check.run(code)
+    assert result.stdout == "spawned\n" and result.exit_code == 0
+    time.sleep(0.2)
+    stray = [p.pid for p in psutil.process_iter(["cmdline"]) if marker in " ".join(p.info["cmdline"] or [])]
+    assert stray == []
+
+
+def test_bash_infinite_loop_and_orphans(check: Engine) -> None:
+    if "bash" not in check.engine.kernelspecs():
+        pytest.skip("bash_kernel is not installed (pip install bash_kernel)")
+    result = check.run("while :; do :; done", language_id=1046, limits=FAST)
+    assert result.outcome == "time_limit"
+    marker = f"{time.time_ns() % 10**9}"
+    result = check.run(f"nohup sleep 5{marker} >/dev/null 2>&1 &\ndisown\necho bg", language_id=1046)
+    assert result.stdout.strip() == "bg" and result.exit_code == 0
+    time.sleep(0.2)
+    assert [p.pid for p in psutil.process_iter(["cmdline"]) if marker in " ".join(p.info["cmdline"] or [])] == []
+
+
+def test_bash_no_network_and_read_only(check: Engine) -> None:
+    if "bash" not in check.engine.kernelspecs():
+        pytest.skip("bash_kernel is not installed (pip install bash_kernel)")
+    code = ("(exec 3<>/dev/tcp/1.1.1.1/53) 2>/dev/null && echo open || echo blocked\n"
+            "touch /usr/x 2>/dev/null && echo wrote || echo ro\n")
+    result = check.run(code, language_id=1046)
+    assert result.stdout.split() == ["blocked", "ro"]
