@@ -1,0 +1,190 @@
+"""Warm pools of sandboxed kernels: fill, hand out once, replace the dead and the hung, leak nothing."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+from runflare_server.engine import kernel_sandbox as sb
+from runflare_server.engine.kernel_pool import KernelPool, KernelSpecInfo, SandboxedKernel, load_spec
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture(scope="module")
+def loop() -> Iterator[asyncio.AbstractEventLoop]:
+    lp = asyncio.new_event_loop()
+    yield lp
+    lp.close()
+
+
+@pytest.fixture(scope="module")
+def mode() -> str:
+    m = sb.detect_mode("auto")
+    if m == "unavailable":
+        pytest.skip("no sandbox (bwrap/unshare) on this host")
+    return m
+
+
+def descendants() -> list[psutil.Process]:
+    procs = psutil.Process().children(recursive=True)
+    _, alive = psutil.wait_procs(procs, timeout=3)
+    return [p for p in alive if p.status() != psutil.STATUS_ZOMBIE]
+
+
+def running(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def fake_spec(name: str, code: str) -> KernelSpecInfo:
+    return KernelSpecInfo(name, [sys.executable, "-c", code, "{connection_file}"], "python", name, "/nonexistent")
+
+
+def test_pool_fills_hands_out_once_and_refills(loop: asyncio.AbstractEventLoop, mode: str, tmp_path: Path) -> None:
+    pool = KernelPool(load_spec("python3"), 2, mode, tmp_path)
+
+    async def go() -> None:
+        await pool.start()
+        assert await pool.wait_full(60)
+        first = await pool.acquire()
+        second = await pool.acquire()
+        assert first is not second and first.alive() and second.alive()
+        conn = json.loads((first.dir / "connection.json").read_text())
+        assert conn["transport"] == "ipc"
+        reply = await first.client.kernel_info(reply=True, timeout=10)
+        assert reply["content"]["language_info"]["name"] == "python"
+        assert await pool.wait_full(60)  # refilled in the background
+        ready_ids = {k.id for k in pool._ready}
+        assert first.id not in ready_ids and second.id not in ready_ids
+        await first.shutdown()
+        await second.shutdown()
+        assert not first.dir.exists() and not first.alive()
+        health = pool.health()
+        assert health["handed_out"] == 2 and health["started"] >= 4 and health["avg_start_wall_s"] > 0
+        await pool.stop()
+
+    loop.run_until_complete(go())
+    assert descendants() == []
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_dead_kernel_in_pool_is_replaced(loop: asyncio.AbstractEventLoop, mode: str, tmp_path: Path) -> None:
+    pool = KernelPool(load_spec("python3"), 1, mode, tmp_path)
+
+    async def go() -> None:
+        await pool.start()
+        assert await pool.wait_full(60)
+        victim = pool._ready[0]
+        for p in victim.processes()[1:]:
+            p.kill()
+        victim.proc.wait(5)
+        kernel = await pool.acquire()
+        assert kernel is not victim and kernel.alive()
+        assert pool.health()["replaced"] == 1
+        await kernel.shutdown()
+        await pool.stop()
+
+    loop.run_until_complete(go())
+    assert descendants() == []
+
+
+def test_kernel_hanging_at_start_is_replaced_then_given_up(loop: asyncio.AbstractEventLoop, mode: str,
+                                                          tmp_path: Path) -> None:
+    pool = KernelPool(fake_spec("hang", "import time; time.sleep(600)"), 0, mode, tmp_path,
+                      start_timeout=1.5, retries=2)
+
+    async def go() -> None:
+        with pytest.raises(RuntimeError, match="failed to start"):
+            await pool.acquire()
+        assert pool.health()["failed"] == 2
+        await pool.stop()
+
+    loop.run_until_complete(go())
+    assert descendants() == []
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_kernel_dying_at_start_reports_why(loop: asyncio.AbstractEventLoop, mode: str, tmp_path: Path) -> None:
+    pool = KernelPool(fake_spec("dies", "import sys; print('no such luck'); sys.exit(3)"), 0, mode, tmp_path,
+                      retries=1)
+
+    async def go() -> None:
+        with pytest.raises(RuntimeError, match="no such luck"):
+            await pool.acquire()
+        await pool.stop()
+
+    loop.run_until_complete(go())
+    assert descendants() == []
+
+
+def test_cold_pool_starts_concurrent_kernels(loop: asyncio.AbstractEventLoop, mode: str, tmp_path: Path) -> None:
+    pool = KernelPool(load_spec("python3"), 0, mode, tmp_path)
+
+    async def go() -> list[SandboxedKernel]:
+        kernels = await asyncio.gather(*(pool.acquire() for _ in range(3)))
+        assert len({k.id for k in kernels}) == 3 and all(k.alive() for k in kernels)
+        assert pool.health()["ready"] == 0
+        await asyncio.gather(*(k.shutdown() for k in kernels))
+        await pool.stop()
+        return kernels
+
+    loop.run_until_complete(go())
+    assert descendants() == []
+
+
+def test_stop_kills_idle_and_starting_kernels(loop: asyncio.AbstractEventLoop, mode: str, tmp_path: Path) -> None:
+    pool = KernelPool(load_spec("python3"), 3, mode, tmp_path)
+
+    async def go() -> None:
+        await pool.start()
+        await asyncio.sleep(0.3)  # some ready or starting, some not started yet
+        await pool.stop()
+
+    loop.run_until_complete(go())
+    assert descendants() == []
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_kernels_die_with_the_server(tmp_path: Path, mode: str) -> None:
+    script = textwrap.dedent(f"""
+        import asyncio, sys
+        from pathlib import Path
+        from runflare_server.engine.kernel_pool import KernelPool, load_spec
+        async def main():
+            pool = KernelPool(load_spec("python3"), 2, {mode!r}, Path({str(tmp_path)!r}))
+            await pool.start()
+            await pool.wait_full(60)
+            pids = [p.pid for k in pool._ready for p in k.processes()]
+            print(" ".join(map(str, pids)), flush=True)
+            await asyncio.sleep(600)
+        asyncio.run(main())
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        pids = [int(p) for p in proc.stdout.readline().split()]
+        assert len(pids) >= 4
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and any(map(running, pids)):
+            time.sleep(0.1)
+        assert [p for p in pids if running(p)] == []
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
