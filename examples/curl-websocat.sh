@@ -41,9 +41,12 @@ echo "streaming: $WS"
 if command -v websocat >/dev/null 2>&1; then
   websocat --text --unidirectional "$WS"
 else
-  # The websockets CLI closes the connection when its stdin ends: keep stdin open while it runs.
-  "$PYTHON" -m websockets "$WS" < <(exec sleep 600)
-  kill "$!" 2>/dev/null || true
+  # The websockets CLI closes the connection when its stdin ends: keep its stdin open while it runs.
+  exec 3< <(exec sleep 600)
+  KEEPER=$!
+  trap 'kill "$KEEPER" 2>/dev/null; wait "$KEEPER" 2>/dev/null || true' EXIT
+  "$PYTHON" -m websockets "$WS" <&3
+  exec 3<&-
 fi
 
 # 3. The final state over REST (what a Judge0 client would read).

@@ -8,10 +8,12 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import threading
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -45,6 +47,17 @@ def programs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     files["slow"].write_text(SLOW_PROGRAM)
     files["failing"].write_text(FAILING_PROGRAM)
     return files
+
+
+@pytest.fixture(scope="module")
+def python_id(live_server) -> str:
+    """Python's language id on this server: the program run (71) when listed, else the kernel run (1071)."""
+    with urllib.request.urlopen(live_server.api + "/languages", timeout=10) as r:
+        ids = {lang["id"] for lang in json.load(r)}
+    for candidate in (71, 1071):
+        if candidate in ids:
+            return str(candidate)
+    pytest.skip(f"no Python language on this server: {sorted(ids)}")
 
 
 def env_for(url: str) -> dict[str, str]:
@@ -154,8 +167,8 @@ def proxy_factory(live_server) -> Iterator:
 
 # ---- python_client.py ----------------------------------------------------------------------
 
-def test_python_client_prints_websocket_messages_as_they_arrive(live_server, programs) -> None:
-    proc = run_python_client(live_server.url, str(programs["slow"]))
+def test_python_client_prints_websocket_messages_as_they_arrive(live_server, programs, python_id) -> None:
+    proc = run_python_client(live_server.url, str(programs["slow"]), "--language", python_id)
     assert proc.returncode == 0, proc.stderr
     lines = [json.loads(line) for line in proc.stdout.splitlines()]
     assert "token" in lines[0]
@@ -175,8 +188,8 @@ def test_python_client_prints_websocket_messages_as_they_arrive(live_server, pro
     assert first_chunk < len(messages) - 1
 
 
-def test_python_client_polling(live_server, programs) -> None:
-    proc = run_python_client(live_server.url, str(programs["slow"]), "--poll")
+def test_python_client_polling(live_server, programs, python_id) -> None:
+    proc = run_python_client(live_server.url, str(programs["slow"]), "--poll", "--language", python_id)
     assert proc.returncode == 0, proc.stderr
     lines = [json.loads(line) for line in proc.stdout.splitlines()]
     final = lines[-1]
@@ -185,22 +198,27 @@ def test_python_client_polling(live_server, programs) -> None:
     assert all(line["status"]["id"] <= 2 for line in lines[1:-1])
 
 
-def test_python_client_exit_code_is_the_status(live_server) -> None:
-    proc = run_python_client(live_server.url, "--code", FAILING_PROGRAM, "--language", "71")
+def test_python_client_exit_code_is_the_status(live_server, python_id) -> None:
+    proc = run_python_client(live_server.url, "--code", FAILING_PROGRAM, "--language", python_id)
     assert proc.returncode == 11, proc.stdout + proc.stderr  # Runtime Error (NZEC)
     assert json.loads(proc.stdout.splitlines()[-1])["status"]["id"] == 11
 
 
 # ---- curl + websocat / websockets CLI ------------------------------------------------------
 
-def test_curl_and_websocket_cli_flow(live_server, programs) -> None:
+def test_curl_and_websocket_cli_flow(live_server, programs, python_id) -> None:
     if not shutil.which("curl"):
         pytest.skip("curl is not installed (apt-get install curl)")
     env = {**env_for(live_server.url), "PYTHON": sys.executable}
-    proc = subprocess.Popen(["bash", str(EXAMPLES / "curl-websocat.sh"), str(programs["slow"]), "71"],
+    proc = subprocess.Popen(["bash", str(EXAMPLES / "curl-websocat.sh"), str(programs["slow"]), python_id],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
-    out, err = proc.communicate(timeout=120)
+    try:
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
     assert proc.returncode == 0, out + err
     assert "Connected to submission" in out
     assert '"status_update"' in out and '"Accepted"' in out
@@ -209,7 +227,8 @@ def test_curl_and_websocket_cli_flow(live_server, programs) -> None:
     result = json.loads(out.split("result:", 1)[1].strip())
     assert result["status"]["id"] == 3 and result["stdout"].splitlines() == LINES
     # The helper that kept the CLI's stdin open is gone with the script.
-    leftovers = [p for p in psutil.process_iter(["pid"]) if _session_of(p.pid) == proc.pid]
+    leftovers = [p for p in psutil.process_iter(["pid", "status"])
+                 if _session_of(p.pid) == proc.pid and p.info["status"] != psutil.STATUS_ZOMBIE]
     assert leftovers == []
 
 
@@ -228,8 +247,8 @@ def test_typescript_client_type_checks() -> None:
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
-def test_typescript_client_streams_and_exits_with_status(live_server, programs) -> None:
-    proc = subprocess.run(deno_run(live_server.url, str(programs["slow"]), "--verbose"),
+def test_typescript_client_streams_and_exits_with_status(live_server, programs, python_id) -> None:
+    proc = subprocess.run(deno_run(live_server.url, str(programs["slow"]), "--verbose", "--language", python_id),
                           env=env_for(live_server.url), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines() == LINES
@@ -237,15 +256,16 @@ def test_typescript_client_streams_and_exits_with_status(live_server, programs) 
     assert "[runflare] pong" in proc.stderr
     assert re.search(r"final: 3 Accepted time=[0-9.]+s memory=\d+KB via=websocket", proc.stderr), proc.stderr
 
-    failing = subprocess.run(deno_run(live_server.url, str(programs["failing"]), "--language", "71"),
+    failing = subprocess.run(deno_run(live_server.url, str(programs["failing"]), "--language", python_id),
                              env=env_for(live_server.url), capture_output=True, text=True, timeout=120)
     assert failing.returncode == 11, failing.stderr
     assert failing.stdout == "before\n"
 
 
-def test_typescript_client_resumes_after_a_dropped_connection(live_server, programs, proxy_factory) -> None:
+def test_typescript_client_resumes_after_a_dropped_connection(live_server, programs, python_id,
+                                                             proxy_factory) -> None:
     proxy = proxy_factory()
-    proc = subprocess.Popen(deno_run(proxy.url, str(programs["slow"])), env=env_for(proxy.url),
+    proc = subprocess.Popen(deno_run(proxy.url, str(programs["slow"]), "--language", python_id), env=env_for(proxy.url),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         first = proc.stdout.readline()
@@ -264,9 +284,10 @@ def test_typescript_client_resumes_after_a_dropped_connection(live_server, progr
     assert "via=websocket reconnects=1" in err
 
 
-def test_typescript_client_polls_when_the_socket_cannot_open(live_server, programs, proxy_factory) -> None:
+def test_typescript_client_polls_when_the_socket_cannot_open(live_server, programs, python_id,
+                                                            proxy_factory) -> None:
     proxy = proxy_factory(refuse_ws=True)
-    proc = subprocess.run(deno_run(proxy.url, str(programs["slow"]), "--retries", "1"),
+    proc = subprocess.run(deno_run(proxy.url, str(programs["slow"]), "--retries", "1", "--language", python_id),
                           env=env_for(proxy.url), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines() == LINES
