@@ -138,7 +138,10 @@ def main(argv: list[str] | None = None) -> int:
         status.stop()
         return 130
     status.stop()
-    _summarise(submission, args.json)
+    try:
+        _summarise(submission, args.json)
+    except BrokenPipeError:  # `runflare run x.py --json | head`
+        sys.stdout = None  # type: ignore[assignment]  # nothing left to flush at exit
     return exit_code_for(submission)
 
 
@@ -165,7 +168,7 @@ def _summarise(submission: dict[str, Any], as_json: bool) -> None:
     status = submission.get("status") or {}
     if status.get("id") == 6 and submission.get("compile_output"):
         sys.stderr.write(submission["compile_output"])
-    if status.get("id") not in (3, None) and submission.get("message"):
+    if status.get("id") not in (3, 4, 11, None) and submission.get("message"):
         print(f"runflare: {submission['message']}", file=sys.stderr)
     if sys.stderr.isatty() or status.get("id") not in (3, 4, 11):
         parts = [str(status.get("description", "?"))]
