@@ -255,3 +255,60 @@ def _to_result(rf: dict[str, Any]) -> RunResult:
                      compile_output=rf.get("compile_output"), exit_code=rf.get("exit_code"),
                      exit_signal=rf.get("exit_signal"), time=rf.get("time"), wall_time=rf.get("wall_time"),
                      memory=rf.get("memory"), message=rf.get("message"))
+
+
+class BlockingProgramRuns:
+    """A ``ProgramRuns`` on its own event-loop thread, for synchronous callers (CLI, tests, benchmarks).
+
+    ``with BlockingProgramRuns(size=2) as pr: result, events = pr.run(RunRequest(...))``
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        import threading
+
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="runflare-program-runs", daemon=True)
+        self._thread.start()
+        self.engine = self._call(self._make(args, kwargs))
+
+    async def _make(self, args: tuple, kwargs: dict) -> ProgramRuns:
+        return ProgramRuns(*args, **kwargs)
+
+    def _call(self, coro: Any, timeout: float | None = None) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
+
+    def start(self) -> BlockingProgramRuns:
+        """Start the pool."""
+        self._call(self.engine.start())
+        return self
+
+    def run(self, request: RunRequest) -> tuple[RunResult, list[dict[str, Any]]]:
+        """Run one request; returns its result and the events it emitted."""
+        events: list[dict[str, Any]] = []
+        return self._call(self.engine.run(request, events.append)), events
+
+    def run_many(self, requests: list[RunRequest]) -> list[RunResult]:
+        """Run requests concurrently on the pool."""
+        async def all_() -> list[RunResult]:
+            return await asyncio.gather(*(self.engine.run(r, lambda e: None) for r in requests))
+
+        return self._call(all_())
+
+    def submit(self, coro: Any) -> Any:
+        """Run any coroutine on the engine's loop and wait for it."""
+        return self._call(coro)
+
+    def stop(self) -> None:
+        """Stop the pool and the loop thread."""
+        try:
+            self._call(self.engine.stop(), timeout=60)
+        finally:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(10)
+            self._loop.close()
+
+    def __enter__(self) -> BlockingProgramRuns:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

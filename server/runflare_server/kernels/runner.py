@@ -197,7 +197,7 @@ class Runner:
             proc = subprocess.Popen(
                 cmd, stdin=stdin_arg, stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT if merge_stderr else subprocess.PIPE,
-                pass_fds=(st_w,), cwd=workdir, start_new_session=True, preexec_fn=rlimit_preexec(limits, cg))
+                pass_fds=(st_w,), cwd=workdir, start_new_session=True, env=_outer_env(self.mode, env), preexec_fn=rlimit_preexec(limits, cg))
             os.close(st_w)
             st_w = -1
             feeder = _start_feeder(proc, stdin_reader) if stdin_reader is not None else None
@@ -392,3 +392,8 @@ def _reap_orphans(timeout: float = 1.0) -> None:
             if time.monotonic() > deadline:
                 return
             time.sleep(0.002)
+
+
+def _outer_env(mode: str, env: dict[str, str]) -> dict[str, str]:
+    """The sandbox tool's own environment: nothing of the kernel's (bwrap's init could leak it via /proc)."""
+    return {"PATH": sandbox.DEFAULT_PATH} if mode == "bwrap" else dict(env)
