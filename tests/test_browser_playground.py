@@ -210,3 +210,22 @@ def test_playground_resumes_after_a_dropped_connection(browser, live_server, tmp
     finally:
         page.close()
         proxy.close()
+
+
+def test_playground_polls_when_the_socket_cannot_open(browser, live_server) -> None:
+    from test_examples import Proxy
+
+    proxy = Proxy(live_server.port, refuse_ws=True)
+    page = browser.new_page()
+    try:
+        page.goto(proxy.url + "/")
+        run_program(page, PROGRAM, language_label=python_label(page))
+        assert page.text_content("#status") == "Accepted"
+        stdout = "".join(page.eval_on_selector_all("#output [data-stream='stdout']", "es => es.map(e => e.textContent)"))
+        assert stdout.splitlines() == LINES
+        assert "polling" in page.text_content("#output")
+        assert proxy.ws_requests == 3
+        assert page.text_content("#stat-memory").endswith(" KB")
+    finally:
+        page.close()
+        proxy.close()
