@@ -38,6 +38,11 @@ def server_url(url: str | None) -> str:
     return (url or os.environ.get("RUNFLARE_URL") or DEFAULT_URL).rstrip("/")
 
 
+def auth_token(token: str | None) -> str | None:
+    """The X-Auth-Token to send: the argument, else $RUNFLARE_TOKEN, else none."""
+    return token or os.environ.get("RUNFLARE_TOKEN") or None
+
+
 def api_base(url: str) -> str:
     """The /api/v1 base for a server root (a URL already ending in /api/v1 is kept)."""
     return url if url.endswith("/api/v1") else url + "/api/v1"

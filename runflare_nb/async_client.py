@@ -21,13 +21,14 @@ from .languages import resolve
 
 
 class AsyncClient:
-    """A Run-Flare server at ``url`` (default: $RUNFLARE_URL, else http://127.0.0.1:8787)."""
+    """A Run-Flare server at ``url`` (default: $RUNFLARE_URL, else http://127.0.0.1:8787); ``token``
+    (default: $RUNFLARE_TOKEN) is sent as X-Auth-Token."""
 
     def __init__(self, url: str | None = None, token: str | None = None, *, timeout: float = 30.0,
                  websocket: bool = True) -> None:
         self.url = p.server_url(url)
         self.api = p.api_base(self.url)
-        self.token = token
+        self.token = p.auth_token(token)
         self.timeout = timeout
         self.websocket = websocket
         self._languages: list[dict[str, Any]] | None = None
