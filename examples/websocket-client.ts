@@ -2,8 +2,9 @@
  * Run-Flare WebSocket client: submit a program and follow its run live.
  *
  *   deno run --allow-net --allow-env --allow-read examples/websocket-client.ts FILE [--language ID]
- *        [--stdin TEXT] [--url URL] [--poll] [--retries N] [--verbose]
+ *        [--stdin TEXT | --interactive] [--url URL] [--poll] [--retries N] [--verbose]
  *
+ * --interactive sends this process's stdin to the program as it runs, over the socket;
  * --poll skips the socket; --retries N sets how many consecutive failures to open the socket
  * lead to the polling fallback (default 5).
  *
@@ -242,6 +243,7 @@ export class SubmissionStream {
   private readonly handlers: StreamHandlers;
   private readonly opts: Required<Omit<StreamOptions, "authToken">>;
   private socket: WebSocket | null = null;
+  private pendingInput: string[] = [];
   private closedByUser = false;
   private final: FinalResult | null = null;
   // Characters of each stream already delivered, so a polling fallback prints only the rest.
@@ -290,6 +292,23 @@ export class SubmissionStream {
     if (this.socket?.readyState === WebSocket.OPEN) this.socket.send(JSON.stringify({ type: "ping" }));
   }
 
+  /**
+   * Feed the program's standard input (submissions created with `interactive: true`). Input given
+   * while the socket is down is kept and sent once it is open again; `eof` closes the input.
+   */
+  sendStdin(data: string, eof = false): void {
+    const msg: { type: "stdin"; data: string; eof?: boolean } = { type: "stdin", data };
+    if (eof) msg.eof = true;
+    this.pendingInput.push(JSON.stringify(msg));
+    this.flushInput();
+  }
+
+  private flushInput(): void {
+    while (this.pendingInput.length && this.socket?.readyState === WebSocket.OPEN) {
+      this.socket.send(this.pendingInput.shift()!);
+    }
+  }
+
   /** Stop following (the run itself goes on on the server). */
   close(): void {
     this.closedByUser = true;
@@ -316,6 +335,7 @@ export class SubmissionStream {
       this.socket = ws;
       ws.onopen = () => {
         opened = true;
+        this.flushInput();
         if (this.opts.pingIntervalMs > 0) pinger = setInterval(() => this.ping(), this.opts.pingIntervalMs);
       };
       ws.onmessage = (ev: MessageEvent) => {
@@ -427,12 +447,13 @@ interface CliArgs {
   stdin?: string;
   url: string;
   poll: boolean;
+  interactive: boolean;
   verbose: boolean;
   retries?: number;
 }
 
 function parseArgs(argv: string[]): CliArgs {
-  const out: Partial<CliArgs> = { poll: false, verbose: false };
+  const out: Partial<CliArgs> = { poll: false, verbose: false, interactive: false };
   for (let i = 0; i < argv.length; i++) {
     const a = argv[i];
     const value = () => {
@@ -443,6 +464,7 @@ function parseArgs(argv: string[]): CliArgs {
     else if (a === "--stdin") out.stdin = value();
     else if (a === "--url") out.url = value();
     else if (a === "--poll") out.poll = true;
+    else if (a === "--interactive" || a === "-i") out.interactive = true;
     else if (a === "--retries") out.retries = Number(value());
     else if (a === "--verbose" || a === "-v") out.verbose = true;
     else if (a.startsWith("-")) throw new Error(`unknown option ${a}`);
@@ -450,7 +472,7 @@ function parseArgs(argv: string[]): CliArgs {
   }
   if (!out.file) {
     throw new Error(
-      "usage: websocket-client.ts FILE [--language ID] [--stdin TEXT] [--url URL] [--poll] [--retries N] [--verbose]",
+      "usage: websocket-client.ts FILE [--language ID] [--stdin TEXT | --interactive] [--url URL] [--poll] [--retries N] [--verbose]",
     );
   }
   out.url = out.url ?? Deno.env.get("RUNFLARE_URL") ?? "http://localhost:8787";
@@ -463,6 +485,15 @@ function write(stream: "stdout" | "stderr", text: string): void {
 }
 function info(text: string): void {
   write("stderr", `[runflare] ${text}\n`);
+}
+
+/** Interactive runs: what this process reads on stdin goes to the program, end of input included. */
+async function forwardStdin(stream: SubmissionStream): Promise<void> {
+  const decoder = new TextDecoder();
+  for await (const chunk of Deno.stdin.readable) {
+    stream.sendStdin(decoder.decode(chunk, { stream: true }));
+  }
+  stream.sendStdin("", true);
 }
 
 async function main(): Promise<number> {
@@ -481,7 +512,12 @@ async function main(): Promise<number> {
   }
   const client = new RunFlareClient(args.url, Deno.env.get("RUNFLARE_AUTH_TOKEN") || undefined);
   const source = await Deno.readTextFile(args.file);
-  const token = await client.submit({ source_code: source, language_id: languageId, stdin: args.stdin ?? null });
+  const token = await client.submit({
+    source_code: source,
+    language_id: languageId,
+    stdin: args.stdin ?? null,
+    interactive: args.interactive || undefined,
+  });
   info(`submitted ${token}`);
 
   const stream = new SubmissionStream(client, token, {
@@ -500,6 +536,7 @@ async function main(): Promise<number> {
     onFallback: (reason) => info(`websocket unavailable (${reason}); polling`),
   }, { forcePolling: args.poll, authToken: client.authToken, maxRetries: args.retries });
 
+  if (args.interactive) forwardStdin(stream);
   const result = await stream.run();
   const d = result.data;
   if (d.compile_output) write("stderr", d.compile_output);

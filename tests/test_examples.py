@@ -293,3 +293,27 @@ def test_typescript_client_polls_when_the_socket_cannot_open(live_server, progra
     assert proc.stdout.splitlines() == LINES
     assert "websocket unavailable" in proc.stderr and "via=polling" in proc.stderr
     assert proxy.ws_requests == 2
+
+
+def test_typescript_client_interactive_stdin(live_server, python_id, tmp_path) -> None:
+    program = tmp_path / "greet.py"
+    program.write_text("name = input()\nprint('hi', name, flush=True)\nprint(input().upper())\n")
+    proc = subprocess.Popen(deno_run(live_server.url, str(program), "--interactive", "--language", python_id),
+                            env=env_for(live_server.url), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        proc.stdin.write("bob\n")
+        proc.stdin.flush()
+        # The program answers the first line while the second has not been typed yet.
+        assert proc.stdout.readline() == "hi bob\n"
+        proc.stdin.write("second\n")
+        proc.stdin.close()
+        rest = proc.stdout.read()
+        err = proc.stderr.read()
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err
+    assert rest == "SECOND\n"
