@@ -105,6 +105,7 @@ class AsyncClient:
         deadline = None if timeout is None else time.monotonic() + timeout
         retries = WS_RETRIES if self.websocket else -1
         while retries >= 0 and not tracker.done:
+            seen = tracker.last_seq
             try:
                 async for event in self._socket_events(token, tracker, deadline):
                     yield event
@@ -116,7 +117,8 @@ class AsyncClient:
                     break
                 if not tracker.connected:
                     break
-            retries -= 1
+            if tracker.last_seq == seen:
+                retries -= 1
         if not tracker.done:
             async for event in self._polled_events(token, tracker, deadline):
                 yield event

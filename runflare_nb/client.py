@@ -118,6 +118,7 @@ class Client:
         deadline = None if timeout is None else time.monotonic() + timeout
         retries = WS_RETRIES if self.websocket else -1
         while retries >= 0 and not tracker.done:
+            seen = tracker.last_seq
             try:
                 yield from self._socket_events(token, tracker, deadline)
             except (NotFound, WaitTimeout):
@@ -128,7 +129,8 @@ class Client:
                     break
                 if not tracker.connected:
                     break  # never opened: straight to polling
-            retries -= 1
+            if tracker.last_seq == seen:
+                retries -= 1  # a reconnection that brought nothing new counts against the budget
         if not tracker.done:
             yield from self._polled_events(token, tracker, deadline)
 

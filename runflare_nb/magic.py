@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shlex
 import sys
 from pathlib import Path
@@ -88,6 +89,8 @@ class RunflareMagics(Magics):
         candidate = Path(text).expanduser()
         if "\n" not in text and len(text) < 4096 and candidate.is_file():
             return candidate.read_text(), candidate.name
+        if re.fullmatch(r"[\w./~-]+", text) and guess_from_filename(text) is not None:
+            raise UsageError(f"no such file: {text}")
         return text, None
 
     def _run_plain(self, client: Client, source: str, language: str | int | None, options: dict[str, Any],

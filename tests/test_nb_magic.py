@@ -139,6 +139,7 @@ def test_rejected_submission_is_shown_not_raised(ip) -> None:
     "--var 'not a name' print(1)",
     "--no-widget",
     "--stdin @/no/such/file print(1)",
+    "no_such_program.py",
     "-l klingon print(1)",
 ])
 def test_bad_options_are_usage_errors(ip, line, capsys) -> None:
