@@ -1,0 +1,168 @@
+"""The sandbox command, per-run cgroups and the runner, on real processes (no kernel in between)."""
+
+from __future__ import annotations
+
+import os
+import resource
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from runflare_server.engine import cgroups, sandbox
+from runflare_server.engine.interface import Limits
+from runflare_server.kernels.runner import Runner
+
+PY = os.path.realpath(sys.executable)
+PY_PREFIX = [sys.base_prefix]
+PROJECT = str(Path(__file__).resolve().parents[1])
+
+PROBE = f"""
+import os, socket, json
+out = {{"cwd": os.getcwd(), "env": dict(os.environ), "pids": [p for p in os.listdir("/proc") if p.isdigit()],
+       "project": os.path.exists({PROJECT!r}), "host_tmp": os.listdir("/tmp")}}
+try:
+    open("/usr/pwned", "w")
+    out["usr"] = "writable"
+except OSError:
+    out["usr"] = "read-only"
+try:
+    socket.create_connection(("1.1.1.1", 53), timeout=3)
+    out["net"] = "connected"
+except OSError as e:
+    out["net"] = type(e).__name__
+open("written", "w").write("x")
+print(json.dumps(out))
+"""
+
+
+@pytest.fixture
+def workdir(tmp_path):
+    d = sandbox.new_workdir(tmp_path)
+    (d / "probe.py").write_text(PROBE)
+    yield d
+    sandbox.remove_workdir(d)
+    assert not d.exists()
+
+
+def run_probe(mode: str, workdir: Path, **kw) -> dict:
+    import json
+
+    cmd = sandbox.wrap([PY, "probe.py"], workdir=workdir, mode=mode, env=sandbox.sandbox_env({"MARK": "1"}),
+                       ro_paths=PY_PREFIX, **kw)
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=workdir, env={"PATH": sandbox.DEFAULT_PATH},
+                       timeout=60)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+def test_mode_resolution():
+    assert sandbox.resolve_mode("auto") in ("bwrap", "unshare")
+    assert sandbox.resolve_mode("none") == "none"
+    with pytest.raises(ValueError):
+        sandbox.resolve_mode("docker")
+
+
+def test_bwrap_isolation(workdir):
+    if sandbox.resolve_mode("auto") != "bwrap":
+        pytest.skip("bwrap not usable here")
+    os.environ["RUNFLARE_TEST_SECRET"] = "leak"
+    try:
+        out = run_probe("bwrap", workdir)
+    finally:
+        del os.environ["RUNFLARE_TEST_SECRET"]
+    assert out["cwd"] == sandbox.BOX
+    assert out["env"]["MARK"] == "1" and "RUNFLARE_TEST_SECRET" not in out["env"]
+    assert set(out["env"]) <= {"PATH", "HOME", "TMPDIR", "LANG", "LC_ALL", "USER", "MARK", "PWD"}
+    assert out["usr"] == "read-only"
+    assert out["net"] == "OSError"  # ENETUNREACH: only a loopback in the namespace
+    assert out["project"] is False
+    assert out["host_tmp"] == []
+    assert len(out["pids"]) < 5
+    assert (workdir / "written").read_text() == "x"  # the work dir is the writable part
+
+
+def test_bwrap_network_flag_shares_network(workdir):
+    if sandbox.resolve_mode("auto") != "bwrap":
+        pytest.skip("bwrap not usable here")
+    cmd = sandbox.wrap(["cat", "/proc/net/dev"], workdir=workdir, mode="bwrap", env=sandbox.sandbox_env())
+    isolated = subprocess.run(cmd, capture_output=True, text=True).stdout
+    cmd = sandbox.wrap(["cat", "/proc/net/dev"], workdir=workdir, mode="bwrap", env=sandbox.sandbox_env(), network=True)
+    shared = subprocess.run(cmd, capture_output=True, text=True).stdout
+    assert [line.split(":")[0].strip() for line in isolated.splitlines()[2:]] == ["lo"]
+    assert shared == Path("/proc/net/dev").read_text() or len(shared.splitlines()) > len(isolated.splitlines())
+
+
+def test_unshare_fallback(workdir):
+    if not sandbox._works("unshare"):
+        pytest.skip("unshare cannot create namespaces here")
+    out = run_probe("unshare", workdir)
+    assert out["net"] == "OSError"
+    assert set(out["env"]) <= {"PATH", "HOME", "TMPDIR", "LANG", "LC_ALL", "USER", "MARK", "PWD"}
+    assert len(out["pids"]) < 5
+
+
+def test_cgroup_memory_limit_and_accounting():
+    mech = cgroups.mechanism()
+    assert mech in ("cgroup-v1", "cgroup-v2", "rlimit")
+    if mech == "rlimit":
+        pytest.skip("no writable cgroup hierarchy here")
+    group = cgroups.RunCgroup.create("test-balloon", memory_kb=64_000, max_pids=10)
+    assert group is not None
+    with group:
+        proc = subprocess.Popen([PY, "-c", "x = bytearray(400 << 20)"], preexec_fn=cgroups.rlimit_preexec(Limits(), group))
+        assert proc.wait() == -9
+        assert group.oom_killed()
+        assert 0 < group.peak_memory_kb() <= 64_000
+        assert group.cpu_seconds() is None or group.cpu_seconds() > 0
+    assert all(not d.exists() for d in group.dirs.values())
+
+
+def test_cgroup_pids_limit_and_kill_all():
+    if cgroups.mechanism() == "rlimit":
+        pytest.skip("no writable cgroup hierarchy here")
+    with cgroups.RunCgroup.create("test-pids", memory_kb=None, max_pids=5) as group:
+        proc = subprocess.Popen(["bash", "-c", "for i in 1 2 3 4 5 6 7 8; do sleep 100 & done; wait"],
+                                preexec_fn=cgroups.rlimit_preexec(Limits(), group), stderr=subprocess.DEVNULL)
+        for _ in range(100):
+            if len(group.pids()) >= 5:
+                break
+            subprocess.run(["sleep", "0.05"])
+        assert len(group.pids()) == 5  # the sixth fork fails
+        group.kill_all()
+        assert group.pids() == []
+        proc.wait()
+
+
+def test_rlimits_in_child():
+    limits = Limits(max_file_size=100, cpu_time_limit=2, cpu_extra_time=1, stack_limit=8000)
+    code = "import resource as r; print(r.getrlimit(r.RLIMIT_FSIZE), r.getrlimit(r.RLIMIT_CPU), r.getrlimit(r.RLIMIT_STACK))"
+    out = subprocess.run([PY, "-c", code], preexec_fn=cgroups.rlimit_preexec(limits), capture_output=True, text=True).stdout
+    assert out.strip() == f"{(102400, 102400)} {(3, 4)} {(8192000, 8192000)}"
+    values = cgroups.rlimit_values(limits, use_cgroup=False)
+    assert values[resource.RLIMIT_AS] == (limits.memory_limit * 1024,) * 2
+    assert resource.RLIMIT_AS not in cgroups.rlimit_values(limits, use_cgroup=True)
+
+
+def test_runner_cleans_up_and_measures(tmp_path, monkeypatch):
+    monkeypatch.setenv("RUNFLARE_RUNS_DIR", str(tmp_path))
+    result = Runner().run(71, "import sys\nprint(sys.stdin.read().upper())", stdin=b"abc")
+    assert (result.outcome, result.exit_code, result.stdout) == ("exited", 0, b"ABC\n")
+    assert result.time > 0 and result.wall_time > 0 and result.memory > 0
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_runner_in_unshare_mode(tmp_path, monkeypatch):
+    if not sandbox._works("unshare"):
+        pytest.skip("unshare cannot create namespaces here")
+    monkeypatch.setenv("RUNFLARE_RUNS_DIR", str(tmp_path))
+    result = Runner("unshare").run(71, "import os\nprint(os.getpid(), sorted(os.environ)[:1])")
+    assert result.outcome == "exited" and result.exit_code == 0, result
+    assert int(result.stdout.split()[0]) < 5
+
+
+def test_runner_none_mode_is_explicit(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("RUNFLARE_RUNS_DIR", str(tmp_path))
+    result = Runner("none").run(71, "print('unsandboxed')")
+    assert result.stdout == b"unsandboxed\n"
+    assert "SANDBOX DISABLED" in caplog.text
