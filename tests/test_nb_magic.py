@@ -105,7 +105,7 @@ def test_args_reach_the_program(ip, py) -> None:
 
 def test_widgets_follow_their_own_submissions_while_other_cells_run(ip, py) -> None:
     views = [
-        ip.run_line_magic("runflare", f"-l {py} --var case{i} import time; time.sleep(0.5); print('case', {i})")
+        ip.run_line_magic("runflare", f"-l {py} --var case{i} import time; time.sleep(1); print('case', {i})")
         for i in range(3)
     ]
     assert not any(view.finished for view in views), "returned at once"

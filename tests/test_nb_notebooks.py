@@ -87,6 +87,7 @@ def test_teaching(live_server, languages, monkeypatch, tmp_path) -> None:
 def test_plot(live_server, languages, monkeypatch, tmp_path) -> None:
     if 1071 not in languages:
         pytest.skip("the server has no IPython kernel runs (1071)")
+    pytest.importorskip("matplotlib", reason="plot.ipynb draws with matplotlib (a test dependency)")
     nb = execute("plot.ipynb", live_server.url, monkeypatch, tmp_path)
     assert "Accepted" in cell_text(nb.cells[3]), cell_text(nb.cells[3])
     assert "'image/png'" in cell_text(nb.cells[3])
