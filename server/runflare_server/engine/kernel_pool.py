@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import queue
 import secrets
 import shutil
 import subprocess
@@ -110,24 +111,48 @@ class SandboxedKernel:
         self.proc = sb.spawn(cmd, self.dir / "kernel.log", env, cwd=None if env is None else self.dir / "work")
         self.client = AsyncKernelClient()
         self.client.load_connection_info(_connection(str(self.dir / "k"), key))
-        self.client.start_channels()
-        ready = asyncio.ensure_future(self.client.wait_for_ready(timeout=timeout))
-        try:
-            while not ready.done():
-                if self.proc.poll() is not None:
-                    raise RuntimeError(f"kernel {self.spec.name} exited at start ({self.proc.returncode}): "
-                                       + self.log_tail())
-                if time.monotonic() - t0 > timeout:
-                    raise TimeoutError(f"kernel {self.spec.name} did not answer within {timeout}s")
-                await asyncio.wait({ready}, timeout=0.05)
-            ready.result()
-        finally:
-            if not ready.done():
-                ready.cancel()
-                with contextlib.suppress(BaseException):
-                    await ready
+        self.client.start_channels(hb=False)  # liveness is watched on the process itself
+        await self._wait_ready(t0 + timeout)
         self.start_wall = time.monotonic() - t0
         self.start_cpu = sb.tree_cpu_seconds(self.processes())
+
+    def _check(self, deadline: float) -> None:
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"kernel {self.spec.name} exited at start ({self.proc.returncode}): "
+                               + self.log_tail())
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"kernel {self.spec.name} did not answer in time")
+
+    async def _wait_ready(self, deadline: float) -> None:
+        """kernel_info answered on shell, and iopub delivering (its subscription is asynchronous)."""
+        kc = self.client
+        while True:
+            self._check(deadline)
+            msg_id = kc.kernel_info()
+            try:
+                while True:
+                    msg = await kc.get_shell_msg(timeout=0.5)
+                    if msg["parent_header"].get("msg_id") == msg_id:
+                        self.kernel_info = msg["content"]
+                        break
+                break
+            except queue.Empty:
+                continue
+        while True:
+            try:
+                await kc.get_iopub_msg(timeout=0.2)
+                break
+            except queue.Empty:
+                self._check(deadline)
+                kc.kernel_info()
+        while True:  # drain what the start-up and the probes published
+            try:
+                await kc.get_iopub_msg(timeout=0.05)
+            except queue.Empty:
+                break
+        with contextlib.suppress(queue.Empty):
+            while True:
+                await kc.get_shell_msg(timeout=0)
 
     def log_tail(self, n: int = 2000) -> str:
         """The end of the kernel's own stdout/stderr."""
@@ -214,6 +239,8 @@ class KernelPool:
                     return
                 self._deliver(kernel)
                 return
+            if not self._stopped:  # keep a warm pool trying, slowly
+                asyncio.get_running_loop().call_later(5.0, self._refill)
             err = RuntimeError(f"kernel {self.spec.name} failed to start: {self.stats['last_error']}")
             while self._waiters:
                 w = self._waiters.popleft()
