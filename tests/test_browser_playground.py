@@ -229,3 +229,31 @@ def test_playground_polls_when_the_socket_cannot_open(browser, live_server) -> N
     finally:
         page.close()
         proxy.close()
+
+
+def test_playground_interactive_input(browser, live_server, tmp_path) -> None:
+    page = browser.new_page()
+    try:
+        page.goto(live_server.url + "/")
+        wait_for_languages(page)
+        page.select_option("#language", label=python_label(page))
+        page.fill("#code", "name = input()\nprint('hi', name, flush=True)\nprint(input().upper())\n")
+        page.check("#interactive")
+        page.click("#run")
+        page.wait_for_selector("#stdin-line", state="visible")
+        page.fill("#stdin-line", "bob")
+        page.press("#stdin-line", "Enter")
+        page.wait_for_function("document.getElementById('output').textContent.includes('hi bob')", timeout=60_000)
+        assert page.get_attribute("#status", "data-final") == "false"  # still waiting for the second line
+        page.fill("#stdin-line", "second")
+        page.press("#stdin-line", "Enter")
+        page.wait_for_selector("#status[data-final='true']", timeout=60_000)
+        assert page.text_content("#status") == "Accepted"
+        stdout = "".join(page.eval_on_selector_all("#output [data-stream='stdout']", "es => es.map(e => e.textContent)"))
+        assert stdout == "hi bob\nSECOND\n"
+        echoed = page.eval_on_selector_all("#output [data-stream='stdin']", "es => es.map(e => e.textContent)")
+        assert echoed == ["bob\n", "second\n"]
+        assert not page.is_visible("#stdin-line")
+        page.screenshot(path=str(tmp_path / "interactive.png"), full_page=True)
+    finally:
+        page.close()
