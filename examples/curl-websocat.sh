@@ -45,7 +45,12 @@ else
   exec 3< <(exec sleep 600)
   KEEPER=$!
   trap 'kill "$KEEPER" 2>/dev/null; wait "$KEEPER" 2>/dev/null || true' EXIT
-  "$PYTHON" -m websockets "$WS" <&3
+  if [[ -t 1 ]]; then
+    "$PYTHON" -m websockets "$WS" <&3
+  else
+    # Not a terminal: drop the CLI's cursor-control sequences and prompts.
+    "$PYTHON" -m websockets "$WS" <&3 | sed -u -e 's/\x1b[78]//g' -e 's/\x1b\[[0-9;]*[A-Za-z]//g' -e 's/\r//g' -e 's/^> //' -e '/^$/d'
+  fi
   exec 3<&-
 fi
 
