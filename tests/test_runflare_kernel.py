@@ -1,0 +1,128 @@
+"""The Run-Flare kernel through the Jupyter protocol: jupyter_kernel_test conformance, installed
+kernelspecs, and the engine-facing metadata (language, stdin, argv, limits in; result out)."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import tempfile
+import unittest
+from pathlib import Path
+
+import jupyter_kernel_test
+from jupyter_client.kernelspec import KernelSpecManager
+from jupyter_client.manager import start_new_kernel
+from runflare_server.engine import languages
+from runflare_server.kernels.install import install_kernelspecs
+
+AVAILABLE = {info.id for info in languages.language_infos()}
+_PREFIX = tempfile.TemporaryDirectory(prefix="runflare-kernelspecs-")
+
+
+def setUpModule() -> None:
+    install_kernelspecs(prefix=_PREFIX.name)
+    os.environ["JUPYTER_PATH"] = os.pathsep.join(
+        p for p in (str(Path(_PREFIX.name) / "share" / "jupyter"), os.environ.get("JUPYTER_PATH")) if p)
+
+
+def tearDownModule() -> None:
+    _PREFIX.cleanup()
+
+
+class RunFlarePythonKernelTests(jupyter_kernel_test.KernelTests):
+    """Protocol conformance of the Run-Flare kernel with its Python kernelspec."""
+
+    kernel_name = "runflare-python"
+    language_name = "python"
+    file_extension = ".py"
+    code_hello_world = "print('hello, world')"
+    code_stderr = "import sys; print('test', file=sys.stderr)"
+    code_generate_error = "import sys; sys.exit(2)"
+    complete_code_samples = ["print(1)"]
+
+
+class RunFlareCKernelTests(jupyter_kernel_test.KernelTests):
+    """The C kernelspec compiles each cell and runs it."""
+
+    kernel_name = "runflare-c"
+    language_name = "c"
+    file_extension = ".c"
+    code_hello_world = '#include <stdio.h>\nint main(){ printf("hello, world\\n"); return 0; }'
+    code_stderr = '#include <stdio.h>\nint main(){ fprintf(stderr, "test\\n"); return 0; }'
+    code_generate_error = "int main(){ return 7; }"
+
+    @classmethod
+    def setUpClass(cls) -> None:
+        if 50 not in AVAILABLE:
+            raise unittest.SkipTest("gcc not installed")
+        super().setUpClass()
+
+
+class EngineMetadataTests(unittest.TestCase):
+    """What ProgramRuns relies on: metadata["runflare"] in the request and in the reply."""
+
+    @classmethod
+    def setUpClass(cls) -> None:
+        cls.km, cls.kc = start_new_kernel(kernel_name="runflare-python")
+
+    @classmethod
+    def tearDownClass(cls) -> None:
+        cls.kc.stop_channels()
+        cls.km.shutdown_kernel()
+
+    def execute(self, code: str, **rf) -> tuple[dict, list[dict]]:
+        msg = self.kc.session.msg("execute_request", {"code": code, "silent": False, "store_history": False,
+                                                      "user_expressions": {}, "allow_stdin": False},
+                                  metadata={"runflare": rf})
+        self.kc.shell_channel.send(msg)
+        iopub = []
+        while True:
+            m = self.kc.get_iopub_msg(timeout=60)
+            if m["parent_header"].get("msg_id") != msg["header"]["msg_id"]:
+                continue
+            if m["msg_type"] == "status" and m["content"]["execution_state"] == "idle":
+                break
+            iopub.append(m)
+        reply = self.kc.get_shell_msg(timeout=60)
+        return reply, iopub
+
+    def test_language_stdin_args_in_metadata(self):
+        if 46 not in AVAILABLE:
+            self.skipTest("bash not installed")
+        reply, iopub = self.execute('read x; echo "$x|$1|$2"', language_id=46, stdin="in\n", args="a 'b c'")
+        rf = reply["metadata"]["runflare"]
+        self.assertEqual(rf["outcome"], "exited")
+        self.assertEqual(rf["exit_code"], 0)
+        self.assertEqual(base64.b64decode(rf["stdout_b64"]), b"in|a|b c\n")
+        self.assertGreater(rf["time"], 0)
+        self.assertGreater(rf["memory"], 0)
+        types = [m["msg_type"] for m in iopub]
+        self.assertIn("runflare_stage", types)
+        self.assertEqual([m["content"]["text"] for m in iopub if m["msg_type"] == "stream"], ["in|a|b c\n"])
+
+    def test_limits_in_metadata(self):
+        reply, _ = self.execute("while True: pass", language_id=71,
+                                limits={"cpu_time_limit": 0.3, "cpu_extra_time": 0.2, "wall_time_limit": 5})
+        rf = reply["metadata"]["runflare"]
+        self.assertEqual(rf["outcome"], "time_limit")
+        self.assertEqual(reply["content"]["status"], "error")
+
+    def test_compile_error_reply(self):
+        if 50 not in AVAILABLE:
+            self.skipTest("gcc not installed")
+        reply, _ = self.execute("int main( {", language_id=50)
+        rf = reply["metadata"]["runflare"]
+        self.assertEqual(rf["outcome"], "compile_error")
+        self.assertIn("error", rf["compile_output"])
+
+    def test_kernelspecs_installed_for_available_languages(self):
+        specs = KernelSpecManager().find_kernel_specs()
+        for lang in languages.LANGUAGES:
+            if lang.id in AVAILABLE:
+                self.assertIn(lang.kernelspec, specs)
+                spec = json.loads((Path(specs[lang.kernelspec]) / "kernel.json").read_text())
+                self.assertEqual(spec["env"]["RUNFLARE_LANGUAGE"], str(lang.id))
+                self.assertTrue(spec["display_name"].endswith("(Run-Flare)"))
+        self.assertEqual(json.loads((Path(specs["runflare-python"]) / "kernel.json").read_text())["display_name"],
+                         "Python (Run-Flare)")
