@@ -327,7 +327,8 @@ def _read_all(fd: int) -> str:
 
 def _parse_status(text: str, status: int, res: StepResult) -> None:
     """Exit code / signal / exec failure from the reaper's line, else from the sandbox's own status."""
-    line = text.strip().splitlines()[-1] if text.strip() else ""
+    lines = text.strip().splitlines()
+    line = next((ln for ln in lines if ln.startswith("exec ")), lines[-1] if lines else "")
     kind, _, rest = line.partition(" ")
     if kind == "exit":
         res.exit_code = int(rest)
