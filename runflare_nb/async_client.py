@@ -32,6 +32,7 @@ class AsyncClient:
         self.timeout = timeout
         self.websocket = websocket
         self._languages: list[dict[str, Any]] | None = None
+        self._open: dict[str, Any] = {}  # token -> the socket an active stream() is reading
 
     def __repr__(self) -> str:
         return f"AsyncClient({self.url!r})"
@@ -98,6 +99,30 @@ class AsyncClient:
         """Submit and wait: the finished submission."""
         return await self.wait(await self.submit(source, language, **kwargs))
 
+    async def send_stdin(self, token: str, data: str = "", eof: bool = False) -> None:
+        """Feed a running ``interactive`` submission's standard input (see ``Client.send_stdin``)."""
+        message = json.dumps({"type": "stdin", "data": data, "eof": eof})
+        ws = self._open.get(token)
+        if ws is not None:
+            try:
+                await ws.send(message)
+                return
+            except WebSocketException:
+                pass
+        try:
+            async with connect(p.ws_url(self.api, token, None), additional_headers=self._ws_headers(),
+                               open_timeout=min(self.timeout, 10), max_size=WS_MAX_MESSAGE) as short:
+                await short.send(message)
+        except InvalidStatus as exc:
+            if exc.response.status_code == 404:
+                raise NotFound(404, {"error": "Not Found"}, token) from None
+            raise ServerUnreachable(self.url, exc) from exc
+        except (OSError, WebSocketException) as exc:
+            raise ServerUnreachable(self.url, exc) from exc
+
+    def _ws_headers(self) -> dict[str, str] | None:
+        return {"X-Auth-Token": self.token} if self.token else None
+
     async def stream(self, token: str, since: int = 0,
                      timeout: float | None = None) -> AsyncIterator[dict[str, Any]]:
         """Yield the submission's events until its final status_update (see ``Client.stream``)."""
@@ -126,18 +151,22 @@ class AsyncClient:
     async def _socket_events(self, token: str, tracker: p.StreamTracker,
                              deadline: float | None) -> AsyncIterator[dict[str, Any]]:
         uri = p.ws_url(self.api, token, tracker.last_seq)
-        extra = {"X-Auth-Token": self.token} if self.token else None
-        async with connect(uri, additional_headers=extra, open_timeout=min(self.timeout, 10),
+        async with connect(uri, additional_headers=self._ws_headers(), open_timeout=min(self.timeout, 10),
                            max_size=WS_MAX_MESSAGE) as ws:
-            while not tracker.done:
-                try:
-                    raw = await asyncio.wait_for(ws.recv(), p.remaining(deadline))
-                except asyncio.TimeoutError:
-                    raise WaitTimeout(f"submission {token} not finished in time") from None
-                except ConnectionClosedOK:
-                    return
-                for event in tracker.from_socket(json.loads(raw)):
-                    yield event
+            self._open[token] = ws
+            try:
+                while not tracker.done:
+                    try:
+                        raw = await asyncio.wait_for(ws.recv(), p.remaining(deadline))
+                    except asyncio.TimeoutError:
+                        raise WaitTimeout(f"submission {token} not finished in time") from None
+                    except ConnectionClosedOK:
+                        return
+                    for event in tracker.from_socket(json.loads(raw)):
+                        yield event
+            finally:
+                if self._open.get(token) is ws:
+                    del self._open[token]
 
     async def _polled_events(self, token: str, tracker: p.StreamTracker,
                              deadline: float | None) -> AsyncIterator[dict[str, Any]]:

@@ -37,6 +37,7 @@ class Client:
         self.timeout = timeout
         self.websocket = websocket
         self._languages: list[dict[str, Any]] | None = None
+        self._open: dict[str, Any] = {}  # token -> the socket an active stream() is reading
 
     def __repr__(self) -> str:
         return f"Client({self.url!r})"
@@ -107,6 +108,34 @@ class Client:
         """Submit and wait: the finished submission."""
         return self.wait(self.submit(source, language, **kwargs))
 
+    def send_stdin(self, token: str, data: str = "", eof: bool = False) -> None:
+        """Feed a running ``interactive`` submission's standard input (``eof`` closes it).
+
+        Goes through the socket of an active ``stream(token)`` when there is one, else through a
+        short-lived connection. The server reports refusals as ``error`` events on the stream.
+        """
+        message = json.dumps({"type": "stdin", "data": data, "eof": eof})
+        ws = self._open.get(token)
+        if ws is not None:
+            try:
+                ws.send(message)
+                return
+            except WebSocketException:
+                pass
+        try:
+            with connect(p.ws_url(self.api, token, None), additional_headers=self._ws_headers(),
+                         open_timeout=min(self.timeout, 10), max_size=WS_MAX_MESSAGE) as short:
+                short.send(message)
+        except InvalidStatus as exc:
+            if exc.response.status_code == 404:
+                raise NotFound(404, {"error": "Not Found"}, token) from None
+            raise ServerUnreachable(self.url, exc) from exc
+        except (OSError, WebSocketException) as exc:
+            raise ServerUnreachable(self.url, exc) from exc
+
+    def _ws_headers(self) -> dict[str, str] | None:
+        return {"X-Auth-Token": self.token} if self.token else None
+
     # -- events -----------------------------------------------------------------------------
     def stream(self, token: str, since: int = 0, timeout: float | None = None) -> Iterator[dict[str, Any]]:
         """Yield the submission's events (SPEC "WebSocket") until its final status_update.
@@ -137,17 +166,25 @@ class Client:
     def _socket_events(self, token: str, tracker: p.StreamTracker,
                        deadline: float | None) -> Iterator[dict[str, Any]]:
         uri = p.ws_url(self.api, token, tracker.last_seq)
-        extra = {"X-Auth-Token": self.token} if self.token else None
-        with connect(uri, additional_headers=extra, open_timeout=min(self.timeout, 10),
+        with connect(uri, additional_headers=self._ws_headers(), open_timeout=min(self.timeout, 10),
                      max_size=WS_MAX_MESSAGE) as ws:
-            while not tracker.done:
-                try:
-                    raw = ws.recv(timeout=p.remaining(deadline))
-                except TimeoutError:
-                    raise WaitTimeout(f"submission {token} not finished in time") from None
-                except ConnectionClosedOK:
-                    return
-                yield from tracker.from_socket(json.loads(raw))
+            self._open[token] = ws
+            try:
+                yield from self._receive(ws, token, tracker, deadline)
+            finally:
+                if self._open.get(token) is ws:
+                    del self._open[token]
+
+    @staticmethod
+    def _receive(ws: Any, token: str, tracker: p.StreamTracker, deadline: float | None) -> Iterator[dict[str, Any]]:
+        while not tracker.done:
+            try:
+                raw = ws.recv(timeout=p.remaining(deadline))
+            except TimeoutError:
+                raise WaitTimeout(f"submission {token} not finished in time") from None
+            except ConnectionClosedOK:
+                return
+            yield from tracker.from_socket(json.loads(raw))
 
     def _polled_events(self, token: str, tracker: p.StreamTracker,
                        deadline: float | None) -> Iterator[dict[str, Any]]:

@@ -45,6 +45,8 @@ class RunflareMagics(Magics):
     @argument("--no-widget", action="store_true", help="print plain text and block (for scripts)")
     @argument("--wait", action="store_true", help="block until the submission is finished")
     @argument("--var", metavar="NAME", help="store the final submission dict in this variable")
+    @argument("--interactive", action="store_true",
+              help="type the program's standard input in the widget while it runs")
     @line_cell_magic
     def runflare(self, line: str, cell: str | None = None) -> Any:
         """Submit code to Run-Flare and show a live widget.
@@ -56,6 +58,8 @@ class RunflareMagics(Magics):
         source, filename = self._source(rest, cell)
         if args.var is not None and not args.var.isidentifier():
             raise UsageError(f"--var needs a Python identifier, not {args.var!r}")
+        if args.interactive and (args.wait or args.no_widget):
+            raise UsageError("--interactive needs the widget to type into: drop --wait / --no-widget")
         language: str | int | None = args.language
         if language is None and args.kernel is None:
             language = (filename and guess_from_filename(filename)) or 71
@@ -67,7 +71,12 @@ class RunflareMagics(Magics):
         }
         if args.no_widget:
             return self._run_plain(client, source, language, options, args.var)
-        view = SubmissionWidget(filename or "")
+        view = SubmissionWidget(filename or "", interactive=args.interactive)
+        if args.interactive:
+            options["interactive"] = True
+            typed_ahead = options.pop("stdin")
+            if typed_ahead:  # sent, as whole lines, once the program runs
+                view.send_stdin(typed_ahead if typed_ahead.endswith("\n") else typed_ahead + "\n")
         if args.var:
             view.on_finish(lambda w: self.shell.user_ns.__setitem__(args.var, w.submission))
         try:

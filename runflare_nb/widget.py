@@ -59,14 +59,28 @@ class SubmissionWidget(widgets.VBox):
     """Status badge, stage and elapsed time; stdout/stderr as they arrive; rich outputs; and at
     the end time, memory and exit code. ``submission`` holds the final submission dict."""
 
-    def __init__(self, title: str = "") -> None:
+    def __init__(self, title: str = "", interactive: bool = False) -> None:
         self.title = title
         self.header = widgets.HTML()
         self.console = widgets.Output(layout=widgets.Layout(max_height="30em", overflow="auto"))
         self.rich = widgets.Output()
         self.footer = widgets.HTML()
-        super().__init__([self.header, self.console, self.rich, self.footer])
+        children: list[widgets.Widget] = [self.header, self.console]
+        self.stdin_box: widgets.Text | None = None
+        if interactive:
+            self.stdin_box = widgets.Text(placeholder="standard input: Enter sends a line",
+                                          continuous_update=False, layout=widgets.Layout(width="60%"))
+            self.stdin_box.observe(self._on_stdin, names="value")
+            eof = widgets.Button(description="Send EOF", tooltip="close the program's standard input")
+            eof.on_click(lambda _: self.send_stdin("", eof=True))
+            self.input_row = widgets.HBox([self.stdin_box, eof])
+            self.input_row.add_class("runflare-stdin")
+            children.append(self.input_row)
+        super().__init__([*children, self.rich, self.footer])
         self.add_class("runflare-widget")
+        self._client: Client | None = None
+        self._running = False
+        self._pending: list[tuple[str, bool]] = []
         self.token: str | None = None
         self.status_id: int | None = None
         self.status_name = "Submitting"
@@ -143,9 +157,36 @@ class SubmissionWidget(widgets.VBox):
                     "metadata": display.get("metadata", {})})
             elif event.get("stage"):
                 self.stage = event["stage"]
+                if self.stage == "running" and not self._running:
+                    self._running = True
+                    self._flush_stdin()
         elif kind == "error":
             self.console.append_stderr(f"[server] {event.get('error', '')} {event.get('details', '')}\n")
         self._render()
+
+    # -- interactive standard input ---------------------------------------------------------
+    def _on_stdin(self, change: dict[str, Any]) -> None:
+        if change["new"]:
+            self.send_stdin(change["new"] + "\n")
+            assert self.stdin_box is not None
+            self.stdin_box.value = ""
+
+    def send_stdin(self, data: str, eof: bool = False) -> None:
+        """Feed the program's standard input (an ``interactive`` submission); kept until it runs."""
+        with self._lock:
+            self._pending.append((data, eof))
+            if self._running:
+                self._flush_stdin()
+
+    def _flush_stdin(self) -> None:
+        with self._lock:
+            pending, self._pending = self._pending, []
+            for data, eof in pending:
+                try:
+                    if self._client is not None and self.token is not None:
+                        self._client.send_stdin(self.token, data, eof)
+                except RunflareError as exc:
+                    self.console.append_stderr(f"[stdin not sent: {exc}]\n")
 
     def show_error(self, message: str) -> None:
         """Show a failure of the client (server unreachable, rejected submission) and stop."""
@@ -171,6 +212,8 @@ class SubmissionWidget(widgets.VBox):
 
     def _complete(self) -> None:
         self._done.set()
+        if self.stdin_box is not None:
+            self.input_row.layout.display = "none"
         self._render()
         for callback in self._callbacks:
             callback(self)
@@ -189,6 +232,7 @@ class SubmissionWidget(widgets.VBox):
     def follow(self, client: Client, token: str) -> threading.Thread:
         """Follow ``token`` in a background thread that updates this widget."""
         self.token = token
+        self._client = client
         self.status_name = "In Queue"
         self._render()
         parent = _capture_parent()
@@ -221,10 +265,11 @@ def run_widget(source: str, language: str | int | None = None, *, client: Client
                title: str = "", wait: bool = False, **kwargs: Any) -> SubmissionWidget:
     """Submit ``source`` and return a widget following it (``wait=True``: once it is finished).
 
-    ``kwargs`` go to :meth:`Client.submit` (stdin, expected_output, cpu_time_limit ...).
+    ``kwargs`` go to :meth:`Client.submit` (stdin, expected_output, cpu_time_limit, interactive ...);
+    ``interactive=True`` adds an input box that feeds the program's standard input.
     """
     client = client or Client()
-    view = SubmissionWidget(title)
+    view = SubmissionWidget(title, interactive=bool(kwargs.get("interactive")))
     try:
         token = client.submit(source, language, **kwargs)
     except RunflareError as exc:

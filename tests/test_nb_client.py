@@ -213,6 +213,21 @@ def test_stream_resumes_with_since_after_a_drop(live_server, python_id: int) -> 
     assert events[-1]["type"] == "status_update" and events[-1]["status"]["id"] == 3
 
 
+def test_interactive_stdin_over_the_socket(client: Client, python_id: int) -> None:
+    source = "import sys\nprint('got', input(), flush=True)\nprint('then', input())\nprint(repr(sys.stdin.read()))\n"
+    token = client.submit(source, python_id, interactive=True)
+    events = []
+    for event in client.stream(token, timeout=60):
+        events.append(event)
+        if event.get("type") == "progress_update" and event.get("stage") == "running" and "message" in event:
+            client.send_stdin(token, "one\n")  # through the stream's own socket
+        if event.get("text", "").startswith("got"):
+            client.send_stdin(token, "two\nrest", eof=True)
+    assert not [e for e in events if e["type"] == "error"], events
+    assert stdout_of(events).startswith("got one\nthen two\n'rest")
+    assert events[-1]["status"]["id"] == 3
+
+
 def test_validation_errors_carry_field_messages(client: Client, python_id: int) -> None:
     with pytest.raises(ValidationError) as info:
         client.submit("print(1)", 999_999)

@@ -118,6 +118,20 @@ def test_widgets_follow_their_own_submissions_while_other_cells_run(ip, py) -> N
         assert any(e["type"] == "status_update" for e in view.events)
 
 
+def test_interactive_input_typed_in_the_widget(ip, py) -> None:
+    source = "import sys\na = input()\nprint('a =', a, flush=True)\nb = input()\nprint('b =', b)\nprint(repr(sys.stdin.read()))\n"
+    view = ip.run_cell_magic("runflare", f"-l {py} --interactive --stdin first --var typed", source)
+    assert view.stdin_box is not None and not view.finished
+    view.stdin_box.value = "second"  # what pressing Enter in the box does
+    assert view.stdin_box.value == "", "the box is cleared once the line is sent"
+    view.send_stdin("the end", eof=True)
+    assert view.wait(60)
+    assert view.status_id == 3, (view.events, view.submission)
+    assert console_text(view).startswith("a = first\nb = second\n'the end")
+    assert view.input_row.layout.display == "none", "no input box once the program is over"
+    assert ip.user_ns["typed"]["stdout"] == console_text(view)
+
+
 def test_unreachable_server(ip, capsys) -> None:
     url = f"http://127.0.0.1:{free_port()}"
     view = ip.run_line_magic("runflare", f"--server {url} print(1)")
@@ -140,6 +154,7 @@ def test_rejected_submission_is_shown_not_raised(ip) -> None:
     "--no-widget",
     "--stdin @/no/such/file print(1)",
     "no_such_program.py",
+    "--interactive --wait print(input())",
     "-l klingon print(1)",
 ])
 def test_bad_options_are_usage_errors(ip, line, capsys) -> None:
