@@ -219,3 +219,62 @@ def test_slow_consumer_is_closed_with_1013_and_can_resume(tight_server):
     with connect(ws_url(tight_server, token, f"?X-Auth-Token=tok&since={last}"), max_size=None) as ws:
         rest = events_only(read_all(ws))
     assert rest[0]["seq"] == last + 1 and rest[-1]["type"] == "status_update"
+
+
+@pytest.mark.parametrize("language_id", [71, 1071])
+def test_interactive_stdin_from_the_socket(live_server, language_id):
+    src = "name = input('name? ')\nprint('hello', name)\nprint('again', input())\n"
+    token = post(f"{live_server.api}/submissions", {"source_code": src, "language_id": language_id,
+                                                    "interactive": True}).json["token"]
+    with connect(ws_url(live_server, token)) as ws:
+        while json.loads(ws.recv(timeout=30)).get("stage") != "running":
+            pass
+        ws.send(json.dumps({"type": "stdin", "data": "bob\n"}))
+        ws.send(json.dumps({"type": "stdin", "data": "twice\n", "eof": True}))
+        messages = read_all(ws)
+    final = messages[-1]
+    assert final["status"]["id"] == 3, final
+    assert "hello bob\n" in final["data"]["stdout"] and "again twice\n" in final["data"]["stdout"]
+
+
+def test_interactive_eof_is_a_terminal_eof(live_server):
+    src = "import sys\ndata = sys.stdin.read()\nprint(len(data.split()))\n"
+    token = post(f"{live_server.api}/submissions", {"source_code": src, "language_id": 71,
+                                                    "interactive": True}).json["token"]
+    with connect(ws_url(live_server, token)) as ws:
+        ws.send(json.dumps({"type": "stdin", "data": "a b c\nd\n"}))
+        ws.send(json.dumps({"type": "stdin", "eof": True}))
+        final = read_all(ws)[-1]
+    assert final["data"]["stdout"] == "4\n"
+
+
+def test_interactive_run_still_obeys_wall_limit(live_server):
+    token = post(f"{live_server.api}/submissions", {"source_code": "input()", "language_id": 71,
+                                                    "interactive": True, "wall_time_limit": 1}).json["token"]
+    with connect(ws_url(live_server, token)) as ws:
+        final = read_all(ws)[-1]
+    assert final["status"]["id"] == 5
+
+
+def test_stdin_to_a_non_interactive_run_is_an_error(live_server):
+    token = post(f"{live_server.api}/submissions", {"source_code": "import time; time.sleep(1)",
+                                                    "language_id": 71}).json["token"]
+    with connect(ws_url(live_server, token)) as ws:
+        ws.send(json.dumps({"type": "stdin", "data": "x"}))
+        messages = []
+        while not any(m["type"] == "error" for m in messages):
+            messages.append(json.loads(ws.recv(timeout=30)))
+        assert "interactive" in messages[-1]["details"]
+        assert read_all(ws)[-1]["status"]["id"] == 3  # the socket stayed open to the end
+
+
+def test_socket_wait_and_polling_agree(live_server):
+    src = "import sys\nprint('out')\nprint('err', file=sys.stderr)\nsys.exit(2)\n"
+    body = {"source_code": src, "language_id": 71}
+    waited = post(f"{live_server.api}/submissions?wait=true&fields=token,stdout,stderr,status,exit_code,time", body).json
+    with connect(ws_url(live_server, waited["token"])) as ws:
+        final = read_all(ws)[-1]
+    polled = get(f"{live_server.api}/submissions/{waited['token']}?fields=stdout,stderr,status,exit_code,time").json
+    assert final["status"]["id"] == waited["status"]["id"] == polled["status"]["id"] == 11
+    for key in ("stdout", "stderr", "exit_code", "time"):
+        assert final["data"][key] == waited[key] == polled[key]
