@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -318,3 +319,62 @@ def test_typescript_client_interactive_stdin(live_server, python_id, tmp_path) -
             proc.wait()
     assert proc.returncode == 0, err
     assert rest == "SECOND\n"
+
+
+def test_typescript_client_shows_rich_displays(live_server, tmp_path) -> None:
+    with urllib.request.urlopen(live_server.api + "/languages", timeout=10) as r:
+        if 1071 not in {lang["id"] for lang in json.load(r)}:
+            pytest.skip("this server has no IPython kernel runs (language 1071)")
+    program = tmp_path / "rich.py"
+    program.write_text("from IPython.display import HTML, display\ndisplay(HTML('<b>hi</b>'))\nprint('after')\n")
+    proc = subprocess.run(deno_run(live_server.url, str(program), "--language", "1071"),
+                          env=env_for(live_server.url), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "[runflare] display: text/html, text/plain" in proc.stderr or \
+        "[runflare] display: text/plain, text/html" in proc.stderr, proc.stderr
+    assert proc.stdout.splitlines() == ["<IPython.core.display.HTML object>", "after"]
+
+
+@pytest.fixture(scope="module")
+def auth_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator:
+    """A server that wants X-Auth-Token on every route (conftest's start_server polls /health without one)."""
+    from conftest import LiveServer, free_port
+
+    data_dir = tmp_path_factory.mktemp("auth-server")
+    port = free_port()
+    log = open(data_dir / "server.log", "ab")  # noqa: SIM115 - closed after the server stops
+    proc = subprocess.Popen([sys.executable, "-m", "runflare_server", "serve", "--host", "127.0.0.1", "--port",
+                             str(port), "--data-dir", str(data_dir)], stdout=log, stderr=subprocess.STDOUT,
+                            env={**os.environ, "RUNFLARE_AUTH_TOKENS": '["s3cret"]'}, start_new_session=True)
+    server = LiveServer(f"http://127.0.0.1:{port}", port, data_dir, proc)
+    deadline = time.monotonic() + 60
+    while True:
+        req = urllib.request.Request(server.api + "/health", headers={"X-Auth-Token": "s3cret"})
+        try:
+            with urllib.request.urlopen(req, timeout=2):
+                break
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                server.stop()
+                log.close()
+                pytest.fail("auth server did not start: " + (data_dir / "server.log").read_text()[-2000:])
+            time.sleep(0.2)
+    yield server
+    server.stop()
+    log.close()
+
+
+def test_clients_send_the_auth_token(auth_server, programs, tmp_path) -> None:
+    program = tmp_path / "hi.py"
+    program.write_text("print('hi')\n")
+    env = {**env_for(auth_server.url), "RUNFLARE_AUTH_TOKEN": "s3cret"}
+    ts = subprocess.run(deno_run(auth_server.url, str(program)), env=env, capture_output=True, text=True, timeout=120)
+    py = subprocess.run([sys.executable, str(EXAMPLES / "python_client.py"), str(program)], env=env,
+                        capture_output=True, text=True, timeout=120)
+    assert ts.returncode == 0 and ts.stdout == "hi\n", ts.stderr
+    assert "via=websocket" in ts.stderr  # the socket took the token as a query parameter
+    assert py.returncode == 0, py.stderr
+    assert json.loads(py.stdout.splitlines()[1])["type"] == "connected"
+
+    refused = run_python_client(auth_server.url, str(program))  # no token
+    assert refused.returncode == 1 and "HTTP 401" in refused.stderr
