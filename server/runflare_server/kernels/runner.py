@@ -35,18 +35,17 @@ COMPILE_LIMITS = Limits(cpu_time_limit=15.0, cpu_extra_time=5.0, wall_time_limit
                         max_output_bytes=64 * 1024)
 PERL = "/usr/bin/perl"
 REAPER = r"""
-use POSIX ();
 my $fd = shift @ARGV;
-open(my $st, '>&=', $fd) or POSIX::_exit(120);
-use Fcntl; fcntl($st, F_SETFD, FD_CLOEXEC);
+open(my $st, '>&=', $fd) or exit 120;
+fcntl($st, 2, 1);  # F_SETFD, FD_CLOEXEC: the program must not inherit the status pipe
 my $pid = fork;
-defined $pid or POSIX::_exit(121);
-if (!$pid) { exec { $ARGV[0] } @ARGV; syswrite $st, "exec " . ($! + 0) . " $!\n"; POSIX::_exit(127); }
+defined $pid or exit 121;
+if (!$pid) { exec { $ARGV[0] } @ARGV; syswrite $st, "exec " . ($! + 0) . " $!\n"; exit 127; }
 $SIG{$_} = 'IGNORE' for qw(HUP INT QUIT TERM PIPE USR1 USR2 ALRM);
 while (waitpid($pid, 0) < 0) { }
 my $s = $?;
 syswrite $st, (($s & 127) ? "signal " . ($s & 127) : "exit " . ($s >> 8)) . "\n";
-POSIX::_exit(($s & 127) ? 128 + ($s & 127) : ($s >> 8));
+exit(($s & 127) ? 128 + ($s & 127) : ($s >> 8));
 """
 POLL = 0.05
 
