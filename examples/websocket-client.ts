@@ -248,6 +248,7 @@ export class SubmissionStream {
   private final: FinalResult | null = null;
   // Characters of each stream already delivered, so a polling fallback prints only the rest.
   private shown = { stdout: 0, stderr: 0 };
+  private closeTimer: ReturnType<typeof setTimeout> | undefined;
 
   constructor(client: RunFlareClient, token: string, handlers: StreamHandlers = {}, opts: StreamOptions = {}) {
     this.client = client;
@@ -351,6 +352,7 @@ export class SubmissionStream {
       ws.onerror = () => {}; // the close event that follows carries what we need
       ws.onclose = (ev: CloseEvent) => {
         if (pinger !== undefined) clearInterval(pinger);
+        clearTimeout(this.closeTimer);
         this.socket = null;
         resolve({ opened, reason: `socket closed (code ${ev.code}${ev.reason ? ": " + ev.reason : ""})` });
       };
@@ -376,7 +378,7 @@ export class SubmissionStream {
           this.final = { status: msg.status, data: msg.data ?? {}, via: "websocket", reconnects: this.reconnects };
           // The server closes with 1000 after the final status; close ourselves if it does not.
           const ws = this.socket;
-          setTimeout(() => ws?.close(1000), 2000);
+          this.closeTimer = setTimeout(() => ws?.close(1000), 2000);
         }
         break;
       case "progress_update":
