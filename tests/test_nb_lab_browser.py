@@ -65,6 +65,17 @@ def jupyter_lab(live_server, tmp_path_factory):
         log.close()
 
 
+def open_and_run_all(page, url: str, token: str, name: str) -> None:
+    """Open a notebook in JupyterLab, wait for its kernel, run every cell."""
+    page.goto(f"{url}/lab/tree/{name}?reset&token={token}")  # reset: only this notebook open
+    page.wait_for_selector(".jp-NotebookPanel .jp-Cell", timeout=90_000)
+    page.wait_for_function(
+        "(name) => { const w = window.jupyterapp?.shell?.currentWidget; const s = w?.sessionContext;"
+        " return w?.context?.path === name && s?.session?.kernel?.status === 'idle'; }",
+        arg=name, timeout=90_000)
+    page.evaluate("window.jupyterapp.commands.execute('notebook:run-all-cells')")
+
+
 def test_widget_runs_live_in_jupyterlab(jupyter_lab, tmp_path) -> None:
     from playwright.sync_api import sync_playwright
 
@@ -73,13 +84,7 @@ def test_widget_runs_live_in_jupyterlab(jupyter_lab, tmp_path) -> None:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
             page = browser.new_page(viewport={"width": 1280, "height": 1400})
-            page.goto(f"{url}/lab/tree/{NOTEBOOK.name}?token={token}")
-            page.wait_for_selector(".jp-NotebookPanel .jp-Cell", timeout=90_000)
-            page.wait_for_function(
-                "() => { const s = window.jupyterapp?.shell?.currentWidget?.sessionContext;"
-                " return s && s.session && s.session.kernel && s.session.kernel.status === 'idle'; }",
-                timeout=90_000)
-            page.evaluate("window.jupyterapp.commands.execute('notebook:run-all-cells')")
+            open_and_run_all(page, url, token, NOTEBOOK.name)
             badge = page.locator(".runflare-badge", has_text="Accepted").first
             badge.wait_for(timeout=120_000)
             page.get_by_text("Hello, Run-Flare! (2)").first.wait_for(timeout=30_000)
@@ -95,3 +100,34 @@ def test_widget_runs_live_in_jupyterlab(jupyter_lab, tmp_path) -> None:
     saved = json.loads((root / NOTEBOOK.name).read_text())
     assert saved["cells"], "the notebook is still there and well formed"
     assert (tmp_path / "runflare-widget.png").stat().st_size > 1000
+
+
+def test_typing_into_an_interactive_widget(jupyter_lab, tmp_path) -> None:
+    """The input box of ``%%runflare --interactive`` feeds the running program from the browser."""
+    import nbformat
+    from playwright.sync_api import sync_playwright
+
+    url, token, root = jupyter_lab
+    nb = nbformat.v4.new_notebook(cells=[
+        nbformat.v4.new_code_cell("%load_ext runflare_nb"),
+        nbformat.v4.new_code_cell("%%runflare --language python --interactive\n"
+                                  "import sys\nprint('hello', input(), flush=True)\nprint('rest', repr(sys.stdin.read()))"),
+    ], metadata={"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}})
+    nbformat.write(nb, root / "interactive.ipynb")
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            open_and_run_all(page, url, token, "interactive.ipynb")
+            box = page.locator(".runflare-stdin input")
+            box.wait_for(timeout=60_000)
+            page.locator(".runflare-badge", has_text="Processing").wait_for(timeout=60_000)
+            box.fill("Ada")
+            box.press("Enter")
+            page.get_by_text("hello Ada").wait_for(timeout=60_000)
+            page.get_by_role("button", name="Send EOF").click()
+            page.locator(".runflare-badge", has_text="Accepted").wait_for(timeout=60_000)
+            assert "rest ''" in page.locator(".runflare-widget").inner_text()
+            page.locator(".runflare-widget").screenshot(path=str(tmp_path / "interactive-widget.png"))
+        finally:
+            browser.close()
