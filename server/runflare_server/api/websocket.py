@@ -55,13 +55,15 @@ class SubmissionSocket(websocket.WebSocketHandler):
         self.last_activity = time.monotonic()
         self.send_now(events.message("connected", token, message=f"Connected to submission {token}"))
         self.forwarder = asyncio.create_task(self.forward())
-        self.idle_watch = asyncio.create_task(self.watch_idle())
+        OPEN_SOCKETS.add(self)
+        ensure_idle_sweeper(self.settings_.ws_idle_timeout)
 
     def send_now(self, message: dict[str, Any]) -> asyncio.Future | None:
-        if "seq" not in message:
-            message = {**message, "seq": self.sent_seq}
+        raw = getattr(message, "raw", None)  # events from the log come encoded once for every client
+        if raw is None:
+            raw = json.dumps(message if "seq" in message else {**message, "seq": self.sent_seq})
         try:
-            return self.write_message(json.dumps(message))
+            return self.write_message(raw)
         except websocket.WebSocketClosedError:
             return None
 
@@ -104,14 +106,6 @@ class SubmissionSocket(websocket.WebSocketHandler):
         if sub["status_id"] >= 3:
             self.close(1000, "submission finished")
 
-    async def watch_idle(self) -> None:
-        limit = self.settings_.ws_idle_timeout
-        while True:
-            await asyncio.sleep(min(limit, 30.0))
-            if time.monotonic() - self.last_activity > limit:
-                self.close(1000, "idle")
-                return
-
     def on_message(self, raw: str | bytes) -> None:
         self.last_activity = time.monotonic()
         try:
@@ -151,9 +145,30 @@ class SubmissionSocket(websocket.WebSocketHandler):
                                          details="the program is not running"))
 
     def on_close(self) -> None:
-        for task in (getattr(self, "forwarder", None), getattr(self, "idle_watch", None)):
-            if task is not None:
-                task.cancel()
+        OPEN_SOCKETS.discard(self)
+        forwarder = getattr(self, "forwarder", None)
+        if forwarder is not None:
+            forwarder.cancel()
+
+
+OPEN_SOCKETS: set[SubmissionSocket] = set()
+_sweeper: asyncio.Task | None = None
+
+
+def ensure_idle_sweeper(limit: float) -> None:
+    """One task for all sockets closes those silent (nothing sent or received) for longer than `limit`."""
+    global _sweeper
+    if _sweeper is None or _sweeper.done():
+        _sweeper = asyncio.create_task(_sweep_idle(limit))
+
+
+async def _sweep_idle(limit: float) -> None:
+    while OPEN_SOCKETS:
+        await asyncio.sleep(min(limit / 2, 15.0))
+        now = time.monotonic()
+        for sock in [s for s in OPEN_SOCKETS if now - s.last_activity > limit]:
+            OPEN_SOCKETS.discard(sock)
+            sock.close(1000, "idle")
 
 
 def websocket_settings(settings: Any) -> dict[str, Any]:

@@ -7,11 +7,22 @@ finished logs are kept for `retention` seconds (then the WebSocket replays from 
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator
 
 from .base import Event
+
+
+class LoggedEvent(dict):
+    """An event with its JSON text, encoded once however many clients receive it."""
+
+    __slots__ = ("raw",)
+
+    def __init__(self, event: Event):
+        super().__init__(event)
+        self.raw = json.dumps(self)
 
 
 class EventLog:
@@ -23,7 +34,7 @@ class EventLog:
         self._changed = asyncio.Event()
 
     def append(self, event: Event, final: bool) -> Event:
-        event["seq"] = len(self.events) + 1
+        event = LoggedEvent({**event, "seq": len(self.events) + 1})
         self.events.append(event)
         if final:
             self.closed_at = time.monotonic()
