@@ -67,3 +67,28 @@ def test_sigterm_drains_running_submission(tmp_path):
     (doc,) = db.execute("SELECT status_id FROM submissions WHERE token = ?", (token,)).fetchone()
     assert doc == 3
     db.close()
+
+
+def test_socket_after_restart_replays_the_stored_result(tmp_path):
+    import json
+
+    from websockets.sync.client import connect
+
+    server = start_server(tmp_path, env=LEAN)
+    token = post(f"{server.api}/submissions?wait=true&fields=token",
+                 {"source_code": "print('kept')", "language_id": 71}).json["token"]
+    server.stop()
+    again = start_server(tmp_path, env=LEAN, port=server.port)
+    try:
+        with connect(again.url.replace("http", "ws") + f"/api/v1/submissions/{token}/ws") as ws:
+            connected = json.loads(ws.recv(timeout=10))
+            final = json.loads(ws.recv(timeout=10))
+            try:
+                ws.recv(timeout=10)
+            except Exception:  # noqa: BLE001 - the close is what we expect
+                pass
+        assert connected["type"] == "connected"
+        assert final["seq"] == 1 and final["status"]["id"] == 3 and final["data"]["stdout"] == "kept\n"
+        assert ws.close_code == 1000
+    finally:
+        again.stop()

@@ -95,16 +95,25 @@ class SubmissionSocket(websocket.WebSocketHandler):
             self.close(1011)
 
     async def replay_from_store(self) -> None:
-        """No live log (restart or long finished): tell the story the store still knows."""
+        """No live log here (a restart, a long-finished run, an API-only node): tell what the store knows.
+
+        The story is the current status as seq 1 and, once the run ends, the final status as seq 2.
+        """
         sub = await self.service.submissions.get(self.token)
-        if sub is None:
-            self.close(1000)
-            return
-        if self.since < 1:
+        if sub is not None and sub["status_id"] < 3:
+            if self.since < 1:
+                self.send_now({**events.status_update(self.token, sub), "seq": 1})
+                self.sent_seq = 1
+            while sub is not None and sub["status_id"] < 3:
+                await asyncio.sleep(0.5)
+                sub = await self.service.submissions.get(self.token)
+            if sub is not None and self.since < 2:
+                self.sent_seq = 2
+                self.send_now({**events.status_update(self.token, sub), "seq": 2})
+        elif sub is not None and self.since < 1:
             self.sent_seq = 1
             self.send_now({**events.status_update(self.token, sub), "seq": 1})
-        if sub["status_id"] >= 3:
-            self.close(1000, "submission finished")
+        self.close(1000, "submission finished")
 
     def on_message(self, raw: str | bytes) -> None:
         self.last_activity = time.monotonic()
