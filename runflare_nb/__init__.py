@@ -3,9 +3,9 @@ live ipywidgets view. Talks to any Run-Flare (or Judge0) server over HTTP only."
 
 from __future__ import annotations
 
-from typing import Any
+import importlib
+from typing import TYPE_CHECKING, Any
 
-from .async_client import AsyncClient
 from .client import Client
 from .errors import (
     AuthError,
@@ -19,21 +19,25 @@ from .errors import (
 )
 from .languages import resolve as resolve_language
 
+if TYPE_CHECKING:
+    from .async_client import AsyncClient
+    from .widget import SubmissionWidget, run_widget, wait_all
+
 __all__ = [
     "AsyncClient", "AuthError", "Client", "HTTPError", "NotFound", "RunflareError", "ServerUnreachable",
     "SubmissionWidget", "UnknownLanguage", "ValidationError", "WaitTimeout", "load_ipython_extension",
     "resolve_language", "run_widget", "unload_ipython_extension", "wait_all",
 ]
 
-_LAZY = {"SubmissionWidget", "run_widget", "wait_all"}  # ipywidgets is imported only when used
+# Imported on first use: ipywidgets (widget) and tornado (async_client) are slow to import.
+_LAZY = {"SubmissionWidget": "widget", "run_widget": "widget", "wait_all": "widget", "AsyncClient": "async_client"}
 
 
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
-        from . import widget
-
-        return getattr(widget, name)
-    raise AttributeError(name)
+        module = importlib.import_module(f".{_LAZY[name]}", __name__)
+        return getattr(module, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def load_ipython_extension(ipython: Any) -> None:
