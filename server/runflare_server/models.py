@@ -19,7 +19,7 @@ FieldErrors = dict[str, list[str]]
 class SubmissionCreate(BaseModel):
     """The body of POST /submissions. Unknown keys are ignored, as Judge0 does."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
     source_code: str | None = Field(None, description="The program (base64 when base64_encoded=true)")
     language_id: int | None = Field(None, description="An id from /languages")
