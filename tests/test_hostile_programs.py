@@ -7,6 +7,7 @@ import socket
 
 import psutil
 import pytest
+
 from runflare_server.engine import languages
 from runflare_server.engine.interface import Limits, RunRequest
 from runflare_server.engine.program_runs import BlockingProgramRuns

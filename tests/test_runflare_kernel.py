@@ -13,6 +13,7 @@ from pathlib import Path
 import jupyter_kernel_test
 from jupyter_client.kernelspec import KernelSpecManager
 from jupyter_client.manager import start_new_kernel
+
 from runflare_server.engine import languages
 from runflare_server.kernels.install import install_kernelspecs
 

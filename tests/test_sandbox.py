@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from runflare_server.engine import cgroups, sandbox
 from runflare_server.engine.interface import Limits
 from runflare_server.kernels.runner import Runner
