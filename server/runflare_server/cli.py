@@ -48,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="submit a file to a server and stream its output here", add_help=False)
     run.add_argument("args", nargs=argparse.REMAINDER)
 
-    sub.add_parser("languages", help="list the languages this machine can run")
+    sub.add_parser("languages", help="list the program-run languages this machine can run (toolchains found)")
     install = sub.add_parser("install-kernels", help="install the Run-Flare, bash and Deno kernelspecs")
     install.add_argument("--prefix", help="install under this prefix (default: the current environment)")
     return parser
@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "languages":
         from .engine.manager import detect_languages
 
-        for lang in asyncio.run(detect_languages(Settings())):
+        for lang in detect_languages():
             print(f"{lang.id:>5}  {lang.name}")
         return 0
     if args.command == "install-kernels":

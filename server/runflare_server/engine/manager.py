@@ -47,11 +47,11 @@ class KernelEngine:
         return {"program_runs": self.program_runs.health(), "kernel_runs": self.kernel_runs.health()}
 
 
-async def detect_languages(settings: Settings) -> list[LanguageInfo]:
-    """The languages this machine can run, without starting any kernel."""
+def detect_languages() -> list[LanguageInfo]:
+    """The program-run languages this machine can run, without starting any kernel."""
     from . import languages
 
-    return sorted(languages.available_languages(), key=lambda lang: lang.name.lower())
+    return sorted(languages.language_infos(), key=lambda lang: lang.name.lower())
 
 
 def install_kernelspecs(prefix: str | None = None) -> list[str]:
