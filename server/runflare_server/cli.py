@@ -77,16 +77,17 @@ async def serve(settings: Settings) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["run"]:  # the terminal client parses its own options
+        from runflare_nb.terminal import main as run_main
+
+        return run_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "serve":
         logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         asyncio.run(serve(settings_from(args)))
         return 0
-    if args.command == "run":
-        from runflare_nb.terminal import main as run_main
-
-        return run_main(args.args)
     if args.command == "languages":
         from .engine.manager import detect_languages
 
