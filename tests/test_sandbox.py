@@ -167,3 +167,27 @@ def test_runner_none_mode_is_explicit(tmp_path, monkeypatch, caplog):
     result = Runner("none").run(71, "print('unsandboxed')")
     assert result.stdout == b"unsandboxed\n"
     assert "SANDBOX DISABLED" in caplog.text
+
+
+@pytest.fixture
+def rlimit_only(monkeypatch):
+    monkeypatch.setenv("RUNFLARE_CGROUPS", "off")
+    cgroups._detect.cache_clear()
+    yield
+    monkeypatch.undo()
+    cgroups._detect.cache_clear()
+
+
+def test_rlimit_fallback_limits_and_measures(rlimit_only, tmp_path, monkeypatch):
+    assert cgroups.mechanism() == "rlimit"
+    assert cgroups.RunCgroup.create("x", 1000, 10) is None
+    monkeypatch.setenv("RUNFLARE_RUNS_DIR", str(tmp_path))
+    runner = Runner()
+    limits = Limits(cpu_time_limit=1, cpu_extra_time=0.5, wall_time_limit=5, memory_limit=64_000)
+    ok = runner.run(71, "x = bytearray(30 << 20)\nfor i in range(200000): pass", limits=limits)
+    assert (ok.outcome, ok.exit_code) == ("exited", 0), ok
+    assert ok.time > 0 and ok.memory > 30_000  # the program's own rusage, reported by its reaper
+    balloon = runner.run(71, "x = bytearray(400 << 20)", limits=limits)
+    assert balloon.exit_code == 1 and b"MemoryError" in balloon.stderr  # RLIMIT_AS
+    spin = runner.run(71, "while True: pass", limits=limits)
+    assert spin.outcome == "time_limit"

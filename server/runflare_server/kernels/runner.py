@@ -12,6 +12,7 @@ import codecs
 import contextlib
 import errno
 import os
+import platform
 import selectors
 import shlex
 import signal
@@ -36,6 +37,7 @@ COMPILE_LIMITS = Limits(cpu_time_limit=15.0, cpu_extra_time=5.0, wall_time_limit
 PERL = "/usr/bin/perl"
 REAPER = r"""
 my $fd = shift @ARGV;
+my $nr = shift @ARGV;
 open(my $st, '>&=', $fd) or exit 120;
 fcntl($st, 2, 1);  # F_SETFD, FD_CLOEXEC: the program must not inherit the status pipe
 my $pid = fork;
@@ -44,10 +46,19 @@ if (!$pid) { exec { $ARGV[0] } @ARGV; syswrite $st, "exec " . ($! + 0) . " $!\n"
 $SIG{$_} = 'IGNORE' for qw(HUP INT QUIT TERM PIPE USR1 USR2 ALRM);
 while (waitpid($pid, 0) < 0) { }
 my $s = $?;
-syswrite $st, (($s & 127) ? "signal " . ($s & 127) : "exit " . ($s >> 8)) . "\n";
+my ($cpu, $rss) = ("-", "-");
+if ($nr > 0) {  # getrusage(RUSAGE_CHILDREN): the program's own CPU time and peak RSS
+    my $buf = "\0" x 256;
+    if (syscall($nr, -1, $buf) == 0) {
+        my @r = unpack("q5", $buf);
+        ($cpu, $rss) = ($r[0] + $r[2] + ($r[1] + $r[3]) / 1e6, $r[4]);
+    }
+}
+syswrite $st, (($s & 127) ? "signal " . ($s & 127) : "exit " . ($s >> 8)) . " $cpu $rss\n";
 exit(($s & 127) ? 128 + ($s & 127) : ($s >> 8));
 """
 POLL = 0.05
+GETRUSAGE_NR = {"x86_64": 98, "aarch64": 165, "arm64": 165}.get(platform.machine(), -1)  # 64-bit struct layout
 
 
 @dataclass
@@ -63,6 +74,8 @@ class StepResult:
     memory: int | None = None
     oom: bool = False
     truncated: bool = False
+    reaper_cpu: float | None = None  # the program's rusage, as its reaper saw it
+    reaper_rss: int | None = None
     stdout: bytes = b""
     stderr: bytes = b""
 
@@ -177,7 +190,7 @@ class Runner:
         """Run ``argv`` as one fresh sandboxed process under ``limits`` and wait for it."""
         res = StepResult()
         st_r, st_w = os.pipe()
-        cmd = sandbox.wrap([PERL, "-e", REAPER, str(st_w), *argv], workdir=workdir, mode=self.mode, env=env,
+        cmd = sandbox.wrap([PERL, "-e", REAPER, str(st_w), str(GETRUSAGE_NR), *argv], workdir=workdir, mode=self.mode, env=env,
                            network=network, ro_paths=ro)
         cg = RunCgroup.create(f"run-{os.getpid()}-{uuid.uuid4().hex[:12]}", limits.memory_limit,
                               limits.max_processes_and_or_threads)
@@ -209,12 +222,12 @@ class Runner:
                 res.oom = cg.oom_killed()
                 res.cpu = cg.cpu_seconds()
                 res.memory = cg.peak_memory_kb()
-            if res.cpu is None:
-                res.cpu = rusage.ru_utime + rusage.ru_stime
-            if res.memory is None:
-                res.memory = rusage.ru_maxrss
-            res.cpu = round(res.cpu, 3)
             _parse_status(_read_all(st_r), status, res)
+            if res.cpu is None:
+                res.cpu = res.reaper_cpu if res.reaper_cpu is not None else rusage.ru_utime + rusage.ru_stime
+            if res.memory is None:
+                res.memory = res.reaper_rss or rusage.ru_maxrss
+            res.cpu = round(res.cpu, 3)
             if self.reap_orphans:
                 _reap_orphans()
             return res
@@ -329,10 +342,14 @@ def _parse_status(text: str, status: int, res: StepResult) -> None:
     lines = text.strip().splitlines()
     line = next((ln for ln in lines if ln.startswith("exec ")), lines[-1] if lines else "")
     kind, _, rest = line.partition(" ")
-    if kind == "exit":
-        res.exit_code = int(rest)
-    elif kind == "signal":
-        res.exit_signal = int(rest)
+    if kind in ("exit", "signal"):
+        value, cpu, rss = (rest.split() + ["-", "-"])[:3]
+        if kind == "exit":
+            res.exit_code = int(value)
+        else:
+            res.exit_signal = int(value)
+        with contextlib.suppress(ValueError):
+            res.reaper_cpu, res.reaper_rss = float(cpu), int(rss)
     elif kind == "exec":
         code, _, msg = rest.partition(" ")
         res.exec_error = f"cannot execute the program: {msg}"
