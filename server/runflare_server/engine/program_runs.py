@@ -20,8 +20,11 @@ import dataclasses
 import inspect
 import logging
 import os
+import shutil
 import sys
+import tempfile
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +60,7 @@ class ProgramRuns:
         self._all: set[_Kernel] = set()
         self._tasks: set[asyncio.Task] = set()
         self._stopping = False
+        self._ipc_dir: str | None = None
         self._languages: list[LanguageInfo] = []
         self.mode = ""
         self.stats = {"runs": 0, "kernels_started": 0, "kernels_replaced": 0}
@@ -85,6 +89,9 @@ class ProgramRuns:
         await asyncio.gather(*(self._shutdown(k) for k in list(self._all)), return_exceptions=True)
         self._all.clear()
         self._idle = asyncio.Queue()
+        if self._ipc_dir:
+            shutil.rmtree(self._ipc_dir, ignore_errors=True)
+            self._ipc_dir = None
 
     def languages(self) -> list[LanguageInfo]:
         """Program languages available on this host."""
@@ -193,7 +200,10 @@ class ProgramRuns:
         if self.runs_dir:
             env["RUNFLARE_RUNS_DIR"] = self.runs_dir
         env.update(self.kernel_env)
-        km = AsyncKernelManager()
+        # IPC transport: socket files in a private dir, no TCP port reachable from the host's network.
+        if self._ipc_dir is None:
+            self._ipc_dir = tempfile.mkdtemp(prefix="runflare-kernels-")
+        km = AsyncKernelManager(transport="ipc", ip=os.path.join(self._ipc_dir, uuid.uuid4().hex[:12]))
         km._kernel_spec = KernelSpec(argv=[sys.executable, "-m", "runflare_server.kernels", "-f", "{connection_file}"],
                                      display_name="Run-Flare", language="runflare", env={})
         await km.start_kernel(env=env)
