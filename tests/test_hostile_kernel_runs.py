@@ -13,6 +13,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+
 from runflare_server.engine.interface import Limits, RunRequest, RunResult
 from runflare_server.engine.kernel_pool import installed_kernelspecs
 from runflare_server.engine.kernel_runs import KernelRuns, install_kernelspecs
@@ -216,3 +217,15 @@ def test_bash_no_network_and_read_only(check: Engine) -> None:
             "touch /usr/x 2>/dev/null && echo wrote || echo ro\n")
     result = check.run(code, language_id=1046)
     assert result.stdout.split() == ["blocked", "ro"]
+
+
+def test_deno_no_network_and_infinite_loop(check: Engine) -> None:
+    if "deno" not in check.engine.kernelspecs():
+        pytest.skip("Deno kernelspec is not installed (pip install deno; deno jupyter --install)")
+    code = ("for (const host of ['127.0.0.1', '1.1.1.1']) {\n"
+            "  try { (await Deno.connect({hostname: host, port: 53})).close(); console.log('open') }\n"
+            "  catch (e) { console.log('blocked') }\n}")
+    result = check.run(code, language_id=1063)
+    assert result.stdout == "blocked\nblocked\n"
+    result = check.run("while (true) {}", language_id=1063, limits=FAST)
+    assert result.outcome == "time_limit"

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+
 from runflare_server.engine import kernel_sandbox as sb
 from runflare_server.engine.kernel_pool import KernelPool, KernelSpecInfo, SandboxedKernel, load_spec
 

@@ -8,6 +8,7 @@ import re
 from collections.abc import Iterator
 
 import pytest
+
 from runflare_server.engine.interface import Limits, RunRequest, RunResult
 from runflare_server.engine.kernel_pool import installed_kernelspecs
 from runflare_server.engine.kernel_runs import KernelRuns, install_kernelspecs
@@ -178,3 +179,19 @@ def test_bash_kernel(engine: Engine) -> None:
     assert result.exit_code == 4
     result, _ = engine.run("echo fine", language_id=1046)
     assert result.stdout.strip() == "fine" and result.exit_code == 0
+
+
+def test_deno_kernel_javascript_and_typescript(engine: Engine) -> None:
+    if "deno" not in engine.engine.kernelspecs():
+        pytest.skip("Deno kernelspec is not installed (pip install deno; deno jupyter --install)")
+    langs = {lang.id: lang.name for lang in engine.engine.languages()}
+    assert re.fullmatch(r"JavaScript \(Deno kernel \d+\.\d+\.\d+\)", langs[1063])
+    result, events = engine.run("console.log('hi ' + prompt('who?'))\nDeno.jupyter.html`<i>x</i>`",
+                                language_id=1063, stdin="deno\n")
+    assert result.stdout == "who?hi deno\n" and result.exit_code == 0
+    assert result.outputs == [{"data": {"text/html": "<i>x</i>"}, "metadata": {}}]
+    assert any(e["kind"] == "display" for e in events)
+    result, _ = engine.run("const n: number = 2;\nconsole.log(n * 21);\nthrow new Error('boom');", language_id=1074)
+    assert result.stdout == "42\n" and result.exit_code == 1 and "Error: boom" in result.stderr
+    result, _ = engine.run("Deno.exit(5)", language_id=1063)
+    assert result.exit_code == 5

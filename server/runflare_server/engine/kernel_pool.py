@@ -90,8 +90,14 @@ class SandboxedKernel:
 
     def _command(self) -> tuple[list[str], dict[str, str] | None]:
         conn_inside = sb.SANDBOX_CONN if self.mode in ("bwrap", "unshare") else str(self.dir)
-        argv = [a.replace("{connection_file}", f"{conn_inside}/connection.json") for a in self.spec.argv]
-        env = sb.clean_env(self.spec.env, argv[0])
+        conn_file = f"{conn_inside}/connection.json"
+        if sb.needs_bridge(self.spec.argv):
+            tcp_file = f"{conn_inside}/connection-tcp.json"
+            argv = sb.bridged([a.replace("{connection_file}", tcp_file) for a in self.spec.argv],
+                              conn_file, tcp_file)
+        else:
+            argv = [a.replace("{connection_file}", conn_file) for a in self.spec.argv]
+        env = sb.clean_env(self.spec.env, self.spec.argv[0])
         if self.mode == "bwrap":
             return sb.bwrap_argv(argv, self.dir, network=self.network, env=env,
                                  ro_extra=[self.spec.resource_dir]), None

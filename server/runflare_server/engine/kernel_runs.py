@@ -241,6 +241,10 @@ class _Run:
         self.peak_rss_kb = 0
         self.base_rss_kb = 0
         self.stdin_task: asyncio.Task | None = None
+        self.killed = False
+        self.base_cpu = 0.0
+        self.cpu = 0.0
+        self.wall = 0.0
 
     def cpu_seconds(self) -> float:
         if self.cgroup is not None:
@@ -267,7 +271,7 @@ class _Run:
                        message=f"output truncated: more than {self.limits.max_output_bytes} bytes of output")
 
     def _stop(self, outcome: str, signal_: int | None = None, message: str | None = None) -> None:
-        if self.idle:
+        if self.killed:
             return
         self.outcome = outcome
         self.exit_signal = signal_
@@ -324,10 +328,8 @@ class _Run:
         procs = self.kernel.processes()
         self.base_cpu = (self.cgroup.cpu_seconds() if self.cgroup is not None else None)
         if self.base_cpu is None:
-            self.cgroup_cpu = False
             self.base_cpu = sb.tree_cpu_seconds(procs)
         self.base_rss_kb = sb.tree_rss_kb(procs)
-        self.killed = False
         lim = self.limits
         cpu_kill = lim.cpu_time_limit + lim.cpu_extra_time
         t0 = time.monotonic()
@@ -374,12 +376,23 @@ class _Run:
             if not got:
                 await asyncio.sleep(self.TICK if died_at is None else 0.02)
         self.wall = time.monotonic() - t0
+        if not self.killed and self.kernel.spec.language != "python":
+            await self._drain()  # e.g. Deno publishes console output after its idle status
         self.cpu = self.cpu_seconds()
         if self.stdin_task is not None:
             self.stdin_task.cancel()
         if not self.killed and self.outcome == "exited" and self.exit_signal is None \
                 and self.cpu > lim.cpu_time_limit:
             self.outcome, self.message = "time_limit", "CPU time limit exceeded"
+
+    async def _drain(self, quiet: float = 0.1) -> None:
+        """Handle output that arrives after the kernel reported idle, until it goes quiet."""
+        while not self.killed:
+            try:
+                msg = await self.kernel.client.get_iopub_msg(timeout=quiet)
+            except queue.Empty:
+                return
+            await self._on_iopub(msg)
 
     def _on_death(self) -> None:
         rc = self.kernel.proc.returncode if self.kernel.proc else None
@@ -389,9 +402,9 @@ class _Run:
         sig = rc - 128 if rc is not None and rc > 128 else (-rc if rc is not None and rc < 0 else None)
         if sig:
             self._stop("exited", signal_=sig, message=f"kernel died (signal {sig})")
-        else:
-            self._stop("exited", message=f"kernel exited with status {rc}")
-            self.exit_code = rc if rc else 1
+        else:  # the kernel process exited (os._exit(n), Deno.exit(n)): that is the program's status
+            self._stop("exited")
+            self.exit_code = rc or 0
 
     async def _on_shell(self, msg: dict[str, Any]) -> None:
         if msg.get("parent_header", {}).get("msg_id") != self.msg_id or msg["msg_type"] != "execute_reply":

@@ -248,3 +248,60 @@ def create_cgroup(name: str, memory_kb: int | None, max_pids: int | None) -> cgr
 def cgroup_mechanism() -> str:
     """Which limit mechanism per-run cgroups use here ("cgroup-v1", "cgroup-v2" or "rlimit")."""
     return cgroups.mechanism()
+
+
+# Runs inside the sandbox for kernels that only speak TCP (Deno): the kernel listens on the sandbox's
+# own loopback, and this relays each channel to the ipc socket files the server connects to.
+BRIDGE_SOURCE = r'''
+import json, subprocess, sys, zmq
+ipc = json.load(open(sys.argv[1]))
+tcp = dict(ipc, transport="tcp", ip="127.0.0.1", shell_port=45001, iopub_port=45002, stdin_port=45003,
+           control_port=45004, hb_port=45005)
+with open(sys.argv[2], "w") as f:
+    json.dump(tcp, f)
+kernel = subprocess.Popen(sys.argv[4:])
+ctx = zmq.Context()
+def url(info, ch):
+    if info["transport"] == "ipc":
+        return "ipc://%s-%d" % (info["ip"], info[ch + "_port"])
+    return "tcp://%s:%d" % (info["ip"], info[ch + "_port"])
+poller, pairs, client = zmq.Poller(), {}, {}
+def pair(ch, front_type, back_type):
+    front, back = ctx.socket(front_type), ctx.socket(back_type)
+    front.bind(url(ipc, ch))
+    back.connect(url(tcp, ch))
+    pairs[front], pairs[back] = (ch, back, "up"), (ch, front, "down")
+    poller.register(front, zmq.POLLIN)
+    poller.register(back, zmq.POLLIN)
+for ch in ("shell", "stdin", "control", "hb"):
+    pair(ch, zmq.ROUTER, zmq.DEALER)
+pair("iopub", zmq.XPUB, zmq.XSUB)
+# Some kernels (Deno) answer only their direct peer and drop routing frames, so the bridge
+# remembers the client's identity per channel (stdin goes to the shell's client).
+while kernel.poll() is None:
+    for sock, _ in poller.poll(200):
+        ch, other, way = pairs[sock]
+        frames = sock.recv_multipart()
+        if ch == "iopub":
+            other.send_multipart(frames)
+        elif way == "up":
+            client[ch] = frames[0]
+            other.send_multipart(frames[1:])
+        else:
+            ident = client.get(ch) or client.get("shell")
+            if ident is not None:
+                other.send_multipart([ident, *frames])
+sys.exit(kernel.returncode)
+'''
+
+TCP_ONLY_KERNELS = ("deno",)
+
+
+def needs_bridge(argv: list[str]) -> bool:
+    """Whether this kernel cannot use the ipc transport (so runs behind the in-sandbox bridge)."""
+    return bool(argv) and os.path.basename(argv[0]).startswith(TCP_ONLY_KERNELS)
+
+
+def bridged(argv: list[str], conn_file: str, tcp_conn_file: str) -> list[str]:
+    """``argv`` (with ``{connection_file}`` already replaced by ``tcp_conn_file``) behind the bridge."""
+    return [sys.executable, "-c", BRIDGE_SOURCE, conn_file, tcp_conn_file, "--", *argv]
