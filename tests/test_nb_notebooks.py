@@ -64,7 +64,8 @@ def test_getting_started(live_server, monkeypatch, tmp_path) -> None:
     assert "Accepted" in cell_text(nb.cells[4]) and "Hello, Run-Flare! (2)" in cell_text(nb.cells[4])
     assert "5050" in cell_text(nb.cells[6]) and "Accepted" in cell_text(nb.cells[6])
     client_out = cell_text(nb.cells[8])
-    assert "'out\\n'" in client_out and "'err\\n'" in client_out and "Accepted 0" in client_out
+    assert "Accepted 0 'out\\n' 'err\\n'" in client_out, client_out
+    assert " status_update " in client_out and " progress_update " in client_out
 
 
 @pytest.mark.slow
