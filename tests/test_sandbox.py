@@ -191,3 +191,10 @@ def test_rlimit_fallback_limits_and_measures(rlimit_only, tmp_path, monkeypatch)
     assert balloon.exit_code == 1 and b"MemoryError" in balloon.stderr  # RLIMIT_AS
     spin = runner.run(71, "while True: pass", limits=limits)
     assert spin.outcome == "time_limit"
+
+
+def test_per_process_memory_flag_uses_rlimit_as(tmp_path, monkeypatch):
+    monkeypatch.setenv("RUNFLARE_RUNS_DIR", str(tmp_path))
+    limits = Limits(memory_limit=64_000, enable_per_process_and_thread_memory_limit=True)
+    result = Runner().run(71, "x = bytearray(200 << 20)", limits=limits)
+    assert (result.exit_code, result.exit_signal) == (1, None) and b"MemoryError" in result.stderr

@@ -251,7 +251,8 @@ class RunCgroup:
 
 
 def rlimit_values(limits: Limits, use_cgroup: bool) -> dict[int, tuple[int, int]]:
-    """The rlimits a run's process gets. With a cgroup, memory and processes are left to the group."""
+    """The rlimits a run's process gets. With a cgroup, memory and processes are left to the group,
+    unless the limits ask for a per-process memory limit (Judge0's flag): then RLIMIT_AS applies."""
     cpu = max(1, math.ceil(limits.cpu_time_limit + limits.cpu_extra_time))
     values: dict[int, tuple[int, int]] = {
         resource.RLIMIT_CPU: (cpu, cpu + 1),
@@ -260,8 +261,9 @@ def rlimit_values(limits: Limits, use_cgroup: bool) -> dict[int, tuple[int, int]
     }
     if limits.stack_limit > 0:
         values[resource.RLIMIT_STACK] = (limits.stack_limit * 1024,) * 2
-    if not use_cgroup:
+    if not use_cgroup or limits.enable_per_process_and_thread_memory_limit:
         values[resource.RLIMIT_AS] = (limits.memory_limit * 1024,) * 2
+    if not use_cgroup:
         values[resource.RLIMIT_NPROC] = (limits.max_processes_and_or_threads,) * 2
     return values
 

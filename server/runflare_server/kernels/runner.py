@@ -164,11 +164,12 @@ class Runner:
                           exit_code=step.exit_code, exit_signal=step.exit_signal, time=step.cpu,
                           wall_time=step.wall, memory=step.memory)
         msgs = []
+        judged_cpu = step.reaper_cpu if limits.enable_per_process_and_thread_time_limit else step.cpu
         if step.exec_error:
             r.outcome, r.exit_code = "exec_format", None
             msgs.append(step.exec_error)
         elif step.time_limit or step.exit_signal == signal.SIGXCPU or (
-                step.cpu is not None and step.cpu > limits.cpu_time_limit):
+                judged_cpu is not None and judged_cpu > limits.cpu_time_limit):
             r.outcome = "time_limit"
             msgs.append("wall time limit exceeded" if step.time_limit == "wall" else "CPU time limit exceeded")
         elif step.oom:
@@ -192,7 +193,9 @@ class Runner:
         st_r, st_w = os.pipe()
         cmd = sandbox.wrap([PERL, "-e", REAPER, str(st_w), str(GETRUSAGE_NR), *argv], workdir=workdir, mode=self.mode, env=env,
                            network=network, ro_paths=ro)
-        cg = RunCgroup.create(f"run-{os.getpid()}-{uuid.uuid4().hex[:12]}", limits.memory_limit,
+        # Judge0's per-process flags: the limit applies to each process (rlimits), not to the whole group.
+        group_memory = None if limits.enable_per_process_and_thread_memory_limit else limits.memory_limit
+        cg = RunCgroup.create(f"run-{os.getpid()}-{uuid.uuid4().hex[:12]}", group_memory,
                               limits.max_processes_and_or_threads)
         stdin_file = None
         try:
@@ -256,6 +259,7 @@ class Runner:
         kept = 0
         next_check = 0.0
         cpu_cap = limits.cpu_time_limit + limits.cpu_extra_time
+        group_cpu = not limits.enable_per_process_and_thread_time_limit  # else RLIMIT_CPU per process only
         try:
             while names:
                 for key, _ in sel.select(POLL):
@@ -287,7 +291,7 @@ class Runner:
                 if res.time_limit is None:
                     if elapsed > limits.wall_time_limit:
                         res.time_limit = "wall"
-                    elif cg and (cg.cpu_seconds() or 0) > cpu_cap:
+                    elif cg and group_cpu and (cg.cpu_seconds() or 0) > cpu_cap:
                         res.time_limit = "cpu"
                     if res.time_limit:
                         _kill(proc, cg)
