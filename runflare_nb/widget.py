@@ -18,7 +18,9 @@ from .errors import RunflareError
 COLOURS = {1: "#6c757d", 2: "#0d6efd", 3: "#198754", 4: "#fd7e14", 5: "#6f42c1", 6: "#b35900",
            13: "#212529"}
 ERROR_COLOUR = "#dc3545"
-TICK = 0.5
+TICK = 0.25  # seconds between refreshes of the elapsed time and of buffered output
+FLUSH = 0.1  # output arriving faster than this is batched into one widget update
+MAX_CONSOLE = 256 * 1024  # characters of stdout+stderr kept on screen (the submission keeps all)
 
 
 def status_colour(status_id: int | None) -> str:
@@ -79,6 +81,9 @@ class SubmissionWidget(widgets.VBox):
         super().__init__([*children, self.rich, self.footer])
         self.add_class("runflare-widget")
         self._client: Client | None = None
+        self._unsent: list[tuple[str, str]] = []
+        self._flushed = 0.0
+        self._trimmed = False
         self._running = False
         self._pending: list[tuple[str, bool]] = []
         self.token: str | None = None
@@ -144,12 +149,12 @@ class SubmissionWidget(widgets.VBox):
             self.status_name = status.get("name") or status.get("description") or self.status_name
             data = event.get("data") or {}
             if self.status_id == 6 and data.get("compile_output"):
-                self.console.append_stderr(data["compile_output"])
+                self.write("stderr", data["compile_output"])
         elif kind == "progress_update":
             if event.get("stream") == "stdout":
-                self.console.append_stdout(event.get("text", ""))
+                self.write("stdout", event.get("text", ""))
             elif event.get("stream") == "stderr":
-                self.console.append_stderr(event.get("text", ""))
+                self.write("stderr", event.get("text", ""))
             elif event.get("display") is not None:
                 display = event["display"]
                 self.rich.outputs = (*self.rich.outputs, {
@@ -161,8 +166,46 @@ class SubmissionWidget(widgets.VBox):
                     self._running = True
                     self._flush_stdin()
         elif kind == "error":
-            self.console.append_stderr(f"[server] {event.get('error', '')} {event.get('details', '')}\n")
+            self.write("stderr", f"[server] {event.get('error', '')} {event.get('details', '')}\n")
         self._render()
+
+    # -- console -----------------------------------------------------------------------------
+    def write(self, name: str, text: str) -> None:
+        """Queue program output for the console; sent at once unless output is arriving fast."""
+        if not text:
+            return
+        with self._lock:
+            self._unsent.append((name, text))
+            if time.monotonic() - self._flushed >= FLUSH:
+                self.flush()
+
+    def flush(self) -> None:
+        """Send queued output to the console: one widget update, consecutive chunks merged,
+        the oldest output trimmed past MAX_CONSOLE characters."""
+        with self._lock:
+            if not self._unsent:
+                return
+            outputs = [dict(o) for o in self.console.outputs[1 if self._trimmed else 0:]]
+            for name, text in self._unsent:
+                if outputs and outputs[-1]["name"] == name:
+                    outputs[-1]["text"] += text
+                else:
+                    outputs.append({"output_type": "stream", "name": name, "text": text})
+            self._unsent = []
+            excess = sum(len(o["text"]) for o in outputs) - MAX_CONSOLE
+            while excess > 0 and outputs:
+                self._trimmed = True
+                first = outputs[0]
+                if len(first["text"]) <= excess:
+                    excess -= len(outputs.pop(0)["text"])
+                else:
+                    rest = first["text"][excess:]
+                    first["text"] = rest[rest.find("\n") + 1:] if "\n" in rest else rest  # whole lines
+                    excess = 0
+            if self._trimmed:
+                outputs.insert(0, {"output_type": "stream", "name": "stderr", "text": "[earlier output trimmed]\n"})
+            self.console.outputs = tuple(outputs)
+            self._flushed = time.monotonic()
 
     # -- interactive standard input ---------------------------------------------------------
     def _on_stdin(self, change: dict[str, Any]) -> None:
@@ -186,7 +229,7 @@ class SubmissionWidget(widgets.VBox):
                     if self._client is not None and self.token is not None:
                         self._client.send_stdin(self.token, data, eof)
                 except RunflareError as exc:
-                    self.console.append_stderr(f"[stdin not sent: {exc}]\n")
+                    self.write("stderr", f"[stdin not sent: {exc}]\n")
 
     def show_error(self, message: str) -> None:
         """Show a failure of the client (server unreachable, rejected submission) and stop."""
@@ -211,6 +254,7 @@ class SubmissionWidget(widgets.VBox):
         self._elapsed = time.monotonic() - self._started
 
     def _complete(self) -> None:
+        self.flush()
         self._done.set()
         if self.stdin_box is not None:
             self.input_row.layout.display = "none"
@@ -257,8 +301,12 @@ class SubmissionWidget(widgets.VBox):
 
     def _tick(self, parent: Any) -> None:
         _adopt_parent(parent)
+        ticks = 0
         while not self._done.wait(TICK):
-            self._render()
+            self.flush()
+            ticks += 1
+            if ticks % 2 == 0:
+                self._render()
 
 
 def run_widget(source: str, language: str | int | None = None, *, client: Client | None = None,

@@ -132,6 +132,21 @@ def test_interactive_input_typed_in_the_widget(ip, py) -> None:
     assert ip.user_ns["typed"]["stdout"] == console_text(view)
 
 
+def test_chatty_output_is_merged_and_trimmed_on_screen(ip, py) -> None:
+    from runflare_nb.widget import MAX_CONSOLE
+
+    lines = MAX_CONSOLE // 500 + 100
+    view = ip.run_line_magic("runflare", f"-l {py} --wait for i in range({lines}): print(i, 'x' * 500)")
+    assert view.status_id == 3
+    full = view.submission["stdout"]
+    assert full.count("\n") == lines, "the submission keeps everything"
+    marker, *shown = view.console.outputs
+    assert marker["text"] == "[earlier output trimmed]\n"
+    assert len(shown) == 1, "consecutive stdout chunks are merged into one output"
+    assert len(shown[0]["text"]) <= MAX_CONSOLE and full.endswith(shown[0]["text"])
+    assert shown[0]["text"].startswith(str(lines - len(shown[0]["text"].splitlines())))
+
+
 def test_unreachable_server(ip, capsys) -> None:
     url = f"http://127.0.0.1:{free_port()}"
     view = ip.run_line_magic("runflare", f"--server {url} print(1)")
