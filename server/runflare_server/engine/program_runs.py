@@ -61,6 +61,7 @@ class ProgramRuns:
         self._tasks: set[asyncio.Task] = set()
         self._stopping = False
         self._ipc_dir: str | None = None
+        self._own_runs_dir: str | None = None
         self._languages: list[LanguageInfo] = []
         self.mode = ""
         self.stats = {"runs": 0, "kernels_started": 0, "kernels_replaced": 0}
@@ -89,9 +90,12 @@ class ProgramRuns:
         await asyncio.gather(*(self._shutdown(k) for k in list(self._all)), return_exceptions=True)
         self._all.clear()
         self._idle = asyncio.Queue()
-        if self._ipc_dir:
-            shutil.rmtree(self._ipc_dir, ignore_errors=True)
-            self._ipc_dir = None
+        for d in (self._ipc_dir, self._own_runs_dir):
+            if d:
+                shutil.rmtree(d, ignore_errors=True)
+        self._ipc_dir = None
+        if self._own_runs_dir:
+            self.runs_dir = self._own_runs_dir = None
 
     def languages(self) -> list[LanguageInfo]:
         """Program languages available on this host."""
@@ -197,8 +201,9 @@ class ProgramRuns:
         env = {k: v for k, v in os.environ.items() if k != "JPY_PARENT_PID"}
         env["PYTHONPATH"] = os.pathsep.join(p for p in (_SERVER_DIR, env.get("PYTHONPATH")) if p)
         env["RUNFLARE_SANDBOX"] = self.mode or self.sandbox_mode
-        if self.runs_dir:
-            env["RUNFLARE_RUNS_DIR"] = self.runs_dir
+        if not self.runs_dir:  # a private runs dir, removed on stop (even what a crashed kernel left)
+            self.runs_dir = self._own_runs_dir = tempfile.mkdtemp(prefix="pool-", dir=sandbox.runs_root())
+        env["RUNFLARE_RUNS_DIR"] = self.runs_dir
         env.update(self.kernel_env)
         # IPC transport: socket files in a private dir, no TCP port reachable from the host's network.
         if self._ipc_dir is None:
