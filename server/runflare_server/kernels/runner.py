@@ -258,6 +258,7 @@ class Runner:
                 names[pipe.fileno()] = name
         kept = 0
         next_check = 0.0
+        out = _Coalescer(on_output)
         cpu_cap = limits.cpu_time_limit + limits.cpu_extra_time
         group_cpu = not limits.enable_per_process_and_thread_time_limit  # else RLIMIT_CPU per process only
         try:
@@ -280,10 +281,9 @@ class Runner:
                         kept += len(chunk)
                         bufs[names[fd]] += chunk
                         if on_output:
-                            text = decoders[names[fd]].decode(chunk)
-                            if text:
-                                on_output(names[fd], text)
+                            out.add(names[fd], decoders[names[fd]].decode(chunk))
                 now = time.monotonic()
+                out.flush_if_due(now)
                 if now < next_check:
                     continue
                 next_check = now + POLL
@@ -299,11 +299,45 @@ class Runner:
                     _kill(proc, cg)  # still open: something holds the pipes; keep killing
         finally:
             sel.close()
-        if on_output:
-            for name, dec in decoders.items():
-                if tail := dec.decode(b"", final=True):
-                    on_output(name, tail)
+        for name, dec in decoders.items():
+            out.add(name, dec.decode(b"", final=True))
+        out.flush()
         res.stdout, res.stderr = bytes(bufs["stdout"]), bytes(bufs["stderr"])
+
+
+class _Coalescer:
+    """Batches output chunks into fewer stream messages (order across streams kept), flushed every FLUSH s."""
+
+    FLUSH = 0.02
+    MAX = 64 * 1024
+
+    def __init__(self, sink: OnOutput | None) -> None:
+        self.sink = sink
+        self.pending: list[list[str]] = []  # [name, text] runs, in order
+        self.size = 0
+        self.since = 0.0
+
+    def add(self, name: str, text: str) -> None:
+        if not self.sink or not text:
+            return
+        if not self.pending:
+            self.since = time.monotonic()
+        if self.pending and self.pending[-1][0] == name:
+            self.pending[-1][1] += text
+        else:
+            self.pending.append([name, text])
+        self.size += len(text)
+        if self.size >= self.MAX:
+            self.flush()
+
+    def flush_if_due(self, now: float) -> None:
+        if self.pending and now - self.since >= self.FLUSH:
+            self.flush()
+
+    def flush(self) -> None:
+        pending, self.pending, self.size = self.pending, [], 0
+        for name, text in pending:
+            self.sink(name, text)
 
 
 def _kill(proc: subprocess.Popen, cg: RunCgroup | None) -> None:
