@@ -219,7 +219,7 @@ class StdinFeeder:
 class _Run:
     """One execution on one kernel, with limits watched; produces a RunResult."""
 
-    TICK = 0.05
+    TICK = 0.05  # how often limits and liveness are checked while messages flow
 
     def __init__(self, kernel: SandboxedKernel, request: RunRequest, emit: Emit, cgroup: Any) -> None:
         self.kernel = kernel
@@ -242,6 +242,7 @@ class _Run:
         self.base_rss_kb = 0
         self.stdin_task: asyncio.Task | None = None
         self.killed = False
+        self.preamble_id: str | None = None
         self.base_cpu = 0.0
         self.cpu = 0.0
         self.wall = 0.0
@@ -321,8 +322,9 @@ class _Run:
         line = await feeder.line()
         self.kernel.client.input("\x04" if line is None else line)
 
-    async def execute(self, code: str) -> None:
-        """Send the code and pump messages until idle+reply, a limit, or the kernel's death."""
+    async def execute(self, code: str, preamble: str | None = None) -> None:
+        """Send the (silent) preamble and the code, then pump messages until idle+reply, a limit,
+        or the kernel's death. The kernel runs shell requests in order: no round trip in between."""
         kc = self.kernel.client
         feeder = StdinFeeder(self.request)
         procs = self.kernel.processes()
@@ -333,31 +335,33 @@ class _Run:
         lim = self.limits
         cpu_kill = lim.cpu_time_limit + lim.cpu_extra_time
         t0 = time.monotonic()
+        if preamble:
+            self.preamble_id = kc.execute(preamble, silent=True, store_history=False)
         self.msg_id = kc.execute(code, silent=False, store_history=False, allow_stdin=True, stop_on_error=True)
+        inbox: asyncio.Queue[tuple[str, dict[str, Any]]] = asyncio.Queue()
+        readers = [asyncio.ensure_future(self._read(name, get, inbox)) for name, get in
+                   (("iopub", kc.get_iopub_msg), ("shell", kc.get_shell_msg), ("stdin", kc.get_stdin_msg))]
         last_sample = 0.0
         died_at: float | None = None
-        while not (self.idle and self.reply is not None):
-            got = False
-            for get, handler in ((kc.get_iopub_msg, self._on_iopub), (kc.get_shell_msg, self._on_shell),
-                                 (kc.get_stdin_msg, None)):
+        try:
+            while not (self.idle and self.reply is not None) and not self.killed:
                 try:
-                    msg = await get(timeout=0)
-                except queue.Empty:
-                    continue
-                got = True
-                if handler is not None:
-                    await handler(msg)
-                elif msg["msg_type"] == "input_request" and (self.stdin_task is None or self.stdin_task.done()):
+                    channel, msg = await asyncio.wait_for(inbox.get(), self.TICK)
+                except asyncio.TimeoutError:
+                    channel, msg = "", {}
+                if channel == "iopub":
+                    await self._on_iopub(msg)
+                elif channel == "shell":
+                    await self._on_shell(msg)
+                elif channel == "stdin" and msg["msg_type"] == "input_request" and (
+                        self.stdin_task is None or self.stdin_task.done()):
                     self.stdin_task = asyncio.ensure_future(self._answer_stdin(feeder, msg))
-                if self.killed:
+                now = time.monotonic()
+                if self.killed or (channel and now - last_sample < self.TICK):
+                    continue
+                if now - t0 > lim.wall_time_limit:
+                    self._stop("time_limit", message="wall time limit exceeded")
                     break
-            if self.killed:
-                break
-            now = time.monotonic()
-            if now - t0 > lim.wall_time_limit:
-                self._stop("time_limit", message="wall time limit exceeded")
-                break
-            if now - last_sample > 0.1:
                 last_sample = now
                 if self.cpu_seconds() > cpu_kill:
                     self._stop("time_limit", message="CPU time limit exceeded")
@@ -368,13 +372,19 @@ class _Run:
                     if rss - self.base_rss_kb > lim.memory_limit:
                         self._stop("exited", signal_=SIGKILL, message="memory limit exceeded")
                         break
-            if not self.kernel.alive():
-                died_at = died_at or now
-                if now - died_at > 0.3:  # let in-flight output arrive first
-                    self._on_death()
-                    break
-            if not got:
-                await asyncio.sleep(self.TICK if died_at is None else 0.02)
+                if not self.kernel.alive():
+                    died_at = died_at or now
+                    if now - died_at > 0.3:  # let in-flight output arrive first
+                        self._on_death()
+                        break
+        finally:
+            for r in readers:
+                r.cancel()
+            await asyncio.gather(*readers, return_exceptions=True)
+            while not inbox.empty():  # already read but not handled yet
+                channel, msg = inbox.get_nowait()
+                if channel == "iopub" and not self.killed:
+                    await self._on_iopub(msg)
         self.wall = time.monotonic() - t0
         if not self.killed and self.kernel.spec.language != "python":
             await self._drain()  # e.g. Deno publishes console output after its idle status
@@ -384,6 +394,15 @@ class _Run:
         if not self.killed and self.outcome == "exited" and self.exit_signal is None \
                 and self.cpu > lim.cpu_time_limit:
             self.outcome, self.message = "time_limit", "CPU time limit exceeded"
+
+    @staticmethod
+    async def _read(name: str, get: Any, inbox: asyncio.Queue) -> None:
+        while True:
+            try:
+                msg = await get(timeout=3600)
+            except queue.Empty:
+                continue
+            inbox.put_nowait((name, msg))
 
     async def _drain(self, quiet: float = 0.1) -> None:
         """Handle output that arrives after the kernel reported idle, until it goes quiet."""
@@ -407,7 +426,10 @@ class _Run:
             self.exit_code = rc or 0
 
     async def _on_shell(self, msg: dict[str, Any]) -> None:
-        if msg.get("parent_header", {}).get("msg_id") != self.msg_id or msg["msg_type"] != "execute_reply":
+        parent = msg.get("parent_header", {}).get("msg_id")
+        if parent == self.preamble_id and msg["content"].get("status") != "ok":
+            self._stop("internal", message=f"kernel set-up failed: {msg['content'].get('evalue')}")
+        if parent != self.msg_id or msg["msg_type"] != "execute_reply":
             return
         self.reply = msg["content"]
         if self.exit_code is None:
@@ -532,12 +554,12 @@ class KernelRuns:
             cgroup = self._confine(kernel, request)
             lang = self._languages.get(request.language_id or -1)
             source_file = lang.source_file if lang and lang.source_file else "script"
+            preamble = None
             if kernel.spec.language == "python":
-                await self._silent(kernel, python_preamble(request, source_file,
-                                                           request.stdin_queue is not None))
+                preamble = python_preamble(request, source_file, request.stdin_queue is not None)
             await _emit(emit, {"kind": "stage", "stage": "running", "message": "running"})
             run = _Run(kernel, request, emit, cgroup)
-            await run.execute(self._wrap(kernel, request))
+            await run.execute(self._wrap(kernel, request), preamble)
             return run.result()
         except Exception as e:
             log.exception("kernel run %s failed", request.token)
@@ -570,17 +592,6 @@ class KernelRuns:
             cgroup.remove()
             return None
         return cgroup
-
-    async def _silent(self, kernel: SandboxedKernel, code: str, timeout: float = 10.0) -> None:
-        kc = kernel.client
-        msg_id = kc.execute(code, silent=True, store_history=False)
-        deadline = time.monotonic() + timeout
-        while True:
-            msg = await kc.get_shell_msg(timeout=max(0.1, deadline - time.monotonic()))
-            if msg.get("parent_header", {}).get("msg_id") == msg_id:
-                if msg["content"].get("status") != "ok":
-                    raise RuntimeError(f"kernel set-up failed: {msg['content'].get('evalue')}")
-                return
 
     def _wrap(self, kernel: SandboxedKernel, request: RunRequest) -> str:
         """The code to execute (bash gets its stdin and argv around the program)."""
