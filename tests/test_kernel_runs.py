@@ -195,3 +195,29 @@ def test_deno_kernel_javascript_and_typescript(engine: Engine) -> None:
     assert result.stdout == "42\n" and result.exit_code == 1 and "Error: boom" in result.stderr
     result, _ = engine.run("Deno.exit(5)", language_id=1063)
     assert result.exit_code == 5
+
+
+def test_enable_network_shares_the_host_network(engine: Engine) -> None:
+    import socket
+
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        port = listener.getsockname()[1]
+        code = f"import socket\nsocket.create_connection(('127.0.0.1', {port}), timeout=5).close()\nprint('ok')"
+        result, _ = engine.run(code, limits=Limits(enable_network=True))
+        assert result.stdout == "ok\n"
+        listener.settimeout(5)
+        conn, _ = listener.accept()
+        conn.close()
+
+
+def test_unshare_fallback_sandbox(tmp_path_factory: pytest.TempPathFactory) -> None:
+    e = Engine(pool_sizes={}, sandbox="unshare", runtime_dir=tmp_path_factory.mktemp("rt-unshare"))
+    try:
+        assert e.engine.health()["sandbox"] == "unshare"
+        code = ("import os, socket\nprint(os.getcwd(), os.getpid())\n"
+                "try:\n    socket.create_connection(('1.1.1.1', 53), timeout=2)\nexcept OSError:\n    print('nonet')\n"
+                "try:\n    open('/usr/rf-x', 'w')\nexcept OSError as e:\n    print('ro', e.errno)\n")
+        result, _ = e.run(code)
+        assert result.stdout == "/sandbox 1\nnonet\nro 30\n"
+    finally:
+        e.close()

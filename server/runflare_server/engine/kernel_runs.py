@@ -459,6 +459,10 @@ class KernelRuns:
         self.pool_sizes = {"python3": 2} if pool_sizes is None else dict(pool_sizes)
         self.requested_sandbox = sandbox
         self.extra_ids = dict(extra_ids or {})
+        # ipc socket paths must fit in sun_path (107 bytes): "<runtime>/k-<12 hex>/k-1"
+        if runtime_dir is not None and len(os.fsencode(os.path.abspath(runtime_dir))) > 80:
+            log.info("runtime dir %s too long for ipc socket paths; using a short temp dir", runtime_dir)
+            runtime_dir = None
         self._own_runtime = runtime_dir is None
         self.runtime_dir = Path(runtime_dir) if runtime_dir else Path(tempfile.mkdtemp(prefix="rf-k-"))
         self.start_timeout = start_timeout
@@ -576,7 +580,7 @@ class KernelRuns:
         """Move the kernel's tree into a fresh cgroup with this run's limits; set RLIMIT_FSIZE."""
         lim = request.limits
         procs = kernel.processes()
-        sb.set_fsize_limit(procs, max(lim.max_file_size, 1) * 1024)
+        sb.set_rlimits(procs, lim)
         tasks = 0
         for p in procs:
             with contextlib.suppress(Exception):

@@ -224,15 +224,20 @@ def kill_tree(proc: subprocess.Popen, extra: Iterable[psutil.Process] = ()) -> N
     psutil.wait_procs(procs[1:], timeout=1)
 
 
-def set_fsize_limit(procs: list[psutil.Process], max_bytes: int) -> None:
-    """RLIMIT_FSIZE on running processes (inherited by what they start next)."""
+def set_rlimits(procs: list[psutil.Process], limits: Any) -> None:
+    """A run's rlimits on already running processes (inherited by what they start next):
+    file size, stack for new processes, no core dumps."""
     import resource
 
+    values = {resource.RLIMIT_FSIZE: limits.max_file_size * 1024, resource.RLIMIT_CORE: 0}
+    if limits.stack_limit > 0:
+        values[resource.RLIMIT_STACK] = limits.stack_limit * 1024
     for p in procs:
-        try:
-            p.rlimit(resource.RLIMIT_FSIZE, (max_bytes, max_bytes))
-        except (psutil.Error, OSError, ValueError):
-            pass
+        for res, v in values.items():
+            try:
+                p.rlimit(res, (v, v))
+            except (psutil.Error, OSError, ValueError):
+                pass
 
 
 def describe(mode: str) -> dict[str, Any]:
