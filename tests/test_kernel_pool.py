@@ -17,7 +17,13 @@ import psutil
 import pytest
 
 from runflare_server.engine import kernel_sandbox as sb
-from runflare_server.engine.kernel_pool import KernelPool, KernelSpecInfo, SandboxedKernel, load_spec
+from runflare_server.engine.kernel_pool import (
+    ForkServer,
+    KernelPool,
+    KernelSpecInfo,
+    SandboxedKernel,
+    load_spec,
+)
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -159,13 +165,15 @@ def test_stop_kills_idle_and_starting_kernels(loop: asyncio.AbstractEventLoop, m
     assert list(tmp_path.iterdir()) == []
 
 
-def test_kernels_die_with_the_server(tmp_path: Path, mode: str) -> None:
+@pytest.mark.parametrize("fork", [False, True])
+def test_kernels_die_with_the_server(tmp_path: Path, mode: str, fork: bool) -> None:
     script = textwrap.dedent(f"""
         import asyncio, sys
         from pathlib import Path
-        from runflare_server.engine.kernel_pool import KernelPool, load_spec
+        from runflare_server.engine.kernel_pool import ForkServer, KernelPool, load_spec
         async def main():
-            pool = KernelPool(load_spec("python3"), 2, {mode!r}, Path({str(tmp_path)!r}))
+            fs = ForkServer(Path({str(tmp_path)!r})) if {fork!r} else None
+            pool = KernelPool(load_spec("python3"), 2, {mode!r}, Path({str(tmp_path)!r}), fork_server=fs)
             await pool.start()
             await pool.wait_full(60)
             pids = [p.pid for k in pool._ready for p in k.processes()]
@@ -189,3 +197,40 @@ def test_kernels_die_with_the_server(tmp_path: Path, mode: str) -> None:
             proc.kill()
             proc.wait()
         proc.stdout.close()
+
+
+def test_fork_server_kernels_and_restart(loop: asyncio.AbstractEventLoop, mode: str, tmp_path: Path) -> None:
+    if mode != "bwrap" or os.geteuid() != 0:
+        pytest.skip("the fork server needs bwrap and root")
+    fs = ForkServer(tmp_path)
+    pool = KernelPool(load_spec("python3"), 0, mode, tmp_path, fork_server=fs)
+    assert pool.fork_server is fs
+
+    async def go() -> None:
+        a, b = await asyncio.gather(pool.acquire(), pool.acquire())
+        assert a.proc.pid != b.proc.pid and fs.forks == 2
+        for k in (a, b):
+            msg_id = k.client.execute("import random, os; print(random.random(), os.getpid())")
+            out = ""
+            while True:
+                msg = await k.client.get_iopub_msg(timeout=10)
+                if msg["parent_header"].get("msg_id") != msg_id:
+                    continue
+                if msg["msg_type"] == "stream":
+                    out += msg["content"]["text"]
+                if msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle":
+                    break
+            k.out = out
+        assert a.out != b.out and a.out.split()[1] == "1"  # own pid namespace, reseeded random
+        await a.shutdown()
+        await b.shutdown()
+        fs.proc.kill()  # a dead fork server is started again on demand
+        fs.proc.wait()
+        c = await pool.acquire()
+        assert c.alive()
+        await c.shutdown()
+        await pool.stop()
+        fs.close()
+
+    loop.run_until_complete(go())
+    assert descendants() == []

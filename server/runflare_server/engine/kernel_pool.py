@@ -11,10 +11,13 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import queue
 import secrets
 import shutil
+import signal
 import subprocess
+import sys
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -72,16 +75,116 @@ def _connection(ip: str, key: str) -> dict[str, Any]:
             "control_port": 4, "hb_port": 5, "key": key, "signature_scheme": "hmac-sha256"}
 
 
+class ForkedProcess:
+    """A kernel forked by the fork server, seen from the host (a Popen look-alike)."""
+
+    def __init__(self, pid: int, status_file: Path) -> None:
+        self.pid = pid
+        self.status_file = status_file
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            try:
+                gone = psutil.Process(self.pid).status() == psutil.STATUS_ZOMBIE
+            except psutil.NoSuchProcess:
+                gone = True
+            if gone:
+                try:
+                    self.returncode = int(self.status_file.read_text().strip() or -9)
+                except (OSError, ValueError):
+                    self.returncode = -9
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        deadline = time.monotonic() + (timeout if timeout is not None else 1e9)
+        while self.poll() is None:
+            if time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired("kernel", timeout or 0)
+            time.sleep(0.005)
+        return self.returncode or 0
+
+    def kill(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.pid, signal.SIGKILL)
+
+
+class ForkServer:
+    """One sandboxed process with ipykernel imported that forks each new kernel (see ZYGOTE_SOURCE)."""
+
+    def __init__(self, runtime_dir: Path) -> None:
+        self.runtime_dir = runtime_dir
+        self.proc: subprocess.Popen | None = None
+        self._lock = asyncio.Lock()
+        self.forks = 0
+
+    async def _ensure(self) -> subprocess.Popen:
+        if self.proc is not None and self.proc.poll() is None:
+            return self.proc
+        if self.proc is not None:
+            self.close()
+        env = sb.clean_env({}, sys.executable)
+        # spawned from the event loop thread: bwrap's --die-with-parent follows the spawning thread
+        self.proc = subprocess.Popen(sb.zygote_argv(self.runtime_dir, env), stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=None, start_new_session=True, text=True,
+                                     env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")})
+        line = await self._readline(60)
+        if line != "ready":
+            self.close()
+            raise RuntimeError(f"fork server failed to start: {line!r}")
+        return self.proc
+
+    async def _readline(self, timeout: float) -> str:
+        loop = asyncio.get_running_loop()
+        assert self.proc is not None and self.proc.stdout is not None
+        return (await asyncio.wait_for(loop.run_in_executor(None, self.proc.stdout.readline), timeout)).strip()
+
+    async def fork(self, kid: str, kdir: Path) -> ForkedProcess:
+        """Fork one kernel for the connection dir ``kdir``; returns its host-side handle."""
+        async with self._lock:
+            proc = await self._ensure()
+            assert proc.stdin is not None
+            proc.stdin.write(kid + "\n")
+            proc.stdin.flush()
+            answer = (await self._readline(10)).split()
+        if len(answer) != 2 or answer[0] != kid:
+            self.close()
+            raise RuntimeError(f"fork server answered {answer!r}")
+        self.forks += 1
+        return ForkedProcess(self._host_pid(int(answer[1])), kdir / "exit_status")
+
+    def _host_pid(self, ns_pid: int) -> int:
+        for p in sb.tree(self.proc.pid if self.proc else 0):
+            try:
+                for line in Path(f"/proc/{p.pid}/status").read_text().splitlines():
+                    if line.startswith("NSpid:") and int(line.split()[-1]) == ns_pid and len(line.split()) > 2:
+                        return p.pid
+            except (OSError, ValueError):
+                continue
+        raise RuntimeError(f"forked kernel {ns_pid} not found")
+
+    def close(self) -> None:
+        """Kill the fork server (kernels it forked die with its namespace)."""
+        if self.proc is not None:
+            sb.kill_tree(self.proc)
+            for f in (self.proc.stdin, self.proc.stdout):
+                with contextlib.suppress(Exception):
+                    f.close()
+            self.proc = None
+
+
 class SandboxedKernel:
     """One kernel process tree in its own sandbox, with a connected client. Used once."""
 
-    def __init__(self, spec: KernelSpecInfo, mode: str, runtime_dir: Path, network: bool = False) -> None:
+    def __init__(self, spec: KernelSpecInfo, mode: str, runtime_dir: Path, network: bool = False,
+                 fork_server: ForkServer | None = None) -> None:
         self.spec = spec
+        self.fork_server = fork_server
         self.mode = mode
         self.network = network
         self.id = secrets.token_hex(6)
         self.dir = runtime_dir / f"k-{self.id}"
-        self.proc: subprocess.Popen | None = None
+        self.proc: subprocess.Popen | ForkedProcess | None = None
         self.client: AsyncKernelClient | None = None
         self.start_wall: float | None = None
         self.start_cpu: float | None = None
@@ -113,8 +216,14 @@ class SandboxedKernel:
         key = secrets.token_hex(16)
         inside = sb.SANDBOX_CONN if self.mode in ("bwrap", "unshare") else str(self.dir)
         (self.dir / "connection.json").write_text(json.dumps(_connection(f"{inside}/k", key)))
-        cmd, env = self._command()
-        self.proc = sb.spawn(cmd, self.dir / "kernel.log", env, cwd=None if env is None else self.dir / "work")
+        if self.fork_server is not None:
+            env = sb.clean_env(self.spec.env, self.spec.argv[0])
+            argv = [a.replace("{connection_file}", f"{inside}/connection.json") for a in self.spec.argv]
+            (self.dir / "launch.json").write_text(json.dumps({"env": env, "argv": ["ipykernel_launcher", *argv[3:]]}))
+            self.proc = await self.fork_server.fork(self.id, self.dir)
+        else:
+            cmd, env = self._command()
+            self.proc = sb.spawn(cmd, self.dir / "kernel.log", env, cwd=None if env is None else self.dir / "work")
         self.client = AsyncKernelClient()
         self.client.load_connection_info(_connection(str(self.dir / "k"), key))
         self.client.start_channels(hb=False)  # liveness is watched on the process itself
@@ -193,8 +302,9 @@ class KernelPool:
 
     def __init__(self, spec: KernelSpecInfo, size: int, mode: str, runtime_dir: Path,
                  start_timeout: float = 30.0, starts: asyncio.Semaphore | None = None,
-                 retries: int = 3) -> None:
+                 retries: int = 3, fork_server: ForkServer | None = None) -> None:
         self.spec = spec
+        self.fork_server = fork_server if sb.forkable(spec.argv) else None
         self.size = size
         self.mode = mode
         self.runtime_dir = runtime_dir
@@ -267,7 +377,8 @@ class KernelPool:
     async def new_kernel(self, network: bool = False) -> SandboxedKernel:
         """Start one kernel now (limited to a few concurrent starts)."""
         async with self._starts:
-            kernel = SandboxedKernel(self.spec, self.mode, self.runtime_dir, network)
+            kernel = SandboxedKernel(self.spec, self.mode, self.runtime_dir, network,
+                                     None if network else self.fork_server)
             try:
                 await kernel.start(self.start_timeout)
             except BaseException as e:
@@ -326,7 +437,7 @@ class KernelPool:
     def health(self) -> dict[str, Any]:
         """Pool size, ready kernels and start-cost figures."""
         n = self.stats["started"] or 1
-        return {"kernelspec": self.spec.name, "size": self.size, "ready": len(self._ready),
+        return {"kernelspec": self.spec.name, "size": self.size, "fork_server": self.fork_server is not None, "ready": len(self._ready),
                 "starting": self._filling, "started": self.stats["started"], "failed": self.stats["failed"],
                 "replaced": self.stats["replaced"], "handed_out": self.stats["handed_out"],
                 "avg_start_wall_s": round(self.stats["start_wall_total"] / n, 3),

@@ -132,7 +132,8 @@ def bwrap_argv(argv: list[str], conn_dir: Path, *, network: bool, env: dict[str,
             cmd += ["--ro-bind", link, link]
     cmd += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp",
             "--size", str(WORK_TMPFS_BYTES), "--tmpfs", SANDBOX_WORK,
-            "--bind", str(conn_dir), SANDBOX_CONN, "--chdir", SANDBOX_WORK]
+            "--bind", str(conn_dir), SANDBOX_CONN, "--remount-ro", "/", "--cap-drop", "ALL",
+            "--chdir", SANDBOX_WORK]
     for k, v in env.items():
         cmd += ["--setenv", k, v]
     return cmd + ["--", *argv]
@@ -310,3 +311,107 @@ def needs_bridge(argv: list[str]) -> bool:
 def bridged(argv: list[str], conn_file: str, tcp_conn_file: str) -> list[str]:
     """``argv`` (with ``{connection_file}`` already replaced by ``tcp_conn_file``) behind the bridge."""
     return [sys.executable, "-c", BRIDGE_SOURCE, conn_file, tcp_conn_file, "--", *argv]
+
+
+# The fork server ("zygote") for ipykernel: it imports ipykernel once inside a bwrap sandbox holding
+# CAP_SYS_ADMIN, then forks each kernel, which enters fresh mount/net/ipc/uts/pid namespaces, mounts
+# its own /proc, /tmp, /sandbox and connection dir, hides the other kernels' dirs, drops every
+# capability (no_new_privs) and only then becomes the kernel. Commands on stdin: "<kernel id>\n";
+# answers on stdout: "<kernel id> <pid in the zygote's namespace>\n".
+ZYGOTE_SOURCE = r'''
+import ctypes, json, os, random, signal, sys
+libc = ctypes.CDLL(None, use_errno=True)
+NEWNS, NEWUTS, NEWIPC, NEWNET, NEWPID = 0x20000, 0x4000000, 0x8000000, 0x40000000, 0x20000000
+RDONLY, NOSUID, NODEV, REMOUNT, BIND, REC, PRIVATE = 1, 2, 4, 32, 4096, 16384, 1 << 18
+def check(r, what):
+    if r != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, "%s: %s" % (what, os.strerror(e)))
+def mount(src, dst, fstype, flags, data=None):
+    check(libc.mount(src.encode(), dst.encode(), fstype.encode() if fstype else None, flags,
+                     data.encode() if data else None), "mount " + dst)
+class CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+class CapData(ctypes.Structure):
+    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
+import ipykernel.kernelapp, ipykernel.ipkernel, ipykernel.zmqshell  # the expensive part, once
+def kernel(kid, work_bytes):
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    os.setsid()
+    check(libc.unshare(NEWNS | NEWNET | NEWIPC | NEWUTS | NEWPID), "unshare")
+    pid = os.fork()
+    if pid:  # stays outside the new pid namespace: waits, records the kernel's status, exits with it
+        status = os.waitpid(pid, 0)[1]
+        code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else 128 + os.WTERMSIG(status)
+        try:
+            with open("/run/kernel/exit_status", "w") as f:
+                f.write(str(code))
+        finally:
+            os._exit(code)
+    mount("none", "/", None, REC | PRIVATE)
+    mount("proc", "/proc", "proc", NOSUID | NODEV)
+    mount("tmpfs", "/tmp", "tmpfs", NOSUID | NODEV)
+    mount("tmpfs", "/sandbox", "tmpfs", NOSUID | NODEV, "size=%d" % work_bytes)
+    mount("/run/kernels/k-" + kid, "/run/kernel", None, BIND)
+    mount("tmpfs", "/run/kernels", "tmpfs", RDONLY | NOSUID | NODEV, "size=4k")
+    mount("tmpfs", "/dev/shm", "tmpfs", NOSUID | NODEV, "size=64m")
+    # the zygote's / and /dev are shared with every kernel it forks: read-only in this kernel's namespace
+    mount("none", "/dev", None, REMOUNT | BIND | RDONLY | NOSUID)
+    mount("none", "/", None, REMOUNT | BIND | RDONLY | NOSUID | NODEV)
+    for cap in range(64):
+        libc.prctl(24, cap, 0, 0, 0)  # PR_CAPBSET_DROP
+    check(libc.prctl(38, 1, 0, 0, 0), "no_new_privs")  # PR_SET_NO_NEW_PRIVS
+    check(libc.capset(ctypes.byref(CapHeader(0x20080522, 0)), (CapData * 2)()), "capset")
+    with open("/run/kernel/launch.json") as f:
+        launch = json.load(f)
+    fd = os.open("/run/kernel/kernel.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    null = os.open("/dev/null", os.O_RDONLY)
+    os.dup2(null, 0), os.dup2(fd, 1), os.dup2(fd, 2)
+    os.closerange(3, 65536)
+    os.chdir("/sandbox")
+    os.environ.clear()
+    os.environ.update(launch["env"])
+    random.seed()
+    sys.argv = launch["argv"]
+    ipykernel.kernelapp.IPKernelApp.launch_instance(argv=launch["argv"][1:])
+    os._exit(0)
+signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # children are reaped by the system
+sys.stdout.write("ready\n")
+sys.stdout.flush()
+for line in sys.stdin:
+    kid = line.strip()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            kernel(kid, int(sys.argv[1]))
+        except BaseException:
+            import traceback
+            traceback.print_exc()
+        finally:
+            os._exit(70)
+    sys.stdout.write("%s %d\n" % (kid, pid))
+    sys.stdout.flush()
+'''
+
+
+def forkable(argv: list[str]) -> bool:
+    """Whether a kernelspec can be served by the ipykernel fork server (same interpreter)."""
+    return len(argv) >= 3 and argv[0] == sys.executable and argv[1:3] == ["-m", "ipykernel_launcher"]
+
+
+def zygote_argv(runtime_dir: Path, env: dict[str, str]) -> list[str]:
+    """bubblewrap command line of the fork server (it needs CAP_SYS_ADMIN to make namespaces)."""
+    cmd = ["bwrap", "--unshare-all", "--die-with-parent", "--new-session", "--clearenv",
+           "--cap-drop", "ALL", "--cap-add", "CAP_SYS_ADMIN"]
+    for p in readonly_paths([sys.executable]):
+        cmd += ["--ro-bind", p, p]
+    for link in SYSTEM_LINKS:
+        if os.path.islink(link):
+            cmd += ["--symlink", os.readlink(link), link]
+        elif os.path.isdir(link):
+            cmd += ["--ro-bind", link, link]
+    cmd += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp", "--dir", SANDBOX_WORK, "--dir", SANDBOX_CONN,
+            "--bind", str(runtime_dir), "/run/kernels"]
+    for k, v in env.items():
+        cmd += ["--setenv", k, v]
+    return [*cmd, "--", sys.executable, "-c", ZYGOTE_SOURCE, str(WORK_TMPFS_BYTES)]
