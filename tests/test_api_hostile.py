@@ -1,0 +1,51 @@
+"""Hostile programs through the whole server: each ends with the right status, the server stays healthy,
+the next submission is unaffected and nothing the program started is left running."""
+
+from __future__ import annotations
+
+import time
+
+import psutil
+import pytest
+from http_client import get, post
+
+MARK = "424242"  # argv marker of every process a hostile program starts
+
+HOSTILE = {
+    "fork bomb": ("import os, subprocess\nwhile True:\n    try:\n        subprocess.Popen(['sleep', '" + MARK + "'])\n"
+                  "    except OSError:\n        pass\n", {"wall_time_limit": 3}, {5, 11, 12}),
+    "memory balloon": ("x = []\nwhile True:\n    x.append(bytearray(10 << 20))\n", {"memory_limit": 65536}, {11, 12}),
+    "infinite loop": ("while True:\n    pass\n", {"cpu_time_limit": 1, "wall_time_limit": 5}, {5}),
+    "sleep past wall": ("import time\ntime.sleep(30)\n", {"wall_time_limit": 1}, {5}),
+    "orphan child": ("import subprocess\nsubprocess.Popen(['sh', '-c', 'sleep " + MARK + " &'], start_new_session=True)\n"
+                     "print('parent done')\n", {}, {3}),
+    "kills its parent": ("import os, signal\nos.kill(os.getppid(), signal.SIGKILL)\nos.kill(-1, signal.SIGKILL)\n",
+                         {}, {3, 5, 11, 12}),
+}
+
+
+def leftovers() -> list[str]:
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        cmd = " ".join(proc.info["cmdline"] or [])
+        if MARK in cmd and "pytest" not in cmd:
+            found.append(cmd)
+    return found
+
+
+@pytest.mark.parametrize("language_id", [71, 1071])
+@pytest.mark.parametrize("name", list(HOSTILE))
+def test_hostile_program_is_contained(live_server, name, language_id):
+    source, limits, statuses = HOSTILE[name]
+    sub = post(f"{live_server.api}/submissions?wait=true&fields=status,message,stdout,stderr",
+               {"source_code": source, "language_id": language_id, **limits}).json
+    assert sub["status"]["id"] in statuses, sub
+    deadline = time.monotonic() + 10
+    while leftovers() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert leftovers() == []
+    health = get(f"{live_server.api}/health").json
+    assert health["status"] == "ok"
+    after = post(f"{live_server.api}/submissions?wait=true", {"source_code": "print('fine')",
+                                                              "language_id": language_id}).json
+    assert after["status"]["id"] == 3 and after["stdout"] == "fine\n"
