@@ -13,6 +13,15 @@ Semantics (documented for the API):
   execute wall time.
 - Output beyond ``max_output_bytes`` is cut and the kernel killed: exit_signal 25 (SIGXFSZ), message
   "output truncated ...".
+- Limits: wall and CPU (cgroup cpuacct, else psutil) are watched every 50 ms and end the run with
+  outcome "time_limit" (the kernel is killed, not interrupted: it is discarded anyway); memory and
+  processes by the run's cgroup (OOM kill → exit_signal 9, "memory limit exceeded"); file size,
+  stack and core size as rlimits set on the kernel's processes when the run starts.
+- ipykernel kernels come from a fork server (ipykernel imported once, each kernel forked into fresh
+  namespaces, see kernel_sandbox.ZYGOTE_SOURCE) when bwrap is used as root; other kernelspecs, and
+  runs with enable_network, start a kernel under bwrap directly.
+- stdin: Python sees it whole (sys.stdin) and by input(); other kernels get input_request answers
+  (Deno's prompt()), bash a here-document around the program. argv: sys.argv / bash "$@".
 """
 
 from __future__ import annotations

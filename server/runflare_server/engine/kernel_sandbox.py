@@ -3,7 +3,10 @@
 Inside the sandbox the kernel sees a read-only system, a private tmpfs work dir (``/sandbox``,
 its cwd and HOME, gone with the sandbox), its connection dir (``/run/kernel``, the only host
 dir bound writable: ipc socket files live there), a fresh /tmp, /proc and /dev, no network
-(unless asked), its own PID/IPC/UTS namespaces, a new session and a clean environment.
+(unless asked), its own PID/IPC/UTS namespaces, a new session, a clean environment and no
+capabilities. Kernels that only speak TCP (Deno) run behind a small ipc<->tcp bridge inside their
+sandbox; ipykernel can instead be forked from a fork server (ZYGOTE_SOURCE) that sets up the same
+isolation per kernel with unshare/mount.
 """
 
 from __future__ import annotations
