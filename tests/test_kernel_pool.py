@@ -234,3 +234,22 @@ def test_fork_server_kernels_and_restart(loop: asyncio.AbstractEventLoop, mode: 
 
     loop.run_until_complete(go())
     assert descendants() == []
+
+
+def test_broken_fork_server_falls_back_to_direct_starts(loop: asyncio.AbstractEventLoop, mode: str,
+                                                        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # a fork server that cannot start here (as on a host without CAP_SYS_ADMIN for bwrap)
+    monkeypatch.setattr(sb, "zygote_argv", lambda runtime_dir, env: [sys.executable, "-c", "print('no caps')"])
+    fs = ForkServer(tmp_path)
+    pool = KernelPool(load_spec("python3"), 0, mode, tmp_path, fork_server=fs, retries=5)
+
+    async def go() -> None:
+        kernel = await pool.acquire()
+        assert kernel.alive() and kernel.fork_server is None
+        assert not fs.usable and fs.forks == 0
+        await kernel.shutdown()
+        await pool.stop()
+        fs.close()
+
+    loop.run_until_complete(go())
+    assert descendants() == []

@@ -117,6 +117,18 @@ class ForkServer:
         self.proc: subprocess.Popen | None = None
         self._lock = asyncio.Lock()
         self.forks = 0
+        self.failures = 0  # consecutive kernels that failed to come up; too many → not used any more
+
+    @property
+    def usable(self) -> bool:
+        """False once it keeps failing here (e.g. no CAP_SYS_ADMIN): pools then start kernels directly."""
+        return self.failures < 3
+
+    def note(self, ok: bool) -> None:
+        """Record whether a forked kernel came up."""
+        self.failures = 0 if ok else self.failures + 1
+        if not self.usable:
+            log.error("fork server disabled after %d failures; starting kernels directly", self.failures)
 
     async def _ensure(self) -> subprocess.Popen:
         if self.proc is not None and self.proc.poll() is None:
@@ -128,7 +140,11 @@ class ForkServer:
         self.proc = subprocess.Popen(sb.zygote_argv(self.runtime_dir, env), stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=None, start_new_session=True, text=True,
                                      env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")})
-        line = await self._readline(60)
+        try:
+            line = await self._readline(60)
+        except BaseException:
+            self.close()
+            raise
         if line != "ready":
             self.close()
             raise RuntimeError(f"fork server failed to start: {line!r}")
@@ -377,11 +393,16 @@ class KernelPool:
     async def new_kernel(self, network: bool = False) -> SandboxedKernel:
         """Start one kernel now (limited to a few concurrent starts)."""
         async with self._starts:
-            kernel = SandboxedKernel(self.spec, self.mode, self.runtime_dir, network,
-                                     None if network else self.fork_server)
+            fs = self.fork_server if self.fork_server is not None and self.fork_server.usable and not network \
+                else None
+            kernel = SandboxedKernel(self.spec, self.mode, self.runtime_dir, network, fs)
             try:
                 await kernel.start(self.start_timeout)
+                if fs is not None:
+                    fs.note(True)
             except BaseException as e:
+                if fs is not None and not isinstance(e, asyncio.CancelledError):
+                    fs.note(False)
                 self.stats["failed"] += 1
                 self.stats["last_error"] = str(e)[-500:]
                 await kernel.shutdown()
