@@ -188,11 +188,15 @@ def test_deno_kernel_javascript_and_typescript(engine: Engine) -> None:
     assert re.fullmatch(r"JavaScript \(Deno kernel \d+\.\d+\.\d+\)", langs[1063])
     result, events = engine.run("console.log('hi ' + prompt('who?'))\nDeno.jupyter.html`<i>x</i>`",
                                 language_id=1063, stdin="deno\n")
-    assert result.stdout == "who?hi deno\n" and result.exit_code == 0
+    assert result.stdout == "who? hi deno\n" and result.exit_code == 0
     assert result.outputs == [{"data": {"text/html": "<i>x</i>"}, "metadata": {}}]
     assert any(e["kind"] == "display" for e in events)
     result, _ = engine.run("const n: number = 2;\nconsole.log(n * 21);\nthrow new Error('boom');", language_id=1074)
     assert result.stdout == "42\n" and result.exit_code == 1 and "Error: boom" in result.stderr
+    result, _ = engine.run("console.log(prompt(), Deno.args);\n"
+                           "console.log(JSON.stringify(await new Response(Deno.stdin.readable).text()));",
+                           language_id=1074, stdin="first\nsecond\nthird", command_line_arguments="-n 'a b'")
+    assert result.stdout == 'first [ "-n", "a b" ]\n"second\\nthird"\n'
     result, _ = engine.run("Deno.exit(5)", language_id=1063)
     assert result.exit_code == 5
 

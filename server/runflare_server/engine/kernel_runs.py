@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
+import json
 import logging
 import os
 import queue
@@ -208,6 +209,35 @@ def _rf_setup(data, argv, interactive, cap):
 _rf_setup({data!r}, {argv!r}, {interactive!r}, {cap!r})
 del _rf_setup
 """
+
+
+def deno_preamble(request: RunRequest, interactive: bool) -> str:
+    """Silent set-up cell for Deno: Deno.args, and stdin readable whole (Deno.stdin) and by prompt()."""
+    args = json.dumps(shlex.split(request.command_line_arguments or ""))
+    setup = f"Object.defineProperty(Deno, 'args', {{ value: {args}, configurable: true }});"
+    if interactive:  # prompt() asks the client through input_request
+        return "{ " + setup + " }"
+    return "{ " + setup + """
+  const data = new TextEncoder().encode(%s);
+  let pos = 0;
+  const take = (p) => { const n = Math.min(p.length, data.length - pos); p.set(data.subarray(pos, pos + n)); pos += n; return n; };
+  const stdin = {
+    read(p) { return Promise.resolve(pos >= data.length ? null : take(p)); },
+    readSync(p) { return pos >= data.length ? null : take(p); },
+    get readable() { return new ReadableStream({ pull(c) { if (pos < data.length) { c.enqueue(data.slice(pos)); pos = data.length; } else { c.close(); } } }); },
+    isTerminal() { return false; }, close() {}, setRaw() {},
+  };
+  Object.defineProperty(Deno, "stdin", { value: stdin, configurable: true });
+  globalThis.prompt = (msg) => {
+    if (msg) { Deno.jupyter.broadcast("stream", { name: "stdout", text: msg + " " }); }
+    if (pos >= data.length) { return null; }
+    let j = data.indexOf(10, pos);
+    if (j < 0) { j = data.length; }
+    const line = new TextDecoder().decode(data.subarray(pos, j));
+    pos = Math.min(j + 1, data.length);
+    return line;
+  };
+}""" % json.dumps(request.stdin or "")
 
 
 class StdinFeeder:
@@ -588,6 +618,8 @@ class KernelRuns:
             preamble = None
             if kernel.spec.language == "python":
                 preamble = python_preamble(request, source_file, request.stdin_queue is not None)
+            elif sb.needs_bridge(kernel.spec.argv):  # Deno
+                preamble = deno_preamble(request, request.stdin_queue is not None)
             await _emit(emit, {"kind": "stage", "stage": "running", "message": "running"})
             run = _Run(kernel, request, emit, cgroup)
             await run.execute(self._wrap(kernel, request), preamble)
