@@ -218,10 +218,12 @@ def test_unshare_fallback_sandbox(tmp_path_factory: pytest.TempPathFactory) -> N
     e = Engine(pool_sizes={}, sandbox="unshare", runtime_dir=tmp_path_factory.mktemp("rt-unshare"))
     try:
         assert e.engine.health()["sandbox"] == "unshare"
-        code = ("import os, socket\nprint(os.getcwd(), os.getpid())\n"
+        runtime = e.engine.runtime_dir
+        code = (f"import os, socket\nr = {str(runtime)!r}\n"
+                "print(os.getcwd(), os.getpid(), not os.path.exists(r) or os.listdir(r) == [])\n"
                 "try:\n    socket.create_connection(('1.1.1.1', 53), timeout=2)\nexcept OSError:\n    print('nonet')\n"
                 "try:\n    open('/usr/rf-x', 'w')\nexcept OSError as e:\n    print('ro', e.errno)\n")
         result, _ = e.run(code)
-        assert result.stdout == "/sandbox 1\nnonet\nro 30\n"
+        assert result.stdout == "/sandbox 1 True\nnonet\nro 30\n"
     finally:
         e.close()

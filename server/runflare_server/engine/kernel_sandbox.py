@@ -152,6 +152,7 @@ def unshare_argv(argv: list[str], conn_dir: Path, *, network: bool, env: dict[st
         f"mkdir -p {SANDBOX_WORK} {SANDBOX_CONN} 2>/dev/null || true; "
         f"mount -t tmpfs -o size={WORK_TMPFS_BYTES} tmpfs {SANDBOX_WORK}; "
         f"mount --bind {conn_dir} {SANDBOX_CONN}; "
+        f"mount -t tmpfs -o ro tmpfs {conn_dir.parent}; "  # other kernels' connection dirs
         "mount -t tmpfs tmpfs /tmp; "
         "mount -o remount,bind,ro / 2>/dev/null || true; "
         f'cd {SANDBOX_WORK}; exec env -i "$@"'
