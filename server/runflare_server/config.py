@@ -26,7 +26,7 @@ class Settings(BaseSettings):
     role: Literal["all", "api", "worker"] = "all"
     sandbox: Literal["auto", "bwrap", "unshare", "none"] = "auto"
     workers: int = 0  # concurrent runs; 0 = number of CPUs
-    kernel_pool: dict[str, int] = Field(default_factory=lambda: {"python3": 1})
+    kernel_pool: dict[str, int] = Field(default_factory=lambda: {"python3": 2})
     kernel_language_ids: dict[int, str] = Field(default_factory=dict)  # extra id -> kernelspec
 
     # Auth and CORS.
