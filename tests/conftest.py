@@ -80,3 +80,20 @@ def live_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer
     server = start_server(tmp_path_factory.mktemp("live-server"))
     yield server
     server.stop()
+
+
+def own_descendants() -> list:
+    """Processes this test process started, leaving out the subtrees of the `runflare serve` servers that
+    fixtures keep running (their warm pools come and go on their own)."""
+    import psutil
+
+    mine = []
+    for child in psutil.Process().children():
+        try:
+            cmd = child.cmdline()
+            if "runflare_server" in cmd and "serve" in cmd:
+                continue
+            mine += [child, *child.children(recursive=True)]
+        except psutil.Error:
+            continue
+    return mine

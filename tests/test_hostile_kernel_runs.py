@@ -13,6 +13,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from conftest import own_descendants
 
 from runflare_server.engine.interface import Limits, RunRequest, RunResult
 from runflare_server.engine.kernel_pool import installed_kernelspecs
@@ -61,7 +62,7 @@ def leftovers(engine: Engine) -> list[str]:
     if top > 0:
         inner = psutil.Process(top).children()
         server = {top, *(p.pid for p in inner), *(c.pid for p in inner for c in p.children())}
-    procs = [p for p in psutil.Process().children(recursive=True) if p.pid not in server]
+    procs = [p for p in own_descendants() if p.pid not in server]
     gone, alive = psutil.wait_procs(procs, timeout=3)
     return [" ".join(p.cmdline()[:3])[:200] for p in alive if p.status() != psutil.STATUS_ZOMBIE]
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from conftest import own_descendants
 
 from runflare_server.engine import kernel_sandbox as sb
 from runflare_server.engine.kernel_pool import (
@@ -44,7 +45,7 @@ def mode() -> str:
 
 
 def descendants() -> list[psutil.Process]:
-    procs = psutil.Process().children(recursive=True)
+    procs = own_descendants()
     _, alive = psutil.wait_procs(procs, timeout=3)
     return [p for p in alive if p.status() != psutil.STATUS_ZOMBIE]
 
