@@ -19,7 +19,8 @@ LEAN = {"RUNFLARE_KERNEL_POOL": "{}"}
 def locked_server(tmp_path_factory):
     server = start_server(tmp_path_factory.mktemp("locked"), "--auth-token", "s3cret", "--authz-user", "boss",
                           "--cors-origin", "null", "--cors-origin", "http://teach.example",
-                          "--enable-submission-delete", "--workers", "1", "--max-queue-size", "2", env=LEAN)
+                          "--enable-submission-delete", "--workers", "1", "--max-queue-size", "2",
+                          env={**LEAN, "RUNFLARE_MAX_BODY_SIZE": "100000"})
     yield server
     server.stop()
 
@@ -38,12 +39,21 @@ def test_list_and_delete_need_authorized_user(locked_server):
     token = post(f"{api}/submissions?wait=true&fields=token", HELLO, headers=auth).json["token"]
     assert get(f"{api}/submissions", headers=auth).status == 403
     assert get(f"{api}/submissions", headers={**auth, "X-Auth-User": "intruder"}).status == 403
-    listing = get(f"{api}/submissions", headers={**auth, "X-Auth-User": "boss"}).json
+    listing = get(f"{api}/submissions?per_page=1", headers={**auth, "X-Auth-User": "boss"}).json
     assert listing["submissions"][0]["token"] == token and listing["meta"]["total_count"] >= 1
+    assert set(listing["meta"]) == {"current_page", "next_page", "prev_page", "total_pages", "total_count"}
+    huge = get(f"{api}/submissions?page=" + "9" * 30, headers={**auth, "X-Auth-User": "boss"})
+    assert huge.status == 200 and huge.json["submissions"] == []
     assert call("DELETE", f"{api}/submissions/{token}", headers=auth).status == 403
     deleted = call("DELETE", f"{api}/submissions/{token}?fields=token,stdout", headers={**auth, "X-Auth-User": "boss"})
     assert deleted.status == 200 and deleted.json == {"token": token, "stdout": "Hello!\n"}
     assert get(f"{api}/submissions/{token}", headers=auth).status == 404
+
+
+def test_oversized_body_is_413_before_it_is_read(locked_server):
+    body = b'{"source_code": "' + b"x" * 200_000 + b'", "language_id": 71}'
+    r = post(f"{locked_server.api}/submissions", raw=body, headers={"X-Auth-Token": "s3cret"})
+    assert r.status == 413 and "100000" in r.json["error"]
 
 
 def test_cors(locked_server):

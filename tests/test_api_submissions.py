@@ -127,6 +127,8 @@ def test_batch_create_and_get(live_server):
 
 
 def test_batch_limits(live_server):
-    assert post(f"{live_server.api}/submissions/batch", {"submissions": []}).status == 422
+    empty = post(f"{live_server.api}/submissions/batch", {"submissions": []})
+    assert empty.status == 400 and "at least one" in empty.json["error"]
     r = post(f"{live_server.api}/submissions/batch", {"submissions": [HELLO] * 21})
-    assert r.status == 422 and "less than or equal to 20" in r.json["submissions"][0]
+    assert r.status == 400 and "less than or equal to 20" in r.json["error"]
+    assert get(f"{live_server.api}/submissions/batch?tokens=").status == 400

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Callable
 from typing import Any
 
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError
@@ -42,11 +41,15 @@ class Callbacks:
                 log.info("callback %s failed (try %d): %s", url, attempt, exc)
             except OSError as exc:
                 log.info("callback %s failed (try %d): %s", url, attempt, exc)
-            await asyncio.sleep(self.backoff * attempt)
+            except Exception:
+                log.exception("callback %s failed", url)
+                return
+            if attempt < self.max_tries:
+                await asyncio.sleep(self.backoff * attempt)
 
     async def drain(self, timeout: float = 5.0) -> None:
         if self._tasks:
             await asyncio.wait(self._tasks, timeout=timeout)
+        for task in list(self._tasks):
+            task.cancel()
 
-
-Renderer = Callable[[dict[str, Any]], dict[str, Any]]

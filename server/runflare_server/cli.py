@@ -30,7 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--sandbox", choices=["auto", "bwrap", "unshare", "none"],
                        help="how runs are isolated (default auto: bwrap, else unshare); 'none' is for development")
     serve.add_argument("--workers", type=int, help="concurrent runs (default: number of CPUs)")
-    serve.add_argument("--role", choices=["all", "api", "worker"], help="what this process does (default all)")
+    serve.add_argument("--role", choices=["all", "api", "worker"],
+                       help="what this process does (default all; api and worker need the Redis broker, not built yet)")
     serve.add_argument("--auth-token", action="append", dest="auth_tokens", metavar="TOKEN",
                        help="require X-Auth-Token on /api/v1 (repeatable)")
     serve.add_argument("--authz-user", action="append", dest="authz_users", metavar="TOKEN",
@@ -70,10 +71,12 @@ async def serve(settings: Settings) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    await service.start()
-    await stop.wait()
-    logging.getLogger("runflare").info("stopping: draining running submissions")
-    await service.stop()
+    try:
+        await service.start()
+        await stop.wait()
+        logging.getLogger("runflare").info("stopping: draining running submissions")
+    finally:
+        await service.stop()
 
 
 def main(argv: list[str] | None = None) -> int:

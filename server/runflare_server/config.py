@@ -16,7 +16,7 @@ def default_data_dir() -> Path:
 
 
 class Settings(BaseSettings):
-    """Every setting of a Run-Flare server. Environment: RUNFLARE_<NAME> (lists as JSON or comma-separated)."""
+    """Every setting of a Run-Flare server. Environment: RUNFLARE_<NAME>; lists and maps as JSON."""
 
     model_config = SettingsConfigDict(env_prefix="RUNFLARE_", extra="ignore")
 
@@ -81,7 +81,7 @@ class Settings(BaseSettings):
     # Run-Flare sizes.
     max_source_size: int = 64 * 1024
     max_stdin_size: int = 1024 * 1024
-    max_body_size: int = 4 * 1024 * 1024
+    max_body_size: int = 32 * 1024 * 1024  # a full batch with large stdins fits
     max_output_size: int = 1024 * 1024
     ws_idle_timeout: float = 3600.0
     ws_ping_interval: float = 20.0

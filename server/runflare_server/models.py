@@ -166,24 +166,32 @@ class SubmissionRules:
         s = self.settings
 
         for name in TEXT_FIELDS:
-            if base64_encoded and data[name] is not None:
+            if data[name] is None:
+                continue
+            if base64_encoded:
                 try:
-                    raw = base64.b64decode(data[name].encode("ascii"), validate=False)
+                    packed = "".join(data[name].split())  # Judge0's encoder wraps lines at 60 characters
+                    raw = base64.b64decode(packed.encode("ascii"), validate=True)
                     data[name] = raw.decode("utf-8", errors="surrogateescape")
                 except (binascii.Error, ValueError, UnicodeEncodeError):
                     add(name, "is not valid base64")
+            else:
+                try:
+                    data[name].encode("utf-8")
+                except UnicodeEncodeError:
+                    add(name, "is not valid UTF-8")
         if not data["source_code"] and "source_code" not in errors:
             add("source_code", "can't be blank")
-        elif data["source_code"] and len(data["source_code"].encode("utf-8", "surrogateescape")) > s.max_source_size:
+        elif "source_code" not in errors and len(to_bytes(data["source_code"])) > s.max_source_size:
             add("source_code", f"is too long (maximum is {s.max_source_size} bytes)")
-        if data["stdin"] and len(data["stdin"].encode("utf-8", "surrogateescape")) > s.max_stdin_size:
+        if data["stdin"] and "stdin" not in errors and len(to_bytes(data["stdin"])) > s.max_stdin_size:
             add("stdin", f"is too long (maximum is {s.max_stdin_size} bytes)")
 
-        if data["kernel"] is not None:
-            if data["kernel"] not in self.kernelspecs:
-                add("kernel", f"kernel {data['kernel']!r} is not installed")
-        elif data["language_id"] is None:
-            add("language_id", "can't be blank")
+        if data["kernel"] is not None and data["kernel"] not in self.kernelspecs:
+            add("kernel", f"kernel {data['kernel']!r} is not installed")
+        if data["language_id"] is None:
+            if data["kernel"] is None:
+                add("language_id", "can't be blank")
         elif data["language_id"] not in self.language_ids:
             add("language_id", f"language with id {data['language_id']} doesn't exist")
 
@@ -208,8 +216,12 @@ class SubmissionRules:
         if data["command_line_arguments"] and not s.enable_command_line_arguments:
             add("command_line_arguments", "setting command line arguments is not allowed")
         if data["callback_url"] is not None:
-            url = urlparse(data["callback_url"])
-            if url.scheme not in ("http", "https") or not url.netloc:
+            try:
+                url = urlparse(data["callback_url"])
+                valid = url.scheme in ("http", "https") and bool(url.hostname)
+            except ValueError:
+                valid = False
+            if not valid:
                 add("callback_url", "must be an http(s) URL")
             elif not s.enable_callbacks:
                 add("callback_url", "callbacks are not allowed")
@@ -255,6 +267,14 @@ def seconds(value: float | None) -> str | None:
     return None if value is None else f"{value:.3f}"
 
 
+def to_bytes(text: str) -> bytes:
+    """Text as the bytes it stands for: undecodable bytes were kept as surrogateescape."""
+    try:
+        return text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a lone surrogate that is not an escaped byte
+        return text.encode("utf-8", "replace")
+
+
 class NotUtf8(ValueError):
     """Output holds bytes that are not UTF-8; the client must ask for base64."""
 
@@ -276,7 +296,7 @@ def render(sub: dict[str, Any], fields: list[str], base64_encoded: bool, languag
         elif name in DECIMAL_FIELDS:
             value = None if value is None else str(float(value))
         elif name in ENCODED_OUT and value is not None:
-            raw = value.encode("utf-8", "surrogateescape")
+            raw = to_bytes(value)
             if base64_encoded:
                 value = base64.b64encode(raw).decode("ascii")
             else:

@@ -42,6 +42,9 @@ class Service:
         self.http: HTTPServer | None = None
 
     async def start(self, listen: bool = True) -> None:
+        if self.settings.role != "all":
+            raise SystemExit("--role api|worker needs the shared (Redis) broker, which is not built yet; "
+                             "use --role all")
         self.settings.data_dir.mkdir(parents=True, exist_ok=True)
         await self.store.open()
         await self.engine.start()
@@ -58,7 +61,7 @@ class Service:
             from .api import make_app
 
             app = make_app(self)
-            self.http = HTTPServer(app, xheaders=True, max_body_size=self.settings.max_body_size * 4)
+            self.http = HTTPServer(app, xheaders=True, max_body_size=self.settings.max_body_size)
             self.http.listen(self.settings.port, self.settings.host)
             log.info("Run-Flare listening on http://%s:%d (data in %s)", self.settings.host,
                      self.settings.port, self.settings.data_dir)
@@ -68,23 +71,26 @@ class Service:
         return render(sub, DEFAULT_FIELDS, True, self.language_names)
 
     async def stop(self) -> None:
-        """Drain: stop listening, let running submissions finish (or leave them to re-queue), stop kernels."""
+        """Drain: stop listening, let running submissions finish (or leave them to re-queue), close the
+        sockets (1001), stop the kernels, close the store last."""
+        from .api.websocket import close_all_sockets
+
         if self.http is not None:
             self.http.stop()
         if self.worker is not None:
             await self.worker.stop()
+        close_all_sockets()
+        if self.http is not None:
+            try:
+                await asyncio.wait_for(self.http.close_all_connections(), 5)
+            except asyncio.TimeoutError:
+                log.warning("some connections did not close in time")
         await self.callbacks.drain()
         await self.engine.stop()
         await self.store.close()
-        if self.http is not None:
-            await asyncio.wait_for(self.http.close_all_connections(), 5)
 
     async def health(self) -> dict[str, Any]:
-        store_ok = True
-        try:
-            await self.store.page(0, 1)
-        except Exception:  # noqa: BLE001 - health reports, never raises
-            store_ok = False
+        store_ok = await self.store.ping()
         return {
             "status": "ok" if store_ok else "degraded",
             "queue_depth": await self.broker.depth(),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from typing import Any
@@ -107,7 +108,10 @@ class Worker:
                 raise
             except Exception:
                 log.exception("worker failed on %s", token)
-                await self._fail(token, "internal error in the worker")
+                try:
+                    await self._fail(token, "internal error in the worker")
+                except Exception:
+                    log.exception("could not record the failure of %s", token)
             finally:
                 self._running.pop(token, None)
                 await self.broker.ack(token)
@@ -124,8 +128,8 @@ class Worker:
         results: list[RunResult] = []
         stdin_queue = self.broker.open_input(token) if sub.get("interactive") else None
         try:
-            for _ in range(int(sub.get("number_of_runs") or 1)):
-                result = await self._run_once(sub, stdin_queue)
+            for run in range(int(sub.get("number_of_runs") or 1)):
+                result = await self._run_once(sub, stdin_queue, live=run == 0)
                 results.append(result)
                 if status_of(result, sub.get("expected_output")) != ACCEPTED:
                     break
@@ -134,7 +138,8 @@ class Worker:
                 self.broker.close_input(token)
         await self._finish(token, sub, combine(results))
 
-    async def _run_once(self, sub: dict[str, Any], stdin_queue: asyncio.Queue | None) -> RunResult:
+    async def _run_once(self, sub: dict[str, Any], stdin_queue: asyncio.Queue | None, live: bool) -> RunResult:
+        """One run. Only the first of number_of_runs streams its output (the others would repeat it)."""
         token = sub["token"]
         request = RunRequest(
             token=token, source_code=sub["source_code"], language_id=sub.get("language_id"),
@@ -144,14 +149,22 @@ class Worker:
             limits=limits_of(sub, self.settings), stdin_queue=stdin_queue,
         )
 
+        display_budget = self.settings.max_output_size
+
         async def emit(event: Event) -> None:
+            nonlocal display_budget
             kind = event.get("kind")
+            if not live and kind != "stage":
+                return
             if kind == "stage":
                 message = events.progress(token, event["stage"], event.get("message"))
             elif kind == "stream":
                 message = events.message("progress_update", token, stage="running",
                                          stream=event["stream"], text=event["text"])
             elif kind == "display":
+                display_budget -= len(json.dumps(event.get("data", {})))
+                if display_budget < 0:
+                    return
                 message = events.message("progress_update", token, stage="running",
                                          display={"data": event["data"], "metadata": event.get("metadata", {})})
             else:
@@ -167,22 +180,32 @@ class Worker:
             return RunResult(outcome="internal", message=f"engine failure: {type(exc).__name__}: {exc}")
 
     async def _finish(self, token: str, sub: dict[str, Any], result: RunResult) -> None:
+        outputs, kept = [], 0
+        for output in result.outputs:
+            kept += len(json.dumps(output))
+            if kept > self.settings.max_output_size:
+                result.message = "; ".join(filter(None, [result.message, "rich outputs truncated"]))
+                break
+            outputs.append(output)
         changes = {
             "status_id": status_of(result, sub.get("expected_output")),
             "stdout": result.stdout, "stderr": result.stderr, "compile_output": result.compile_output,
             "message": result.message, "exit_code": result.exit_code, "exit_signal": result.exit_signal,
             "time": result.time, "wall_time": result.wall_time, "memory": result.memory,
-            "outputs": result.outputs, "finished_at": time.time(),
+            "outputs": outputs, "finished_at": time.time(),
         }
         await self.store.update(token, changes)
         sub.update(changes)
         await self.broker.publish(token, events.progress(token, "finished"))
         await self.broker.publish(token, events.status_update(token, sub), final=True)
         if sub.get("callback_url"):
-            self.callbacks.send(sub["callback_url"], self.render_callback(sub))
+            try:
+                self.callbacks.send(sub["callback_url"], self.render_callback(sub))
+            except Exception:
+                log.exception("callback for %s not sent", token)
 
     async def _fail(self, token: str, message: str) -> None:
         sub = await self.store.get(token)
-        if sub is None:
+        if sub is None or sub["status_id"] > PROCESSING:
             return
         await self._finish(token, sub, RunResult(outcome="internal", message=message))

@@ -52,7 +52,6 @@ def make_app(service: Service) -> web.Application:
         (prefix + r"/config_info/?", ConfigInfoHandler),
         (prefix + r"/health/?", HealthHandler),
         (prefix + r"/openapi.json", OpenApiHandler),
-        (prefix + r"/.*", NotFoundHandler),
     ]
     return web.Application(routes, service=service, default_handler_class=NotFoundHandler,
                            **websocket_settings(service.settings))

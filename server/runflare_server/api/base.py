@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hmac
 import json
 from typing import Any
 
@@ -27,21 +28,29 @@ def allowed_origin(origins: list[str], origin: str | None) -> str | None:
     return None
 
 
+def one_of(value: str | None, allowed: list[str]) -> bool:
+    """Constant-time membership for secrets."""
+    return value is not None and any(hmac.compare_digest(value.encode(), a.encode()) for a in allowed)
+
+
 def check_auth(service: Service, request: Any, needs_user: bool) -> None:
-    """401 without a valid X-Auth-Token when tokens are configured; 403 without X-Auth-User when needed."""
+    """401 without a valid X-Auth-Token when tokens are configured; 403 without an authorized X-Auth-User
+    where one is needed (as in Judge0, nobody is authorized until authz_users is configured)."""
     settings = service.settings
+
     def value(name: str) -> str | None:
-        return request.headers.get(name) or (request.query_arguments.get(name, [b""])[0].decode() or None)
-    if settings.auth_tokens and value("X-Auth-Token") not in settings.auth_tokens:
+        raw = request.headers.get(name) or request.query_arguments.get(name, [b""])[0].decode("utf-8", "replace")
+        return raw or None
+
+    if settings.auth_tokens and not one_of(value("X-Auth-Token"), settings.auth_tokens):
         raise ApiError(401)
-    if needs_user:
-        user = value("X-Auth-User")
-        if not user or (settings.authz_users and user not in settings.authz_users):
-            raise ApiError(403)
+    if needs_user and not one_of(value("X-Auth-User"), settings.authz_users):
+        raise ApiError(403)
 
 
+@web.stream_request_body
 class BaseHandler(web.RequestHandler):
-    """Every /api/v1 route."""
+    """Every /api/v1 route. Bodies stream in, so an oversized one is refused (413) before it is read."""
 
     needs_user: set[str] = set()  # methods that also need X-Auth-User
 
@@ -66,21 +75,30 @@ class BaseHandler(web.RequestHandler):
         self.finish()
 
     def prepare(self) -> None:
+        self.chunks: list[bytes] = []
         if self.request.method == "OPTIONS":
             return
         check_auth(self.service, self.request, self.request.method in self.needs_user)
         if self.request.method in ("POST", "PUT", "DELETE") and self.service.settings.maintenance_mode:
             raise ApiError(503, {"error": "maintenance mode is on"})
+        limit = self.service.settings.max_body_size
+        if int(self.request.headers.get("Content-Length") or 0) > limit:
+            raise ApiError(413, {"error": f"body larger than {limit} bytes"})
+
+    def data_received(self, chunk: bytes) -> None:
+        self.chunks.append(chunk)
+
+    @property
+    def body(self) -> bytes:
+        return b"".join(self.chunks)
 
     def json_body(self) -> Any:
-        """The request body as JSON: 415 for another content type, 413 when too large, 400 when malformed."""
+        """The request body as JSON: 415 for another content type, 400 when malformed."""
         ctype = self.request.headers.get("Content-Type", "").split(";")[0].strip().lower()
         if ctype != "application/json":
             raise ApiError(415, {"error": "Content-Type must be application/json"})
-        if len(self.request.body) > self.service.settings.max_body_size:
-            raise ApiError(413, {"error": f"body larger than {self.service.settings.max_body_size} bytes"})
         try:
-            return json.loads(self.request.body or b"null")
+            return json.loads(self.body or b"null")
         except (ValueError, UnicodeDecodeError) as exc:
             raise ApiError(400, {"error": f"malformed JSON: {exc}"}) from None
 

@@ -50,4 +50,5 @@ class ConfigInfoHandler(BaseHandler):
 
 class HealthHandler(BaseHandler):
     async def get(self) -> None:
-        self.send(await self.service.health())
+        health = await self.service.health()
+        self.send(health, 200 if health["status"] == "ok" else 503)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..models import DEFAULT_FIELDS, NotUtf8, parse_fields, render
+from ..models import NotUtf8, parse_fields, render
 from ..submissions import QueueFull
 from .base import ApiError, BaseHandler
 
@@ -61,7 +61,7 @@ class SubmissionsHandler(SubmissionHandlerBase):
     async def get(self) -> None:
         fields = self.fields()
         try:
-            page = max(1, int(self.get_query_argument("page", "1")))
+            page = min(10**9, max(1, int(self.get_query_argument("page", "1"))))
             per_page = min(100, max(1, int(self.get_query_argument("per_page", "20"))))
         except ValueError:
             raise ApiError(400, {"error": "page and per_page must be integers"}) from None
@@ -99,22 +99,22 @@ class BatchHandler(SubmissionHandlerBase):
         body = self.json_body()
         items = body.get("submissions") if isinstance(body, dict) else None
         if not isinstance(items, list) or not items:
-            raise ApiError(422, {"submissions": ["can't be blank"]})
+            raise ApiError(400, {"error": "there should be at least one submission in a batch"})
         if len(items) > settings.max_submission_batch_size:
-            raise ApiError(422, {"submissions": [
-                f"size of the batch must be less than or equal to {settings.max_submission_batch_size}"]})
+            raise ApiError(400, {"error": "number of submissions in a batch should be less than or equal to "
+                                          f"{settings.max_submission_batch_size}"})
         self.send(await self.create(items), 201)
 
     async def get(self) -> None:
         settings = self.service.settings
         if not settings.enable_batched_submissions:
             raise ApiError(400, {"error": "batched submissions are not allowed"})
-        fields = self.fields() if self.get_query_argument("fields", None) else DEFAULT_FIELDS
+        fields = self.fields()
         tokens = [t for t in self.get_query_argument("tokens", "").split(",") if t.strip()]
         if not tokens:
-            raise ApiError(422, {"tokens": ["can't be blank"]})
+            raise ApiError(400, {"error": "there should be at least one token in a batch"})
         if len(tokens) > settings.max_submission_batch_size:
-            raise ApiError(422, {"tokens": [
-                f"number of tokens must be less than or equal to {settings.max_submission_batch_size}"]})
+            raise ApiError(400, {"error": "number of tokens in a batch should be less than or equal to "
+                                          f"{settings.max_submission_batch_size}"})
         subs = await self.service.submissions.store.get_many([t.strip() for t in tokens])
         self.send({"submissions": [self.view(sub, fields) if sub else None for sub in subs]})

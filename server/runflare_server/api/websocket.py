@@ -51,7 +51,11 @@ class SubmissionSocket(websocket.WebSocketHandler):
 
     def open(self, token: str) -> None:
         self.settings_ = self.service.settings
+        broker = self.service.broker
+        if broker.has_log(token) and self.since > broker.last_seq(token):
+            self.since = 0  # a seq from before a restart: this process numbers the story anew
         self.sent_seq = self.since
+        self.inbox: asyncio.Queue[dict[str, Any]] | None = None
         self.last_activity = time.monotonic()
         self.send_now(events.message("connected", token, message=f"Connected to submission {token}"))
         self.forwarder = asyncio.create_task(self.forward())
@@ -95,24 +99,22 @@ class SubmissionSocket(websocket.WebSocketHandler):
             self.close(1011)
 
     async def replay_from_store(self) -> None:
-        """No live log here (a restart, a long-finished run, an API-only node): tell what the store knows.
+        """No live log here (a restart, a long-finished run): tell what the store knows.
 
-        The story is the current status as seq 1 and, once the run ends, the final status as seq 2.
+        The current status comes as seq 1 (if the client has not seen that far); the final status, once the
+        run ends, follows with the next seq, so a client resuming with any `since` still gets it.
         """
         sub = await self.service.submissions.get(self.token)
         if sub is not None and sub["status_id"] < 3:
             if self.since < 1:
-                self.send_now({**events.status_update(self.token, sub), "seq": 1})
                 self.sent_seq = 1
+                self.send_now({**events.status_update(self.token, sub), "seq": 1})
             while sub is not None and sub["status_id"] < 3:
                 await asyncio.sleep(0.5)
                 sub = await self.service.submissions.get(self.token)
-            if sub is not None and self.since < 2:
-                self.sent_seq = 2
-                self.send_now({**events.status_update(self.token, sub), "seq": 2})
-        elif sub is not None and self.since < 1:
-            self.sent_seq = 1
-            self.send_now({**events.status_update(self.token, sub), "seq": 1})
+        if sub is not None:
+            self.sent_seq += 1
+            self.send_now({**events.status_update(self.token, sub), "seq": self.sent_seq})
         self.close(1000, "submission finished")
 
     def on_message(self, raw: str | bytes) -> None:
@@ -125,10 +127,18 @@ class SubmissionSocket(websocket.WebSocketHandler):
         if kind == "ping":
             self.send_now(events.message("pong", self.token))
         elif kind == "stdin" and isinstance(message, dict):
-            asyncio.ensure_future(self.feed_stdin(message))
+            if self.inbox is None:  # one consumer per socket keeps the chunks in order
+                self.inbox = asyncio.Queue()
+                self.stdin_feeder = asyncio.create_task(self.feed_stdin_loop())
+            self.inbox.put_nowait(message)
         else:
             self.send_now(events.message("error", self.token, error="unknown message",
                                          details='send {"type": "ping"} or {"type": "stdin", "data": "..."}'))
+
+    async def feed_stdin_loop(self) -> None:
+        assert self.inbox is not None
+        while True:
+            await self.feed_stdin(await self.inbox.get())
 
     async def feed_stdin(self, message: dict[str, Any]) -> None:
         data, eof = message.get("data"), bool(message.get("eof"))
@@ -151,13 +161,13 @@ class SubmissionSocket(websocket.WebSocketHandler):
             delivered = await self.service.broker.send_input(self.token, None) and delivered
         if not delivered:
             self.send_now(events.message("error", self.token, error="stdin not accepted",
-                                         details="the program is not running"))
+                                         details="too much input is waiting for the program to read it"))
 
     def on_close(self) -> None:
         OPEN_SOCKETS.discard(self)
-        forwarder = getattr(self, "forwarder", None)
-        if forwarder is not None:
-            forwarder.cancel()
+        for task in (getattr(self, "forwarder", None), getattr(self, "stdin_feeder", None)):
+            if task is not None:
+                task.cancel()
 
 
 OPEN_SOCKETS: set[SubmissionSocket] = set()
@@ -167,8 +177,15 @@ _sweeper: asyncio.Task | None = None
 def ensure_idle_sweeper(limit: float) -> None:
     """One task for all sockets closes those silent (nothing sent or received) for longer than `limit`."""
     global _sweeper
-    if _sweeper is None or _sweeper.done():
+    if _sweeper is None or _sweeper.done() or _sweeper.get_loop() is not asyncio.get_running_loop():
         _sweeper = asyncio.create_task(_sweep_idle(limit))
+
+
+def close_all_sockets() -> None:
+    """Server shutdown: every open socket is closed with 1001 (going away); clients resume with since."""
+    for sock in list(OPEN_SOCKETS):
+        sock.close(1001, "server shutting down")
+    OPEN_SOCKETS.clear()
 
 
 async def _sweep_idle(limit: float) -> None:
@@ -182,7 +199,7 @@ async def _sweep_idle(limit: float) -> None:
 
 def websocket_settings(settings: Any) -> dict[str, Any]:
     return {"websocket_ping_interval": settings.ws_ping_interval,
-            "websocket_ping_timeout": max(settings.ws_ping_interval * 3, 30)}
+            "websocket_ping_timeout": settings.ws_ping_interval}
 
 
 __all__ = ["SubmissionSocket", "websocket_settings", "web"]

@@ -1,7 +1,8 @@
 """In-process broker: an asyncio queue of tokens and an in-memory event log per submission.
 
-Subscribers pull from the shared log with their own cursor, so a slow client costs no memory;
-finished logs are kept for `retention` seconds (then the WebSocket replays from the store).
+Subscribers pull from the shared log with their own cursor, so a slow client costs no memory.
+Finished logs are kept for `retention` seconds, fewer when they pass `max_logs` or `max_bytes` in all
+(then the WebSocket tells the stored result instead).
 """
 
 from __future__ import annotations
@@ -29,12 +30,14 @@ class EventLog:
     """One submission's events, in order; seq = position + 1."""
 
     def __init__(self) -> None:
-        self.events: list[Event] = []
+        self.events: list[LoggedEvent] = []
         self.closed_at: float | None = None
+        self.size = 0  # bytes of encoded events
         self._changed = asyncio.Event()
 
-    def append(self, event: Event, final: bool) -> Event:
+    def append(self, event: Event, final: bool) -> LoggedEvent:
         event = LoggedEvent({**event, "seq": len(self.events) + 1})
+        self.size += len(event.raw)
         self.events.append(event)
         if final:
             self.closed_at = time.monotonic()
@@ -46,15 +49,36 @@ class EventLog:
         await self._changed.wait()
 
 
+class InputQueue(asyncio.Queue):
+    """An interactive run's pending stdin, counting the bytes it holds."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pending = 0
+
+    def _put(self, item: str | None) -> None:
+        self.pending += len(item or "")
+        super()._put(item)
+
+    def _get(self) -> str | None:
+        item = super()._get()
+        self.pending -= len(item or "")
+        return item
+
+
 class MemoryBroker:
     """The embedded broker."""
 
-    def __init__(self, retention: float = 600.0, max_logs: int = 10_000):
+    def __init__(self, retention: float = 600.0, max_logs: int = 10_000, max_bytes: int = 256 << 20,
+                 max_pending_input: int = 1 << 20):
         self.retention = retention
         self.max_logs = max_logs
+        self.max_bytes = max_bytes
+        self.max_pending_input = max_pending_input
         self._queue: asyncio.Queue[str] = asyncio.Queue()
         self._logs: OrderedDict[str, EventLog] = OrderedDict()
-        self._inputs: dict[str, asyncio.Queue[str | None]] = {}
+        self._bytes = 0
+        self._inputs: dict[str, InputQueue] = {}
 
     async def enqueue(self, token: str) -> None:
         self._queue.put_nowait(token)
@@ -71,9 +95,15 @@ class MemoryBroker:
     async def publish(self, token: str, event: Event, final: bool = False) -> Event:
         log = self._logs.get(token)
         if log is None or (log.closed_at is not None and not final):
+            if log is not None:
+                self._bytes -= log.size
             log = self._logs[token] = EventLog()  # a re-queued run starts a new story
+        before = log.size
+        logged = log.append(event, final)
+        self._bytes += log.size - before
+        if final or len(self._logs) > self.max_logs or self._bytes > self.max_bytes:
             self._evict()
-        return log.append(event, final)
+        return logged
 
     def has_log(self, token: str) -> bool:
         return token in self._logs
@@ -97,21 +127,25 @@ class MemoryBroker:
             await log.changed()
 
     async def send_input(self, token: str, chunk: str | None) -> bool:
-        self.open_input(token).put_nowait(chunk)  # input sent before the run starts waits for it
+        queue = self.open_input(token)  # input sent before the run starts waits for it
+        if chunk and queue.pending + len(chunk) > self.max_pending_input:
+            return False
+        queue.put_nowait(chunk)
         return True
 
-    def open_input(self, token: str) -> asyncio.Queue[str | None]:
-        return self._inputs.setdefault(token, asyncio.Queue())
+    def open_input(self, token: str) -> InputQueue:
+        return self._inputs.setdefault(token, InputQueue())
 
     def close_input(self, token: str) -> None:
         self._inputs.pop(token, None)
 
     def _evict(self) -> None:
+        """Drop finished logs, oldest first: the expired ones, and more while over a budget."""
         now = time.monotonic()
-        for token in list(self._logs):
-            log = self._logs[token]
-            expired = log.closed_at is not None and now - log.closed_at > self.retention
-            if not expired and len(self._logs) <= self.max_logs:
-                break
-            if log.closed_at is not None:
+        for token, log in list(self._logs.items()):
+            if log.closed_at is None:
+                continue
+            over = len(self._logs) > self.max_logs or self._bytes > self.max_bytes
+            if over or now - log.closed_at > self.retention:
                 del self._logs[token]
+                self._bytes -= log.size

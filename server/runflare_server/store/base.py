@@ -13,6 +13,9 @@ class Store(Protocol):
 
     async def close(self) -> None: ...
 
+    async def ping(self) -> bool:
+        """Whether the store answers."""
+
     async def create(self, subs: list[Submission]) -> None:
         """Persist new submissions durably before returning."""
 

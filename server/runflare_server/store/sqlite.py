@@ -36,7 +36,7 @@ class SQLiteStore:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL survives a killed process
+        db.execute("PRAGMA synchronous=FULL")  # a 201'd submission survives a killed process and a power cut
         db.execute("PRAGMA busy_timeout=5000")
         version = db.execute("PRAGMA user_version").fetchone()[0]
         if version > SCHEMA_VERSION:
@@ -49,6 +49,12 @@ class SQLiteStore:
         if self.db is not None:
             self.db.close()
             self.db = None
+
+    async def ping(self) -> bool:
+        try:
+            return self._db.execute("SELECT 1").fetchone() == (1,)
+        except (sqlite3.Error, RuntimeError):
+            return False
 
     @property
     def schema_version(self) -> int:
