@@ -6,7 +6,7 @@
   time is the latency from the program's write, through the kernel's iopub, to the client (p50/p99);
   the same figure for 1 client and for 100 clients of one submission gives the fan-out ratio;
 - memory: server RSS growth per idle connection, with IDLE_CONNECTIONS (default 10000) sockets open on a
-  queued submission (an API-only server: nothing runs, so the sockets stay idle).
+  run that waits for interactive input (nothing is sent, so the sockets stay idle).
 """
 
 from __future__ import annotations
@@ -43,9 +43,11 @@ async def latency(api: str, ws_base: str, clients: int) -> list[float]:
 
 
 async def idle_memory(n: int) -> tuple[float, int]:
-    live = server("--role", "api", env={"RUNFLARE_KERNEL_POOL": "{}"})
+    """Server RSS growth per socket open on a run that waits for interactive input (so nothing is sent)."""
+    live = server(env={"RUNFLARE_KERNEL_POOL": "{}", "RUNFLARE_MAX_WALL_TIME_LIMIT": "600"})
     try:
-        token = post_json(live.api + "/submissions", {"source_code": "print(1)", "language_id": 71})["token"]
+        token = post_json(live.api + "/submissions", {"source_code": "input()", "language_id": 71,
+                                                      "interactive": True, "wall_time_limit": 300})["token"]
         url = live.url.replace("http", "ws") + f"/api/v1/submissions/{token}/ws"
         proc = psutil.Process(live.process.pid)
         sockets = [await websockets.connect(url) for _ in range(50)]  # warm the handler path
@@ -56,6 +58,7 @@ async def idle_memory(n: int) -> tuple[float, int]:
         await asyncio.sleep(2)
         after = proc.memory_info().rss
         opened = len(sockets) - 50
+        await sockets[0].send(json.dumps({"type": "stdin", "data": "done\n", "eof": True}))
         await asyncio.gather(*(ws.close() for ws in sockets))
         return (after - before) / opened, opened
     finally:

@@ -263,7 +263,7 @@ class Runner:
         group_cpu = not limits.enable_per_process_and_thread_time_limit  # else RLIMIT_CPU per process only
         try:
             while names:
-                for key, _ in sel.select(POLL):
+                for key, _ in sel.select(out.timeout(POLL)):
                     fd = key.fileobj.fileno()
                     try:
                         chunk = os.read(fd, 1 << 16)
@@ -306,7 +306,8 @@ class Runner:
 
 
 class _Coalescer:
-    """Batches output chunks into fewer stream messages (order across streams kept), flushed every FLUSH s."""
+    """Turns output chunks into stream messages: a chunk after a quiet spell goes out at once; a flood is
+    batched into one message per FLUSH seconds (or MAX characters), keeping the order across streams."""
 
     FLUSH = 0.02
     MAX = 64 * 1024
@@ -315,27 +316,32 @@ class _Coalescer:
         self.sink = sink
         self.pending: list[list[str]] = []  # [name, text] runs, in order
         self.size = 0
-        self.since = 0.0
+        self.last_flush = 0.0
 
     def add(self, name: str, text: str) -> None:
         if not self.sink or not text:
             return
-        if not self.pending:
-            self.since = time.monotonic()
         if self.pending and self.pending[-1][0] == name:
             self.pending[-1][1] += text
         else:
             self.pending.append([name, text])
         self.size += len(text)
-        if self.size >= self.MAX:
+        if self.size >= self.MAX or time.monotonic() - self.last_flush >= self.FLUSH:
             self.flush()
 
+    def timeout(self, idle: float) -> float:
+        """How long the reader may wait for more output before the batch is due."""
+        if not self.pending:
+            return idle
+        return max(0.0, min(idle, self.last_flush + self.FLUSH - time.monotonic()))
+
     def flush_if_due(self, now: float) -> None:
-        if self.pending and now - self.since >= self.FLUSH:
+        if self.pending and now - self.last_flush >= self.FLUSH:
             self.flush()
 
     def flush(self) -> None:
         pending, self.pending, self.size = self.pending, [], 0
+        self.last_flush = time.monotonic()
         for name, text in pending:
             self.sink(name, text)
 
