@@ -4,6 +4,7 @@ the next submission is unaffected and nothing the program started is left runnin
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import psutil
 import pytest
@@ -49,3 +50,16 @@ def test_hostile_program_is_contained(live_server, name, language_id):
     after = post(f"{live_server.api}/submissions?wait=true", {"source_code": "print('fine')",
                                                               "language_id": language_id}).json
     assert after["status"]["id"] == 3 and after["stdout"] == "fine\n"
+
+
+@pytest.mark.parametrize("language_id", [71, 1071])
+def test_host_secrets_and_server_files_are_hidden(live_server, language_id):
+    probe = (f"import os\npaths = ['/etc/shadow', {str(live_server.data_dir / 'runflare.sqlite3')!r}, "
+             f"{str(Path(__file__).resolve())!r}]\n"
+             "for p in paths:\n"
+             "    try:\n        data = open(p, 'rb').read()\n    except OSError:\n        data = b''\n"
+             "    print('exposed' if data else 'hidden')\n"
+             "print(sorted(k for k in os.environ if k.startswith(('RUNFLARE', 'JPY'))))\n")
+    sub = post(f"{live_server.api}/submissions?wait=true", {"source_code": probe, "language_id": language_id}).json
+    assert sub["status"]["id"] == 3, sub
+    assert sub["stdout"] == "hidden\nhidden\nhidden\n[]\n"

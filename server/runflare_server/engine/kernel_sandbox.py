@@ -25,6 +25,7 @@ from typing import Any
 import psutil
 
 from . import cgroups
+from .sandbox import secret_masks
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +129,7 @@ def bwrap_argv(argv: list[str], conn_dir: Path, *, network: bool, env: dict[str,
         cmd.append("--share-net")
     for p in readonly_paths(argv, ro_extra):
         cmd += ["--ro-bind", p, p]
+    cmd += secret_masks()
     for link in SYSTEM_LINKS:
         if os.path.islink(link):
             cmd += ["--symlink", os.readlink(link), link]
@@ -409,6 +411,7 @@ def zygote_argv(runtime_dir: Path, env: dict[str, str]) -> list[str]:
            "--cap-drop", "ALL", "--cap-add", "CAP_SYS_ADMIN"]
     for p in readonly_paths([sys.executable]):
         cmd += ["--ro-bind", p, p]
+    cmd += secret_masks()
     for link in SYSTEM_LINKS:
         if os.path.islink(link):
             cmd += ["--symlink", os.readlink(link), link]

@@ -120,6 +120,18 @@ def wrap(
     raise ValueError(f"not a concrete sandbox mode: {mode!r}")
 
 
+def secret_masks() -> list[str]:
+    """bwrap arguments hiding the host's secrets under the read-only /etc (programs and kernels alike)."""
+    args: list[str] = []
+    for f in SECRET_FILES:
+        if os.path.isfile(f):
+            args += ["--ro-bind", "/dev/null", f]
+    for d in SECRET_DIRS:
+        if os.path.isdir(d):
+            args += ["--tmpfs", d, "--remount-ro", d]
+    return args
+
+
 def box_path(mode: str, workdir: Path) -> str:
     """The work dir's path as the sandboxed program sees it."""
     return BOX if mode == "bwrap" else str(workdir)
@@ -143,12 +155,7 @@ def _bwrap(argv: list[str], workdir: Path, env: Mapping[str, str], network: bool
             real = os.path.realpath(f)
             if real != f and os.path.exists(real) and not real.startswith("/etc/"):
                 cmd += ["--ro-bind", real, real]
-    for f in SECRET_FILES:
-        if os.path.isfile(f):
-            cmd += ["--ro-bind", "/dev/null", f]
-    for d in SECRET_DIRS:
-        if os.path.isdir(d):
-            cmd += ["--tmpfs", d, "--remount-ro", d]
+    cmd += secret_masks()
     for p in sorted(set(ro_paths)):
         if os.path.exists(p) and not any(p == s or p.startswith(s + "/") for s in SYSTEM_DIRS if not os.path.islink(s)):
             cmd += ["--ro-bind", p, p]
