@@ -4,14 +4,26 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import signal
 import sys
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
 from . import __version__
 from .config import Settings, default_data_dir
+
+
+def settings_epilog() -> str:
+    """Every setting with its environment variable and default, for `runflare serve --help`."""
+    lines = ["every setting (environment variable = default; lists and maps as JSON):"]
+    for name, field in Settings.model_fields.items():
+        default = field.get_default(call_default_factory=True)
+        lines.append(f"  RUNFLARE_{name.upper()} = {json.dumps(default, default=str)}")
+    return "\n".join(lines)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -23,7 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"runflare {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    serve = sub.add_parser("serve", help="start the server (embedded SQLite store and in-process queue)")
+    serve = sub.add_parser("serve", help="start the server (embedded SQLite store and in-process queue)",
+                           epilog=settings_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
     serve.add_argument("--host", help="address to listen on (default 127.0.0.1, env RUNFLARE_HOST)")
     serve.add_argument("--port", type=int, help="port to listen on (default 8787, env RUNFLARE_PORT)")
     serve.add_argument("--data-dir", type=Path, help=f"where the database lives (default {default_data_dir()})")
@@ -89,7 +102,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "serve":
         logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-        asyncio.run(serve(settings_from(args)))
+        try:
+            settings = settings_from(args)
+        except ValidationError as exc:
+            for err in exc.errors():
+                name = "RUNFLARE_" + str(err["loc"][0]).upper() if err["loc"] else "settings"
+                print(f"runflare: bad setting {name}: {err['msg']}", file=sys.stderr)
+            return 2
+        asyncio.run(serve(settings))
         return 0
     if args.command == "languages":
         from .engine.manager import detect_languages
