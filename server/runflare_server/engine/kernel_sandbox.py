@@ -127,6 +127,7 @@ def bwrap_argv(argv: list[str], conn_dir: Path, *, network: bool, env: dict[str,
     cmd = ["bwrap", "--unshare-all", "--die-with-parent", "--new-session", "--clearenv"]
     if network:
         cmd.append("--share-net")
+    cmd += ["--tmpfs", "/tmp"]  # first, so a toolchain or venv that lives under /tmp can still be bound
     for p in readonly_paths(argv, ro_extra):
         cmd += ["--ro-bind", p, p]
     cmd += secret_masks()
@@ -135,7 +136,7 @@ def bwrap_argv(argv: list[str], conn_dir: Path, *, network: bool, env: dict[str,
             cmd += ["--symlink", os.readlink(link), link]
         elif os.path.isdir(link):
             cmd += ["--ro-bind", link, link]
-    cmd += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp",
+    cmd += ["--proc", "/proc", "--dev", "/dev",
             "--size", str(WORK_TMPFS_BYTES), "--tmpfs", SANDBOX_WORK,
             "--bind", str(conn_dir), SANDBOX_CONN, "--remount-ro", "/", "--cap-drop", "ALL",
             "--chdir", SANDBOX_WORK]
@@ -408,7 +409,7 @@ def forkable(argv: list[str]) -> bool:
 def zygote_argv(runtime_dir: Path, env: dict[str, str]) -> list[str]:
     """bubblewrap command line of the fork server (it needs CAP_SYS_ADMIN to make namespaces)."""
     cmd = ["bwrap", "--unshare-all", "--die-with-parent", "--new-session", "--clearenv",
-           "--cap-drop", "ALL", "--cap-add", "CAP_SYS_ADMIN"]
+           "--cap-drop", "ALL", "--cap-add", "CAP_SYS_ADMIN", "--tmpfs", "/tmp"]
     for p in readonly_paths([sys.executable]):
         cmd += ["--ro-bind", p, p]
     cmd += secret_masks()
@@ -417,7 +418,7 @@ def zygote_argv(runtime_dir: Path, env: dict[str, str]) -> list[str]:
             cmd += ["--symlink", os.readlink(link), link]
         elif os.path.isdir(link):
             cmd += ["--ro-bind", link, link]
-    cmd += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp", "--dir", SANDBOX_WORK, "--dir", SANDBOX_CONN,
+    cmd += ["--proc", "/proc", "--dev", "/dev", "--dir", SANDBOX_WORK, "--dir", SANDBOX_CONN,
             "--bind", str(runtime_dir), "/run/kernels"]
     for k, v in env.items():
         cmd += ["--setenv", k, v]

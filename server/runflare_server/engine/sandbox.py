@@ -143,6 +143,7 @@ def _bwrap(argv: list[str], workdir: Path, env: Mapping[str, str], network: bool
     if network:
         cmd.append("--share-net")
     cmd += ["--die-with-parent", "--new-session", "--cap-drop", "ALL", "--clearenv"]
+    cmd += ["--tmpfs", "/tmp", "--tmpfs", "/run"]  # first, so binds below them (a venv, resolv.conf) stay
     for d in SYSTEM_DIRS:
         if os.path.lexists(d):
             # /bin, /lib... are symlinks into /usr on merged-usr systems: keep them symlinks.
@@ -159,7 +160,7 @@ def _bwrap(argv: list[str], workdir: Path, env: Mapping[str, str], network: bool
     for p in sorted(set(ro_paths)):
         if os.path.exists(p) and not any(p == s or p.startswith(s + "/") for s in SYSTEM_DIRS if not os.path.islink(s)):
             cmd += ["--ro-bind", p, p]
-    cmd += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp", "--tmpfs", "/run",
+    cmd += ["--proc", "/proc", "--dev", "/dev",
             "--bind", str(workdir), BOX, "--chdir", BOX]
     for k, v in env.items():
         cmd += ["--setenv", k, v]
