@@ -16,6 +16,7 @@ import queue
 import secrets
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -75,6 +76,23 @@ def _connection(ip: str, key: str) -> dict[str, Any]:
             "control_port": 4, "hb_port": 5, "key": key, "signature_scheme": "hmac-sha256"}
 
 
+def read_status_file(path: Path) -> int:
+    """The exit status a forked kernel's waiter wrote. The file sits in a dir the sandbox can write, so it
+    is opened without following links or blocking, and only a small regular file is believed."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return -9
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return -9
+        return int(os.read(fd, 16).strip() or -9)
+    except (OSError, ValueError):
+        return -9
+    finally:
+        os.close(fd)
+
+
 class ForkedProcess:
     """A kernel forked by the fork server, seen from the host (a Popen look-alike)."""
 
@@ -90,14 +108,11 @@ class ForkedProcess:
             except psutil.NoSuchProcess:
                 gone = True
             if gone:
-                try:
-                    self.returncode = int(self.status_file.read_text().strip() or -9)
-                except (OSError, ValueError):
-                    self.returncode = -9
+                self.returncode = read_status_file(self.status_file)
         return self.returncode
 
     def wait(self, timeout: float | None = None) -> int:
-        deadline = time.monotonic() + (timeout if timeout is not None else 1e9)
+        deadline = time.monotonic() + (timeout if timeout is not None else 1e9)  # noqa: E501
         while self.poll() is None:
             if time.monotonic() > deadline:
                 raise subprocess.TimeoutExpired("kernel", timeout or 0)

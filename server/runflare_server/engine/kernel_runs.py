@@ -336,6 +336,11 @@ class _Run:
             await self._stream(content.get("name", "stdout"), content.get("text", ""))
         elif kind in ("display_data", "execute_result", "update_display_data"):
             out = {"data": content.get("data", {}), "metadata": content.get("metadata", {})}
+            self.out_bytes += len(json.dumps(out))  # rich outputs count toward the output cap too
+            if self.out_bytes > self.limits.max_output_bytes:
+                self._stop("exited", signal_=SIGXFSZ, message="output truncated: more than "
+                           f"{self.limits.max_output_bytes} bytes of output (rich outputs included)")
+                return
             self.outputs.append(out)
             await _emit(self.emit, {"kind": "display", **out})
         elif kind == "error":
@@ -381,7 +386,7 @@ class _Run:
         self.base_rss_kb = sb.tree_rss_kb(procs)
         lim = self.limits
         cpu_kill = lim.cpu_time_limit + lim.cpu_extra_time
-        t0 = time.monotonic()
+        t0 = self.t0 = time.monotonic()
         if preamble:
             self.preamble_id = kc.execute(preamble, silent=True, store_history=False)
         self.msg_id = kc.execute(code, silent=False, store_history=False, allow_stdin=True, stop_on_error=True)
@@ -451,9 +456,11 @@ class _Run:
                 continue
             inbox.put_nowait((name, msg))
 
-    async def _drain(self, quiet: float = 0.1) -> None:
-        """Handle output that arrives after the kernel reported idle, until it goes quiet."""
-        while not self.killed:
+    async def _drain(self, quiet: float = 0.1, longest: float = 0.5) -> None:
+        """Handle output that arrives after the kernel reported idle, until it goes quiet (at most `longest`
+        seconds, and never past the wall limit: a timer that keeps printing must not hold the run)."""
+        deadline = min(time.monotonic() + longest, self.t0 + self.limits.wall_time_limit)
+        while not self.killed and time.monotonic() < deadline:
             try:
                 msg = await self.kernel.client.get_iopub_msg(timeout=quiet)
             except queue.Empty:

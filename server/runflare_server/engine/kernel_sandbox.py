@@ -49,7 +49,7 @@ def _probe(argv: list[str]) -> bool:
 def detect_mode(requested: str = "auto") -> str:
     """The sandbox mechanism to use: "bwrap", "unshare", "none" or "unavailable".
 
-    "auto" tries bubblewrap, then unshare; it never silently picks "none".
+    "auto" is bubblewrap only: the weak "unshare" and "none" are never picked silently.
     """
     if requested not in MODES:
         raise ValueError(f"unknown sandbox mode {requested!r}; choose one of {MODES}")
@@ -61,7 +61,7 @@ def detect_mode(requested: str = "auto") -> str:
                    "--dev", "/dev", "true"]):
             return "bwrap"
         log.warning("bwrap is installed but cannot create namespaces here")
-    if requested in ("auto", "unshare") and shutil.which("unshare") and _probe(
+    if requested == "unshare" and shutil.which("unshare") and _probe(
             ["unshare", "--net", "--pid", "--fork", "--mount", "--ipc", "--uts", "true"]):
         return "unshare"
     return "unavailable"

@@ -106,11 +106,20 @@ def _which_deno() -> str | None:
         return found if found and "/shims/" not in found else None
 
 
+def program_python() -> str:
+    """The interpreter of Python program runs: RUNFLARE_PYTHON, else the system's python3 (a clean
+    site-packages, ~10 ms to start), else the server's own interpreter."""
+    chosen = os.environ.get("RUNFLARE_PYTHON")
+    if chosen:
+        return chosen
+    return "/usr/bin/python3" if os.access("/usr/bin/python3", os.X_OK) else sys.executable
+
+
 @functools.cache
 def tool_path(tool: str) -> str | None:
     """Absolute path of a tool on this host (the one programs will run), or None."""
     if tool == "python3":
-        return os.path.realpath(sys.executable)
+        return os.path.realpath(program_python())
     if tool == "rustc":
         return _which_rustc()
     if tool == "deno":
@@ -139,7 +148,7 @@ def ro_paths(lang: Language) -> list[str]:
             continue
         bindir = Path(real).parent
         paths.append(str(bindir.parent if bindir.name == "bin" else bindir))
-    if lang.id == 71:
+    if lang.id == 71 and os.path.realpath(program_python()) == os.path.realpath(sys.executable):
         paths += [sys.base_prefix, sys.prefix]
     return sorted({p for p in paths if not p.startswith(SYSTEM_PREFIXES)})
 

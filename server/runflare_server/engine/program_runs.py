@@ -49,6 +49,8 @@ class _Kernel:
 class ProgramRuns:
     """The program-run engine: ``await start()``, ``await run(request, emit)``, ``await stop()``."""
 
+    KERNEL_WAIT = 120.0  # seconds a run waits for a free kernel before it is an internal error
+
     def __init__(self, size: int | None = None, *, sandbox_mode: str = "auto", recycle_after: int = 200,
                  runs_dir: str | None = None, kernel_env: dict[str, str] | None = None) -> None:
         self.size = max(1, size or os.cpu_count() or 1)
@@ -117,7 +119,10 @@ class ProgramRuns:
         if request.language_id not in {lang.id for lang in self._languages}:
             return RunResult("internal", message=f"language {request.language_id} is not available")
         await _emit(emit, {"kind": "stage", "stage": "starting", "message": "waiting for a kernel"})
-        kernel = await self._idle.get()
+        try:
+            kernel = await asyncio.wait_for(self._idle.get(), self.KERNEL_WAIT)
+        except asyncio.TimeoutError:
+            return RunResult("internal", message=f"no Run-Flare kernel became free within {self.KERNEL_WAIT:.0f} s")
         healthy = False
         try:
             result, healthy = await self._execute(kernel, request, emit)

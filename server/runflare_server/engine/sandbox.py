@@ -57,13 +57,14 @@ def resolve_mode(mode: str = "auto") -> str:
         return "none"
     if mode in ("auto", "bwrap") and _works("bwrap"):
         return "bwrap"
-    if mode == "bwrap":
-        raise SandboxUnavailable("bwrap is not installed or cannot create namespaces here")
+    if mode in ("auto", "bwrap"):
+        # unshare alone leaves the host's files visible and writable to a root program: never chosen silently
+        raise SandboxUnavailable("bwrap is not installed or cannot create namespaces here: install bubblewrap, "
+                                 "or choose sandbox 'unshare' (weak: the host's files stay reachable) or 'none'")
     if _works("unshare"):
-        if mode == "auto":
-            log.warning("bwrap unavailable: falling back to unshare (weaker: the filesystem is not hidden)")
+        log.warning("SANDBOX WEAK (--sandbox unshare): namespaces only; the host's files stay reachable")
         return "unshare"
-    raise SandboxUnavailable("neither bwrap nor unshare can create namespaces here; use sandbox='none' explicitly")
+    raise SandboxUnavailable("unshare cannot create namespaces here")
 
 
 def runs_root() -> Path:

@@ -35,6 +35,7 @@ COMPILE_LIMITS = Limits(cpu_time_limit=15.0, cpu_extra_time=5.0, wall_time_limit
                         stack_limit=0, max_processes_and_or_threads=256, max_file_size=256_000,
                         max_output_bytes=64 * 1024)
 PERL = "/usr/bin/perl"
+SANDBOX_PROCESSES = 3  # bwrap, bwrap's init in the new PID namespace, the reaper: not the program's to count
 REAPER = r"""
 my $fd = shift @ARGV;
 my $nr = shift @ARGV;
@@ -196,7 +197,7 @@ class Runner:
         # Judge0's per-process flags: the limit applies to each process (rlimits), not to the whole group.
         group_memory = None if limits.enable_per_process_and_thread_memory_limit else limits.memory_limit
         cg = RunCgroup.create(f"run-{os.getpid()}-{uuid.uuid4().hex[:12]}", group_memory,
-                              limits.max_processes_and_or_threads)
+                              limits.max_processes_and_or_threads + SANDBOX_PROCESSES)
         stdin_file = None
         try:
             if stdin_reader is not None:
