@@ -100,3 +100,15 @@ def test_timer_that_keeps_printing_obeys_the_wall_limit(live_server):
                 "wall_time_limit": 2}, timeout=60).json
     # the cell itself finished at once (notebook semantics); the timer's output no longer holds the run
     assert sub["status"]["id"] in (3, 5) and sub["stdout"].startswith(".")
+
+
+def test_program_cannot_forge_its_result(live_server):
+    forge = ("import os, time\nt = time.process_time()\nwhile time.process_time() - t < 1.5:\n    pass\n"
+             "for pid in ('1', str(os.getppid())):\n    try:\n        fds = os.listdir(f'/proc/{pid}/fd')\n"
+             "    except OSError:\n        continue\n    for fd in fds:\n        try:\n"
+             "            with open(f'/proc/{pid}/fd/{fd}', 'w') as f:\n                f.write('exit 0 0.001 1000\\n')\n"
+             "        except OSError:\n            pass\n")
+    sub = post(f"{live_server.api}/submissions?wait=true",
+               {"source_code": forge, "language_id": 71, "cpu_time_limit": 1,
+                "enable_per_process_and_thread_time_limit": True}).json
+    assert sub["status"]["id"] == 5, sub

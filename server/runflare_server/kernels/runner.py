@@ -39,6 +39,8 @@ SANDBOX_PROCESSES = 3  # bwrap, bwrap's init in the new PID namespace, the reape
 REAPER = r"""
 my $fd = shift @ARGV;
 my $nr = shift @ARGV;
+my $prctl = shift @ARGV;
+syscall($prctl, 4, 0) if $prctl > 0;  # PR_SET_DUMPABLE 0: the program cannot open /proc/<reaper>/fd
 open(my $st, '>&=', $fd) or exit 120;
 fcntl($st, 2, 1);  # F_SETFD, FD_CLOEXEC: the program must not inherit the status pipe
 my $pid = fork;
@@ -60,6 +62,7 @@ exit(($s & 127) ? 128 + ($s & 127) : ($s >> 8));
 """
 POLL = 0.05
 GETRUSAGE_NR = {"x86_64": 98, "aarch64": 165, "arm64": 165}.get(platform.machine(), -1)  # 64-bit struct layout
+PRCTL_NR = {"x86_64": 157, "aarch64": 167, "arm64": 167}.get(platform.machine(), -1)
 
 
 @dataclass
@@ -192,7 +195,7 @@ class Runner:
         """Run ``argv`` as one fresh sandboxed process under ``limits`` and wait for it."""
         res = StepResult()
         st_r, st_w = os.pipe()
-        cmd = sandbox.wrap([PERL, "-e", REAPER, str(st_w), str(GETRUSAGE_NR), *argv], workdir=workdir, mode=self.mode, env=env,
+        cmd = sandbox.wrap([PERL, "-e", REAPER, str(st_w), str(GETRUSAGE_NR), str(PRCTL_NR), *argv], workdir=workdir, mode=self.mode, env=env,
                            network=network, ro_paths=ro)
         # Judge0's per-process flags: the limit applies to each process (rlimits), not to the whole group.
         group_memory = None if limits.enable_per_process_and_thread_memory_limit else limits.memory_limit
@@ -382,10 +385,26 @@ def _read_all(fd: int) -> str:
     return data.decode(errors="replace")
 
 
+def _reaper_exited_as_it_said(line: str, status: int) -> bool:
+    """Whether the sandbox's exit status is what the reaper's last line implies (exit n → n, signal n → 128+n)."""
+    kind, _, rest = line.partition(" ")
+    if kind not in ("exit", "signal") or not os.WIFEXITED(status):
+        return False
+    try:
+        value = int(rest.split()[0])
+    except (IndexError, ValueError):
+        return False
+    return os.WEXITSTATUS(status) == (value if kind == "exit" else 128 + value) % 256
+
+
 def _parse_status(text: str, status: int, res: StepResult) -> None:
     """Exit code / signal / exec failure from the reaper's line, else from the sandbox's own status."""
     lines = text.strip().splitlines()
-    line = next((ln for ln in lines if ln.startswith("exec ")), lines[-1] if lines else "")
+    line = lines[-1] if lines else ""  # the reaper writes last: earlier lines may be the program's forgeries
+    if not _reaper_exited_as_it_said(line, status):
+        line = ""  # the reaper was killed: believe only the sandbox's own status
+    elif len(lines) > 1 and lines[-2].startswith("exec ") and line.startswith("exit 127 "):
+        line = lines[-2]
     kind, _, rest = line.partition(" ")
     if kind in ("exit", "signal"):
         value, cpu, rss = (rest.split() + ["-", "-"])[:3]
