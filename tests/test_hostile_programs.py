@@ -167,7 +167,12 @@ for path in [{str(data_dir / 'secret.txt')!r}, {str(runs)!r}, "/proc/1/environ",
         print(path, "READABLE", {SECRET!r}.encode() in data if isinstance(data, bytes) else data)
     except OSError as e:
         print(path, "hidden", type(e).__name__)
-leak = [p for p in glob.glob("/proc/[0-9]*/environ") if {SECRET!r}.encode() in open(p, "rb").read()]
+def readable(p):
+    try:
+        return open(p, "rb").read()
+    except OSError:  # e.g. the reaper: not dumpable
+        return b""
+leak = [p for p in glob.glob("/proc/[0-9]*/environ") if {SECRET!r}.encode() in readable(p)]
 print("proc-leak", leak)
 """
     result, _ = pool.run(req(src))
