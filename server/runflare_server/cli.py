@@ -41,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, help="port to listen on (default 8787, env RUNFLARE_PORT)")
     serve.add_argument("--data-dir", type=Path, help=f"where the database lives (default {default_data_dir()})")
     serve.add_argument("--sandbox", choices=["auto", "bwrap", "unshare", "none"],
-                       help="how runs are isolated (default auto: bwrap, else unshare); 'none' is for development")
+                       help="how runs are isolated (default auto = bwrap; 'unshare' is weak and 'none' is for development, "
+                            "both only when named)")
     serve.add_argument("--workers", type=int, help="concurrent runs (default: number of CPUs)")
     serve.add_argument("--role", choices=["all", "api", "worker"],
                        help="what this process does (default all; api and worker need the Redis broker, not built yet)")
