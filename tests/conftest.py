@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import os
 import signal
 import socket
@@ -68,7 +69,7 @@ def start_server(data_dir: Path, *extra: str, env: dict[str, str] | None = None,
             with urllib.request.urlopen(request, timeout=2) as r:
                 if r.status == 200:
                     return LiveServer(url, port, data_dir, proc)
-        except OSError:
+        except (OSError, http.client.HTTPException):  # not up yet (or another process answered: retry)
             time.sleep(0.2)
     proc.kill()
     raise RuntimeError("server did not become healthy: " + (data_dir / "server.log").read_text()[-3000:])
