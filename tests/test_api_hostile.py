@@ -112,3 +112,14 @@ def test_program_cannot_forge_its_result(live_server):
                {"source_code": forge, "language_id": 71, "cpu_time_limit": 1,
                 "enable_per_process_and_thread_time_limit": True}).json
     assert sub["status"]["id"] == 5, sub
+
+
+@pytest.mark.parametrize("language_id", [71, 1071])
+def test_many_files_are_bounded_by_the_memory_limit(live_server, language_id):
+    src = ("import os\nn = 0\ntry:\n    for i in range(200):\n"
+           "        with open(f'f{i}', 'wb') as f:\n            f.write(b'x' * 1_000_000)\n        n += 1\n"
+           "except OSError as e:\n    print('stopped', type(e).__name__)\nprint(n)\n")
+    sub = post(f"{live_server.api}/submissions?wait=true&fields=status,stdout,message",
+               {"source_code": src, "language_id": language_id, "memory_limit": 32000}).json
+    written = int(sub["stdout"].split()[-1]) if sub["stdout"] and sub["stdout"].split()[-1].isdigit() else 0
+    assert written < 200, sub  # 200 MB never lands on the host's disk

@@ -56,6 +56,7 @@ from .kernel_pool import (
     installed_kernelspecs,
     load_spec,
 )
+from .sandbox import scratch_base
 
 log = logging.getLogger(__name__)
 
@@ -518,7 +519,8 @@ class KernelRuns:
             log.info("runtime dir %s too long for ipc socket paths; using a short temp dir", runtime_dir)
             runtime_dir = None
         self._own_runtime = runtime_dir is None
-        self.runtime_dir = Path(runtime_dir) if runtime_dir else Path(tempfile.mkdtemp(prefix="rf-k-"))
+        self.runtime_dir = Path(runtime_dir) if runtime_dir else Path(
+            tempfile.mkdtemp(prefix="rf-k-", dir=scratch_base()))  # what kernels write there is charged to them
         self.start_timeout = start_timeout
         self.use_fork_server = fork_server
         self.fork_server: ForkServer | None = None

@@ -19,10 +19,9 @@ class KernelEngine:
         from .kernel_runs import KernelRuns
         from .program_runs import ProgramRuns
 
-        runtime_dir = settings.data_dir / "runtime"
         self.program_runs = ProgramRuns(size=settings.workers or os.cpu_count() or 1, sandbox_mode=settings.sandbox)
         self.kernel_runs = KernelRuns(pool_sizes=settings.kernel_pool, sandbox=settings.sandbox,
-                                      extra_ids=settings.kernel_language_ids, runtime_dir=runtime_dir)
+                                      extra_ids=settings.kernel_language_ids)
 
     async def start(self) -> None:
         await asyncio.gather(self.program_runs.start(), self.kernel_runs.start())

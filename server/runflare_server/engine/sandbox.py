@@ -67,9 +67,16 @@ def resolve_mode(mode: str = "auto") -> str:
     raise SandboxUnavailable("unshare cannot create namespaces here")
 
 
+def scratch_base() -> Path:
+    """A memory-backed dir when there is one: files a run writes there are charged to its memory cgroup, so
+    memory_limit also bounds how much it can write in all (max_file_size bounds each file)."""
+    shm = Path("/dev/shm")
+    return shm if shm.is_dir() and os.access(shm, os.W_OK) else Path(tempfile.gettempdir())
+
+
 def runs_root() -> Path:
-    """Where per-run work dirs are created (``RUNFLARE_RUNS_DIR``, else a private dir under the temp dir)."""
-    root = Path(os.environ.get("RUNFLARE_RUNS_DIR") or Path(tempfile.gettempdir()) / f"runflare-runs-{os.getuid()}")
+    """Where per-run work dirs are created (``RUNFLARE_RUNS_DIR``, else a private dir on scratch_base())."""
+    root = Path(os.environ.get("RUNFLARE_RUNS_DIR") or scratch_base() / f"runflare-runs-{os.getuid()}")
     root.mkdir(mode=0o700, parents=True, exist_ok=True)
     return root
 
