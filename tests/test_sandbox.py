@@ -198,3 +198,18 @@ def test_per_process_memory_flag_uses_rlimit_as(tmp_path, monkeypatch):
     limits = Limits(memory_limit=64_000, enable_per_process_and_thread_memory_limit=True)
     result = Runner().run(71, "x = bytearray(200 << 20)", limits=limits)
     assert (result.exit_code, result.exit_signal) == (1, None) and b"MemoryError" in result.stderr
+
+
+def test_groups_of_dead_creators_are_swept():
+    if cgroups.mechanism() == "rlimit":
+        pytest.skip("no writable cgroup hierarchy here")
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale = cgroups.RunCgroup.create(f"run-{dead.pid}-feedbeef", 64_000, 10)
+    mine = cgroups.RunCgroup.create(f"run-{os.getpid()}-cafe", 64_000, 10)
+    try:
+        assert cgroups.sweep_stale() >= 1
+        assert not any(d.exists() for d in stale.dirs.values())
+        assert all(d.exists() for d in mine.dirs.values())
+    finally:
+        mine.remove()

@@ -23,6 +23,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import psutil
+
 from .interface import Limits
 
 _CGROUP_ROOT = Path("/sys/fs/cgroup")
@@ -114,6 +116,27 @@ def _enable_v2_controllers(base: Path, parent: Path) -> bool:
 def mechanism() -> str:
     """The limit mechanism in force: "cgroup-v2", "cgroup-v1" or "rlimit" (detected once)."""
     return _detect()[0]
+
+
+_STALE_RE = re.compile(r"run-(\d+)-")
+
+
+def sweep_stale() -> int:
+    """Remove run groups left by a process that died without cleaning up (a killed server or kernel).
+    Group names carry their creator's pid (``run-<pid>-...``); only groups of dead creators go."""
+    removed = 0
+    for parent in _detect()[1].values():
+        with contextlib.suppress(OSError):
+            for child in parent.iterdir():
+                match = _STALE_RE.match(child.name)
+                if not child.is_dir() or not match or psutil.pid_exists(int(match.group(1))):
+                    continue
+                stale = RunCgroup(mechanism(), {"": child})
+                stale.kill_all(timeout=1.0)
+                with contextlib.suppress(OSError):
+                    child.rmdir()
+                    removed += 1
+    return removed
 
 
 def _read(path: Path) -> str | None:

@@ -653,7 +653,7 @@ class KernelRuns:
         for p in procs:
             with contextlib.suppress(Exception):
                 tasks += p.num_threads()
-        cgroup = sb.create_cgroup(f"run-{kernel.id}", lim.memory_limit, tasks + lim.max_processes_and_or_threads)
+        cgroup = sb.create_cgroup(f"run-{os.getpid()}-k{kernel.id}", lim.memory_limit, tasks + lim.max_processes_and_or_threads)
         if cgroup is None:
             return None
         try:

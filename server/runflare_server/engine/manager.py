@@ -24,6 +24,9 @@ class KernelEngine:
                                       extra_ids=settings.kernel_language_ids)
 
     async def start(self) -> None:
+        from .cgroups import sweep_stale
+
+        sweep_stale()  # groups a killed server left behind
         await asyncio.gather(self.program_runs.start(), self.kernel_runs.start())
 
     async def stop(self) -> None:
