@@ -196,7 +196,7 @@ class ProgramRuns:
             if m["msg_type"] != "input_request" or m["parent_header"].get("msg_id") != msg_id:
                 continue
             chunk = await queue.get()
-            reply = kc.session.msg("input_reply", {"value": chunk or ""},
+            reply = kc.session.msg("input_reply", {"value": chunk or ""}, parent=m,
                                    metadata={"runflare_eof": chunk is None})
             kc.stdin_channel.send(reply)
             if chunk is None:

@@ -111,15 +111,15 @@ class RunFlareKernel(Kernel):
         def read() -> bytes | None:
             if stop.is_set():
                 return None
-            self.session.send(self.stdin_socket, "input_request", {"prompt": "", "password": False}, parent,
-                              ident=ident)
+            request = self.session.send(self.stdin_socket, "input_request", {"prompt": "", "password": False},
+                                        parent, ident=ident)
             while not stop.is_set():
                 rlist, _, _ = zmq.select([self.stdin_socket], [], [], 0.1)
                 if not rlist:
                     continue
                 _, reply = self.session.recv(self.stdin_socket)
-                if reply is None:
-                    continue
+                if reply is None or (reply.get("parent_header") or {}).get("msg_id") != request["header"]["msg_id"]:
+                    continue  # a late answer to an earlier run's request: never another program's input
                 value = (reply.get("content") or {}).get("value", "")
                 if value == "\x04" or (reply.get("metadata") or {}).get("runflare_eof"):
                     stop.set()
