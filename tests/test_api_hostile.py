@@ -123,3 +123,17 @@ def test_many_files_are_bounded_by_the_memory_limit(live_server, language_id):
                {"source_code": src, "language_id": language_id, "memory_limit": 32000}).json
     written = int(sub["stdout"].split()[-1]) if sub["stdout"] and sub["stdout"].split()[-1].isdigit() else 0
     assert written < 200, sub  # 200 MB never lands on the host's disk
+
+
+@pytest.mark.parametrize(("source", "status", "exit_code", "exit_signal"), [
+    ("import os\nos.abort()", 10, None, 6),
+    ("import os\nos._exit(139)", 11, 139, None),
+    ("import os, signal\nos.kill(os.getpid(), signal.SIGKILL)\nprint('still alive')", 12, None, 9),
+    ("import os, signal\nos.kill(os.getpid(), signal.SIGFPE)", 9, None, 8),
+])
+@pytest.mark.parametrize("language_id", [71, 1071])
+def test_signals_and_exit_codes_are_exact(live_server, language_id, source, status, exit_code, exit_signal):
+    sub = post(f"{live_server.api}/submissions?wait=true&fields=status,exit_code,exit_signal,stdout",
+               {"source_code": source, "language_id": language_id}).json
+    assert (sub["status"]["id"], sub["exit_code"], sub["exit_signal"]) == (status, exit_code, exit_signal), sub
+    assert "still alive" not in (sub["stdout"] or "")

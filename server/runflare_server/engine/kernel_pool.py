@@ -99,7 +99,8 @@ class ForkedProcess:
     def __init__(self, pid: int, status_file: Path) -> None:
         self.pid = pid
         self.status_file = status_file
-        self.returncode: int | None = None
+        self.returncode: int | None = None  # < 0: killed by that signal (exact, not folded into 128 + n)
+        self.exact_status = True
 
     def poll(self) -> int | None:
         if self.returncode is None:
@@ -109,6 +110,8 @@ class ForkedProcess:
                 gone = True
             if gone:
                 self.returncode = read_status_file(self.status_file)
+                with contextlib.suppress(OSError):
+                    self.status_file.unlink()
         return self.returncode
 
     def wait(self, timeout: float | None = None) -> int:
@@ -182,7 +185,7 @@ class ForkServer:
             self.close()
             raise RuntimeError(f"fork server answered {answer!r}")
         self.forks += 1
-        return ForkedProcess(self._host_pid(int(answer[1])), kdir / "exit_status")
+        return ForkedProcess(self._host_pid(int(answer[1])), self.runtime_dir / f"status-{kid}")
 
     def _host_pid(self, ns_pid: int) -> int:
         for p in sb.tree(self.proc.pid if self.proc else 0):

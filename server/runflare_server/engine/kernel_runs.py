@@ -473,7 +473,8 @@ class _Run:
         if self.cgroup is not None and self.cgroup.oom_killed():
             self._stop("exited", signal_=SIGKILL, message="memory limit exceeded")
             return
-        sig = rc - 128 if rc is not None and rc > 128 else (-rc if rc is not None and rc < 0 else None)
+        folded = rc is not None and rc > 128 and not getattr(self.kernel.proc, "exact_status", False)
+        sig = rc - 128 if folded else (-rc if rc is not None and rc < 0 else None)
         if sig:
             self._stop("exited", signal_=sig, message=f"kernel died (signal {sig})")
         else:  # the kernel process exited (os._exit(n), Deno.exit(n)): that is the program's status

@@ -345,16 +345,28 @@ import ipykernel.kernelapp, ipykernel.ipkernel, ipykernel.zmqshell  # the expens
 def kernel(kid, work_bytes):
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     os.setsid()
+    # opened before the kernel hides /run/kernels: a file the kernel can neither see nor forge
+    status_fd = os.open("/run/kernels/status-" + kid, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     check(libc.unshare(NEWNS | NEWNET | NEWIPC | NEWUTS | NEWPID), "unshare")
+    r, w = os.pipe()
     pid = os.fork()
-    if pid:  # stays outside the new pid namespace: waits, records the kernel's status, exits with it
-        status = os.waitpid(pid, 0)[1]
-        code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else 128 + os.WTERMSIG(status)
-        try:
-            with open("/run/kernel/exit_status", "w") as f:
-                f.write(str(code))
-        finally:
-            os._exit(code)
+    if pid:  # outside the new pid namespace: waits for its init, records the kernel's exact status
+        os.close(w)
+        os.waitpid(pid, 0)
+        report = os.read(r, 64).decode().split()
+        code = {"exit": 1, "signal": -1}.get(report[0], 0) * int(report[1]) if len(report) == 2 else -9
+        os.write(status_fd, str(code).encode())
+        os._exit(code if 0 <= code < 256 else 128 + (-code % 128))
+    os.close(r)
+    os.close(status_fd)
+    child = os.fork()
+    if child:  # PID 1 of the namespace: a tiny init, so the kernel's own signals act as they would anywhere
+        while True:
+            p, st = os.waitpid(-1, 0)
+            if p == child:
+                os.write(w, (b"signal %d" % os.WTERMSIG(st)) if os.WIFSIGNALED(st) else (b"exit %d" % os.WEXITSTATUS(st)))
+                os._exit(0)
+    os.close(w)
     mount("none", "/", None, REC | PRIVATE)
     mount("proc", "/proc", "proc", NOSUID | NODEV)
     mount("tmpfs", "/tmp", "tmpfs", NOSUID | NODEV)
