@@ -121,21 +121,28 @@ def clean_env(extra: dict[str, str] | None = None, argv0: str | None = None) -> 
     return env
 
 
+def system_view(ro_paths: Iterable[str]) -> list[str]:
+    """bwrap arguments for what a kernel sees of the host: a private /tmp (first, so a venv under /tmp can
+    still be bound), the read-only system and Python trees with secrets masked, the merged-/usr links."""
+    args = ["--tmpfs", "/tmp"]
+    for p in ro_paths:
+        args += ["--ro-bind", p, p]
+    args += secret_masks()
+    for link in SYSTEM_LINKS:
+        if os.path.islink(link):
+            args += ["--symlink", os.readlink(link), link]
+        elif os.path.isdir(link):
+            args += ["--ro-bind", link, link]
+    return args
+
+
 def bwrap_argv(argv: list[str], conn_dir: Path, *, network: bool, env: dict[str, str],
                ro_extra: Iterable[str] = ()) -> list[str]:
     """bubblewrap command line running ``argv`` (already rewritten for in-sandbox paths)."""
     cmd = ["bwrap", "--unshare-all", "--die-with-parent", "--new-session", "--clearenv"]
     if network:
         cmd.append("--share-net")
-    cmd += ["--tmpfs", "/tmp"]  # first, so a toolchain or venv that lives under /tmp can still be bound
-    for p in readonly_paths(argv, ro_extra):
-        cmd += ["--ro-bind", p, p]
-    cmd += secret_masks()
-    for link in SYSTEM_LINKS:
-        if os.path.islink(link):
-            cmd += ["--symlink", os.readlink(link), link]
-        elif os.path.isdir(link):
-            cmd += ["--ro-bind", link, link]
+    cmd += system_view(readonly_paths(argv, ro_extra))
     cmd += ["--proc", "/proc", "--dev", "/dev",
             "--size", str(WORK_TMPFS_BYTES), "--tmpfs", SANDBOX_WORK,
             "--bind", str(conn_dir), SANDBOX_CONN, "--remount-ro", "/", "--cap-drop", "ALL",
@@ -421,15 +428,8 @@ def forkable(argv: list[str]) -> bool:
 def zygote_argv(runtime_dir: Path, env: dict[str, str]) -> list[str]:
     """bubblewrap command line of the fork server (it needs CAP_SYS_ADMIN to make namespaces)."""
     cmd = ["bwrap", "--unshare-all", "--die-with-parent", "--new-session", "--clearenv",
-           "--cap-drop", "ALL", "--cap-add", "CAP_SYS_ADMIN", "--tmpfs", "/tmp"]
-    for p in readonly_paths([sys.executable]):
-        cmd += ["--ro-bind", p, p]
-    cmd += secret_masks()
-    for link in SYSTEM_LINKS:
-        if os.path.islink(link):
-            cmd += ["--symlink", os.readlink(link), link]
-        elif os.path.isdir(link):
-            cmd += ["--ro-bind", link, link]
+           "--cap-drop", "ALL", "--cap-add", "CAP_SYS_ADMIN"]
+    cmd += system_view(readonly_paths([sys.executable]))
     cmd += ["--proc", "/proc", "--dev", "/dev", "--dir", SANDBOX_WORK, "--dir", SANDBOX_CONN,
             "--bind", str(runtime_dir), "/run/kernels"]
     for k, v in env.items():
