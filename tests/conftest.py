@@ -48,6 +48,13 @@ class LiveServer:
         return self.process.returncode
 
 
+def die_with_parent() -> None:
+    """In the server's child process: SIGTERM it (a clean drain) if the test process dies first."""
+    import ctypes
+
+    ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 def start_server(data_dir: Path, *extra: str, env: dict[str, str] | None = None, port: int | None = None) -> LiveServer:
     """Start `runflare serve` on a free port and wait until /api/v1/health answers."""
     port = port or free_port()
@@ -56,7 +63,7 @@ def start_server(data_dir: Path, *extra: str, env: dict[str, str] | None = None,
         [sys.executable, "-m", "runflare_server", "serve", "--host", "127.0.0.1", "--port", str(port),
          "--data-dir", str(data_dir), *extra],
         stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
-        start_new_session=True,
+        start_new_session=True, preexec_fn=die_with_parent,
     )
     url = f"http://127.0.0.1:{port}"
     headers = {"X-Auth-Token": extra[extra.index("--auth-token") + 1]} if "--auth-token" in extra else {}
