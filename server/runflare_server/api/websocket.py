@@ -8,7 +8,7 @@ import logging
 import time
 from typing import Any
 
-from tornado import web, websocket
+from tornado import websocket
 
 from .. import events
 from .base import ApiError, allowed_origin, check_auth
@@ -201,5 +201,3 @@ def websocket_settings(settings: Any) -> dict[str, Any]:
     return {"websocket_ping_interval": settings.ws_ping_interval,
             "websocket_ping_timeout": settings.ws_ping_interval}
 
-
-__all__ = ["SubmissionSocket", "websocket_settings", "web"]
