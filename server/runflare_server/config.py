@@ -45,6 +45,7 @@ class Settings(BaseSettings):
     enable_callbacks: bool = True
     callbacks_max_tries: int = 3
     callbacks_timeout: float = 5.0
+    callback_allowed_networks: list[str] = Field(default_factory=list)  # CIDRs callbacks may reach
     enable_additional_files: bool = False
     max_queue_size: int = 100
     enable_batched_submissions: bool = True

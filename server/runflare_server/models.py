@@ -6,11 +6,11 @@ import base64
 import binascii
 from datetime import datetime, timezone
 from typing import Any
-from urllib.parse import urlparse
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .config import Settings
+from .outbound import literal_refusal, parse_networks, url_problem
 from .statuses import STATUSES
 
 FieldErrors = dict[str, list[str]]
@@ -216,13 +216,13 @@ class SubmissionRules:
         if data["command_line_arguments"] and not s.enable_command_line_arguments:
             add("command_line_arguments", "setting command line arguments is not allowed")
         if data["callback_url"] is not None:
-            try:
-                url = urlparse(data["callback_url"])
-                valid = url.scheme in ("http", "https") and bool(url.hostname)
-            except ValueError:
-                valid = False
-            if not valid:
-                add("callback_url", "must be an http(s) URL")
+            problem = url_problem(data["callback_url"])  # scheme, user info, control characters
+            refused = problem is None and literal_refusal(data["callback_url"],
+                                                          parse_networks(s.callback_allowed_networks))
+            if problem:
+                add("callback_url", problem)
+            elif refused:  # an IP literal; names are checked when the callback connects
+                add("callback_url", f"must not point to {refused}")
             elif not s.enable_callbacks:
                 add("callback_url", "callbacks are not allowed")
         if data["additional_files"] is not None and not s.enable_additional_files:

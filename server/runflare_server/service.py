@@ -33,7 +33,8 @@ class Service:
 
             engine = KernelEngine(settings)
         self.engine = engine
-        self.callbacks = Callbacks(settings.callbacks_max_tries, settings.callbacks_timeout)
+        self.callbacks = Callbacks(settings.callbacks_max_tries, settings.callbacks_timeout,
+                                   allowed_networks=settings.callback_allowed_networks)
         self.languages: list[LanguageInfo] = []
         self.language_names: dict[int, str] = {}
         self.rules = SubmissionRules(settings, set(), set())
