@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from runflare_server.engine import cgroups, sandbox
+from runflare_server.engine import cgroups, policy, sandbox, seccomp
 from runflare_server.engine.interface import Limits
 from runflare_server.kernels.runner import Runner
 
@@ -39,7 +39,7 @@ print(json.dumps(out))
 
 @pytest.fixture
 def workdir(tmp_path):
-    d = sandbox.new_workdir(tmp_path)
+    d = sandbox.new_workdir()  # under runs_root(): traversable by the sandbox uid in every mode
     (d / "probe.py").write_text(PROBE)
     yield d
     sandbox.remove_workdir(d)
@@ -49,10 +49,19 @@ def workdir(tmp_path):
 def run_probe(mode: str, workdir: Path, **kw) -> dict:
     import json
 
-    cmd = sandbox.wrap([PY, "probe.py"], workdir=workdir, mode=mode, env=sandbox.sandbox_env({"MARK": "1"}),
-                       ro_paths=PY_PREFIX, **kw)
-    r = subprocess.run(cmd, capture_output=True, text=True, cwd=workdir, env={"PATH": sandbox.DEFAULT_PATH},
-                       timeout=60)
+    lease = policy.UidLease.acquire()
+    os.chown(workdir, lease.uid, lease.uid)
+    fd = seccomp.bpf_fd()
+    try:
+        # unshare mode shows the host's files as they are: the slot uid cannot reach a Python under /root
+        py = "/usr/bin/python3" if mode == "unshare" else PY
+        cmd = sandbox.wrap([py, "probe.py"], workdir=workdir, mode=mode, env=sandbox.sandbox_env({"MARK": "1"}),
+                           ro_paths=PY_PREFIX, uid=lease.uid, seccomp_fd=fd, **kw)
+        r = subprocess.run(cmd, capture_output=True, text=True, cwd=workdir, env={"PATH": sandbox.DEFAULT_PATH},
+                           timeout=60, pass_fds=(fd,))
+    finally:
+        os.close(fd)
+        lease.release()
     assert r.returncode == 0, r.stderr
     return json.loads(r.stdout)
 
@@ -86,10 +95,17 @@ def test_bwrap_isolation(workdir):
 def test_bwrap_network_flag_shares_network(workdir):
     if sandbox.resolve_mode("auto") != "bwrap":
         pytest.skip("bwrap not usable here")
-    cmd = sandbox.wrap(["cat", "/proc/net/dev"], workdir=workdir, mode="bwrap", env=sandbox.sandbox_env())
-    isolated = subprocess.run(cmd, capture_output=True, text=True).stdout
-    cmd = sandbox.wrap(["cat", "/proc/net/dev"], workdir=workdir, mode="bwrap", env=sandbox.sandbox_env(), network=True)
-    shared = subprocess.run(cmd, capture_output=True, text=True).stdout
+    def run(**kw) -> str:
+        fd = seccomp.bpf_fd()
+        try:
+            cmd = sandbox.wrap(["cat", "/proc/net/dev"], workdir=workdir, mode="bwrap", env=sandbox.sandbox_env(),
+                               seccomp_fd=fd, **kw)
+            return subprocess.run(cmd, capture_output=True, text=True, pass_fds=(fd,)).stdout
+        finally:
+            os.close(fd)
+
+    isolated = run()
+    shared = run(network=True)
     assert [line.split(":")[0].strip() for line in isolated.splitlines()[2:]] == ["lo"]
     assert shared == Path("/proc/net/dev").read_text() or len(shared.splitlines()) > len(isolated.splitlines())
 
@@ -156,7 +172,6 @@ def test_runner_cleans_up_and_measures(tmp_path, monkeypatch):
 def test_runner_in_unshare_mode(tmp_path, monkeypatch):
     if not sandbox._works("unshare"):
         pytest.skip("unshare cannot create namespaces here")
-    monkeypatch.setenv("RUNFLARE_RUNS_DIR", str(tmp_path))
     result = Runner("unshare").run(71, "import os\nprint(os.getpid(), sorted(os.environ)[:1])")
     assert result.outcome == "exited" and result.exit_code == 0, result
     assert int(result.stdout.split()[0]) < 5

@@ -79,6 +79,11 @@ class Settings(BaseSettings):
     max_number_of_runs: int = 20
     redirect_stderr_to_stdout: bool = False
 
+    # The sandbox: host uids for sandboxes ("BASE:COUNT", used when the server runs as root), and the
+    # compile step's limits (Limits field -> value), each capped by the maxima above.
+    sandbox_uids: str = "1900000000:65536"
+    compile_limits: dict[str, float] = Field(default_factory=dict)
+
     # Run-Flare sizes.
     max_source_size: int = 64 * 1024
     max_stdin_size: int = 1024 * 1024

@@ -43,6 +43,7 @@ class RunRequest:
     command_line_arguments: str | None = None
     redirect_stderr_to_stdout: bool = False
     limits: Limits = field(default_factory=Limits)
+    compile_limits: Limits | None = None  # the compile step's (the server's maxima); None: the engine's default
     # Interactive runs: the worker puts str chunks here, and None for end of input.
     stdin_queue: asyncio.Queue[str | None] | None = None
 

@@ -25,7 +25,7 @@ from typing import Any
 import psutil
 
 from . import cgroups
-from .sandbox import secret_masks
+from .policy import secret_masks
 
 log = logging.getLogger(__name__)
 

@@ -64,7 +64,7 @@ LANGUAGES: tuple[Language, ...] = (
              version_file="../release"),
     Language(73, "Rust ({version})", "main.rs", ("./main", "{args}"),
              ("rustc", "--version"), r"rustc (\S+)", "runflare-rust",
-             compile_cmd=("rustc", "{compiler_options}", "-o", "main", "main.rs")),
+             compile_cmd=("rustc", "-C", "strip=debuginfo", "{compiler_options}", "-o", "main", "main.rs")),
     Language(60, "Go ({version})", "main.go", ("./main", "{args}"),
              ("go", "version"), r"go(\d+\.\d+(?:\.\d+)?)", "runflare-go",
              compile_cmd=("go", "build", "{compiler_options}", "-o", "main", "main.go"),

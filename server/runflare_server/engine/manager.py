@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 from typing import Any
 
 from ..config import Settings
+from .incidents import incident
 from .interface import Emit, LanguageInfo, RunRequest, RunResult
 
+log = logging.getLogger(__name__)
 KERNEL_RUN_BASE = 1000  # kernel-run ids are 1000 + the Judge0 id
 
 
@@ -19,14 +22,24 @@ class KernelEngine:
         from .kernel_runs import KernelRuns
         from .program_runs import ProgramRuns
 
-        self.program_runs = ProgramRuns(size=settings.workers or os.cpu_count() or 1, sandbox_mode=settings.sandbox)
+        self.sandbox = settings.sandbox
+        # The sandbox uid range travels to the Run-Flare kernels (and anything else the engine starts).
+        os.environ["RUNFLARE_SANDBOX_UIDS"] = settings.sandbox_uids
+
+        self.program_runs = ProgramRuns(size=settings.workers or os.cpu_count() or 1, sandbox_mode=settings.sandbox,
+                                        max_output_bytes=settings.max_output_size)
         self.kernel_runs = KernelRuns(pool_sizes=settings.kernel_pool, sandbox=settings.sandbox,
-                                      extra_ids=settings.kernel_language_ids)
+                                      extra_ids=settings.kernel_language_ids, max_output_bytes=settings.max_output_size)
 
     async def start(self) -> None:
+        from . import scratch
         from .cgroups import sweep_stale
+        from .policy import check
 
+        if self.sandbox != "none":
+            await asyncio.get_running_loop().run_in_executor(None, check)  # says clearly what is wrong
         sweep_stale()  # groups a killed server left behind
+        scratch.sweep_stale()  # and its run dirs, kernel runtime dirs, ipc dirs and connection files
         await asyncio.gather(self.program_runs.start(), self.kernel_runs.start())
 
     async def stop(self) -> None:
@@ -43,7 +56,11 @@ class KernelEngine:
 
     async def run(self, request: RunRequest, emit: Emit) -> RunResult:
         pool = self.kernel_runs if self.is_kernel_run(request) else self.program_runs
-        return await pool.run(request, emit)
+        try:
+            return await pool.run(request, emit)
+        except Exception as e:  # noqa: BLE001 - the details go to the log, never to the submitter
+            return RunResult("internal", message=incident(log, "the run failed on the server", exc=e,
+                                                          detail=request.token))
 
     def health(self) -> dict[str, Any]:
         return {"program_runs": self.program_runs.health(), "kernel_runs": self.kernel_runs.health()}

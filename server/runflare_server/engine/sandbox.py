@@ -19,14 +19,12 @@ import uuid
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
+from . import policy
+
 log = logging.getLogger(__name__)
 
 MODES = ("auto", "bwrap", "unshare", "none")
 BOX = "/box"  # the work dir as the program sees it
-SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc")
-# Files under /etc a program must not read: masked with an empty file.
-SECRET_FILES = ("/etc/shadow", "/etc/gshadow", "/etc/shadow-", "/etc/gshadow-", "/etc/sudoers")
-SECRET_DIRS = ("/etc/ssh", "/etc/ssl/private", "/etc/sudoers.d", "/etc/runflare")
 DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin"
 
 
@@ -77,15 +75,32 @@ def scratch_base() -> Path:
 def runs_root() -> Path:
     """Where per-run work dirs are created (``RUNFLARE_RUNS_DIR``, else a private dir on scratch_base())."""
     root = Path(os.environ.get("RUNFLARE_RUNS_DIR") or scratch_base() / f"runflare-runs-{os.getuid()}")
-    root.mkdir(mode=0o700, parents=True, exist_ok=True)
+    root.mkdir(mode=0o711, parents=True, exist_ok=True)
+    os.chmod(root, 0o711)  # traversable, not listable: each run dir is its own uid's, mode 0700
     return root
 
 
-def new_workdir(root: Path | None = None) -> Path:
-    """A fresh, empty work dir for one run."""
-    d = (root or runs_root()) / uuid.uuid4().hex
-    d.mkdir(mode=0o755)
-    return d
+def private_runs_mount(size: str = "50%") -> bool:
+    """Give this process (a Run-Flare kernel, before it starts any thread) its own mount namespace with a
+    fresh tmpfs over ``runs_root()``: sandboxes see their work dir as ``/<random>`` of that tmpfs (no host
+    path in their mountinfo), and every run dir vanishes with the kernel, even when it is killed."""
+    import ctypes
+
+    if os.geteuid() != 0:
+        return False
+    libc = ctypes.CDLL(None, use_errno=True)
+    root = str(runs_root()).encode()
+    ms_rec, ms_private, clone_newns = 16384, 1 << 18, 0x20000
+    if libc.unshare(clone_newns) != 0 or libc.mount(b"none", b"/", None, ms_rec | ms_private, None) != 0 \
+            or libc.mount(b"tmpfs", root, b"tmpfs", 2 | 4, f"size={size},mode=0700".encode()) != 0:
+        log.warning("no private runs mount: %s", os.strerror(ctypes.get_errno()))
+        return False
+    return True
+
+
+def new_workdir(root: Path | None = None, uid: int | None = None) -> Path:
+    """A fresh, empty work dir for one run, owned by the run's sandbox uid (mode 0700)."""
+    return policy.owned_dir((root or runs_root()) / uuid.uuid4().hex, uid)
 
 
 def remove_workdir(path: Path) -> None:
@@ -108,36 +123,29 @@ def wrap(
     env: Mapping[str, str],
     network: bool = False,
     ro_paths: Iterable[str] = (),
-    pass_fds: Iterable[int] = (),
+    uid: int | None = None,
+    seccomp_fd: int | None = None,
 ) -> list[str]:
     """The argv running ``argv`` in a fresh sandbox with cwd ``/box`` (= ``workdir``, read-write).
 
     ``ro_paths`` are extra host paths (toolchains outside /usr) made visible read-only at the same path.
+    ``uid`` is the slot's host uid (see ``policy``), ``seccomp_fd`` an inherited fd with the filter.
     ``mode`` must be concrete (see ``resolve_mode``). With "unshare"/"none" the program's cwd is ``workdir``
     itself and paths in ``argv`` must be host paths; callers use ``box_path`` to stay mode-agnostic.
     """
     if mode == "bwrap":
-        return _bwrap(argv, workdir, env, network, ro_paths, pass_fds)
+        if seccomp_fd is None:
+            raise ValueError("a bwrap sandbox needs its seccomp filter fd")
+        return _bwrap(argv, workdir, env, network, ro_paths, uid, seccomp_fd)
+    drop = policy.drop_to(uid) if uid is not None and policy.per_slot_uids() else []
     if mode == "unshare":
         cmd = ["unshare", "--pid", "--fork", "--kill-child", "--mount-proc", "--ipc", "--uts", "--mount"]
         if not network:
             cmd.append("--net")
-        return [*cmd, "--", "env", "-i", *(f"{k}={v}" for k, v in env.items()), *argv]
+        return [*cmd, "--", *drop, "env", "-i", *(f"{k}={v}" for k, v in env.items()), *argv]
     if mode == "none":
         return ["env", "-i", *(f"{k}={v}" for k, v in env.items()), *argv]
     raise ValueError(f"not a concrete sandbox mode: {mode!r}")
-
-
-def secret_masks() -> list[str]:
-    """bwrap arguments hiding the host's secrets under the read-only /etc (programs and kernels alike)."""
-    args: list[str] = []
-    for f in SECRET_FILES:
-        if os.path.isfile(f):
-            args += ["--ro-bind", "/dev/null", f]
-    for d in SECRET_DIRS:
-        if os.path.isdir(d):
-            args += ["--tmpfs", d, "--remount-ro", d]
-    return args
 
 
 def box_path(mode: str, workdir: Path) -> str:
@@ -146,31 +154,12 @@ def box_path(mode: str, workdir: Path) -> str:
 
 
 def _bwrap(argv: list[str], workdir: Path, env: Mapping[str, str], network: bool,
-           ro_paths: Iterable[str], pass_fds: Iterable[int]) -> list[str]:
-    cmd = ["bwrap", "--unshare-all"]
-    if network:
-        cmd.append("--share-net")
-    cmd += ["--die-with-parent", "--new-session", "--cap-drop", "ALL", "--clearenv"]
-    cmd += ["--tmpfs", "/tmp", "--tmpfs", "/run"]  # first, so binds below them (a venv, resolv.conf) stay
-    for d in SYSTEM_DIRS:
-        if os.path.lexists(d):
-            # /bin, /lib... are symlinks into /usr on merged-usr systems: keep them symlinks.
-            if os.path.islink(d):
-                cmd += ["--symlink", os.readlink(d), d]
-            else:
-                cmd += ["--ro-bind", d, d]
+           ro_paths: Iterable[str], uid: int | None, seccomp_fd: int) -> list[str]:
+    ro = [p for p in ro_paths if os.path.exists(p)]
     if network:
         for f in ("/etc/resolv.conf", "/run/systemd/resolve"):
             real = os.path.realpath(f)
             if real != f and os.path.exists(real) and not real.startswith("/etc/"):
-                cmd += ["--ro-bind", real, real]
-    cmd += secret_masks()
-    for p in sorted(set(ro_paths)):
-        if os.path.exists(p) and not any(p == s or p.startswith(s + "/") for s in SYSTEM_DIRS if not os.path.islink(s)):
-            cmd += ["--ro-bind", p, p]
-    cmd += ["--proc", "/proc", "--dev", "/dev",
-            "--bind", str(workdir), BOX, "--chdir", BOX]
-    for k, v in env.items():
-        cmd += ["--setenv", k, v]
-    del pass_fds  # bwrap passes inherited fds through unchanged
-    return [*cmd, "--", *argv]
+                ro.append(real)
+    return policy.bwrap_command(argv, uid=uid, binds=["--bind", str(workdir), BOX], env=env, network=network,
+                                ro_paths=ro, chdir=BOX, seccomp_fd=seccomp_fd)

@@ -61,6 +61,8 @@ class RunFlareKernel(Kernel):
         rf: dict[str, Any] = (parent.get("metadata") or {}).get("runflare") or {}
         engine_call = bool(rf)
         limits = Limits(**{k: v for k, v in (rf.get("limits") or {}).items() if k in _LIMIT_FIELDS})
+        compile_limits = Limits(**{k: v for k, v in rf["compile_limits"].items() if k in _LIMIT_FIELDS}) \
+            if rf.get("compile_limits") else None
         stdin = rf.get("stdin")
 
         def on_output(name: str, text: str) -> None:
@@ -77,7 +79,7 @@ class RunFlareKernel(Kernel):
             stdin=stdin.encode("utf-8", "surrogateescape") if isinstance(stdin, str) else None,
             args=rf.get("args"), compiler_options=rf.get("compiler_options"), limits=limits,
             redirect_stderr=bool(rf.get("redirect_stderr_to_stdout")), on_output=on_output, on_stage=on_stage,
-            stdin_reader=reader)
+            stdin_reader=reader, compile_limits=compile_limits)
         if reader is not None:
             self._stdin_stop.set()
         self.runs += 1
@@ -140,6 +142,10 @@ def main() -> None:
     """Launch the kernel (``python -m runflare_server.kernels -f CONNECTION_FILE``)."""
     from ipykernel.kernelapp import IPKernelApp
 
+    from runflare_server.engine.sandbox import private_runs_mount
+
+    if os.environ.get("RUNFLARE_SANDBOX", "auto") != "none":
+        private_runs_mount()  # first: unshare needs a process with no other thread yet
     IPKernelApp.launch_instance(kernel_class=RunFlareKernel)
 
 

@@ -26,13 +26,14 @@ from pathlib import Path
 from typing import Any
 
 from runflare_server.engine import languages as langs
-from runflare_server.engine import sandbox
+from runflare_server.engine import policy, sandbox, seccomp
 from runflare_server.engine.cgroups import RunCgroup, rlimit_preexec
 from runflare_server.engine.interface import Limits
 
-# Limits of the compile step: the server's maxima, not the submission's (a compiler needs room).
-COMPILE_LIMITS = Limits(cpu_time_limit=15.0, cpu_extra_time=5.0, wall_time_limit=30.0, memory_limit=1_024_000,
-                        stack_limit=0, max_processes_and_or_threads=256, max_file_size=256_000,
+# Limits of the compile step when the request names none: Judge0's maxima (config_info's max_*), as Judge0
+# compiles with the maximum limits. The server sends its own configured maxima (never above config_info's).
+COMPILE_LIMITS = Limits(cpu_time_limit=15.0, cpu_extra_time=5.0, wall_time_limit=20.0, memory_limit=512_000,
+                        stack_limit=128_000, max_processes_and_or_threads=120, max_file_size=4096,
                         max_output_bytes=64 * 1024)
 PERL = "/usr/bin/perl"
 SANDBOX_PROCESSES = 3  # bwrap, bwrap's init in the new PID namespace, the reaper: not the program's to count
@@ -119,13 +120,21 @@ class Runner:
         self.mode = sandbox.resolve_mode(mode)
         # bwrap's inner process outlives the outer one by a moment; a subreaper collects it (not init).
         self.reap_orphans = subreaper and _become_subreaper()
+        # This runner's slot: one host uid, held while the process lives (programs run one at a time).
+        self.lease = policy.UidLease.acquire() if self.mode != "none" and policy.per_slot_uids() else None
+        self.uid = self.lease.uid if self.lease else None
 
     def run(self, language_id: int, source: str, *, stdin: bytes | None = None, args: str | None = None,
             compiler_options: str | None = None, limits: Limits | None = None, redirect_stderr: bool = False,
             on_output: OnOutput | None = None, on_stage: Callable[[str], None] | None = None,
-            stdin_reader: Callable[[], bytes | None] | None = None) -> ProgramResult:
-        """Compile (if needed) and run one program; never raises for the program's failures."""
+            stdin_reader: Callable[[], bytes | None] | None = None,
+            compile_limits: Limits | None = None) -> ProgramResult:
+        """Compile (if needed) and run one program; never raises for the program's failures.
+
+        The compile step is a sandboxed run like the program's own, under ``compile_limits`` (the server's
+        maxima); compiler options change what the compiler does, never these limits."""
         limits = limits or Limits()
+        compile_limits = compile_limits or COMPILE_LIMITS
         lang = langs.BY_ID.get(language_id)
         if lang is None or not langs.available(lang):
             return ProgramResult("internal", message=f"language {language_id} is not available here")
@@ -134,23 +143,31 @@ class Runner:
             copts = shlex.split(compiler_options or "")
         except ValueError as e:
             return ProgramResult("internal", message=f"cannot split arguments: {e}")
-        workdir = sandbox.new_workdir()
+        workdir = sandbox.new_workdir(uid=self.uid)
         try:
-            (workdir / lang.source_file).write_text(source, encoding="utf-8", errors="surrogateescape")
+            source_path = workdir / lang.source_file
+            source_path.write_text(source, encoding="utf-8", errors="surrogateescape")
+            if self.uid is not None:
+                os.chown(source_path, self.uid, self.uid)
             env = sandbox.sandbox_env(lang.env, path=os.pathsep.join([*langs.tool_dirs(lang), sandbox.DEFAULT_PATH]))
             ro = langs.ro_paths(lang)
             compile_output = None
             if lang.compile_cmd:
                 if on_stage:
                     on_stage("compiling")
-                cmd = langs.expand(lang.compile_cmd, compiler_options=copts, memory_kb=COMPILE_LIMITS.memory_limit)
-                step = self.step(cmd, workdir, env, ro, COMPILE_LIMITS, merge_stderr=True)
+                cmd = langs.expand(lang.compile_cmd, compiler_options=copts, memory_kb=compile_limits.memory_limit)
+                step = self.step(cmd, workdir, env, ro, compile_limits, merge_stderr=True)
                 compile_output = step.stdout.decode("utf-8", "replace") or None
                 if step.exit_code != 0:
-                    why = ("compilation timed out" if step.time_limit else
+                    why = ("compilation time limit exceeded" if step.time_limit else
+                           "compiler memory limit exceeded" if step.oom else
                            f"compiler killed by signal {step.exit_signal}" if step.exit_signal else
                            step.exec_error)
-                    return ProgramResult("compile_error", compile_output=compile_output or why, message=why)
+                    out = compile_output or ""
+                    if why and why not in out:
+                        out = f"{out}\n{why}".lstrip("\n")
+                    return ProgramResult("compile_error", compile_output=out or None, message=why,
+                                         time=step.cpu, wall_time=step.wall, memory=step.memory)
             if on_stage:
                 on_stage("running")
             cmd = langs.expand(lang.run_cmd, args=argv, memory_kb=limits.memory_limit)
@@ -195,8 +212,10 @@ class Runner:
         """Run ``argv`` as one fresh sandboxed process under ``limits`` and wait for it."""
         res = StepResult()
         st_r, st_w = os.pipe()
-        cmd = sandbox.wrap([PERL, "-e", REAPER, str(st_w), str(GETRUSAGE_NR), str(PRCTL_NR), *argv], workdir=workdir, mode=self.mode, env=env,
-                           network=network, ro_paths=ro)
+        filter_fd = seccomp.bpf_fd() if self.mode == "bwrap" else -1
+        cmd = sandbox.wrap([PERL, "-e", REAPER, str(st_w), str(GETRUSAGE_NR), str(PRCTL_NR), *argv], workdir=workdir,
+                           mode=self.mode, env=env, network=network, ro_paths=ro, uid=self.uid,
+                           seccomp_fd=filter_fd if filter_fd >= 0 else None)
         # Judge0's per-process flags: the limit applies to each process (rlimits), not to the whole group.
         group_memory = None if limits.enable_per_process_and_thread_memory_limit else limits.memory_limit
         cg = RunCgroup.create(f"run-{os.getpid()}-{uuid.uuid4().hex[:12]}", group_memory,
@@ -216,9 +235,13 @@ class Runner:
             proc = subprocess.Popen(
                 cmd, stdin=stdin_arg, stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT if merge_stderr else subprocess.PIPE,
-                pass_fds=(st_w,), cwd=workdir, start_new_session=True, env=_outer_env(self.mode, env), preexec_fn=rlimit_preexec(limits, cg))
+                pass_fds=(st_w, filter_fd) if filter_fd >= 0 else (st_w,), cwd=workdir, start_new_session=True,
+                env=_outer_env(self.mode, env), preexec_fn=rlimit_preexec(limits, cg))
             os.close(st_w)
             st_w = -1
+            if filter_fd >= 0:
+                os.close(filter_fd)
+                filter_fd = -1
             feeder = _start_feeder(proc, stdin_reader) if stdin_reader is not None else None
             self._pump(proc, res, limits, cg, start, on_output)
             _, status, rusage = _wait(proc)
@@ -243,6 +266,8 @@ class Runner:
                 cg.remove()
             if st_w >= 0:
                 os.close(st_w)
+            if filter_fd >= 0:
+                os.close(filter_fd)
             os.close(st_r)
             if stdin_file:
                 stdin_file.close()
