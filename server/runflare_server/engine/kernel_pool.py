@@ -30,8 +30,10 @@ from jupyter_client.asynchronous import AsyncKernelClient
 from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
 
 from . import kernel_sandbox as sb
+from . import policy, seccomp
 
 log = logging.getLogger(__name__)
+_SERVER_DIR = str(Path(__file__).resolve().parents[2])  # .../server, so the launcher imports runflare_server
 
 # Lean start-up flags per kernel implementation (module run by the kernelspec).
 LEAN_ARGS = {
@@ -128,11 +130,18 @@ class ForkedProcess:
 
 
 class ForkServer:
-    """One sandboxed process with ipykernel imported that forks each new kernel (see ZYGOTE_SOURCE)."""
+    """One sandboxed process with ipykernel imported that forks each new kernel (see ZYGOTE_SOURCE).
+
+    It lives in a user namespace mapped onto a leased block of ``UIDS`` host uids: the zygote is the block's
+    first uid, each kernel it forks gets one of the others for its lifetime (never host root, never shared)."""
+
+    UIDS = 64
 
     def __init__(self, runtime_dir: Path) -> None:
         self.runtime_dir = runtime_dir
         self.proc: subprocess.Popen | None = None
+        self.lease: policy.UidLease | None = None
+        self._kernel_uids: dict[int, ForkedProcess] = {}  # uid inside the namespace -> the kernel holding it
         self._lock = asyncio.Lock()
         self.forks = 0
         self.failures = 0  # consecutive kernels that failed to come up; too many → not used any more
@@ -153,12 +162,23 @@ class ForkServer:
             return self.proc
         if self.proc is not None:
             self.close()
+        if not policy.per_slot_uids():
+            raise RuntimeError("the fork server needs root (to map its uid block); kernels start directly")
         env = sb.clean_env({}, sys.executable)
+        self.lease = policy.UidLease.acquire(self.UIDS)
+        policy.owned_dir(self.runtime_dir, self.lease.first, 0o711)
         # spawned from the event loop thread: bwrap's --die-with-parent follows the spawning thread
+        policy.VIEW_DIR.mkdir(mode=0o755, parents=True, exist_ok=True)
         self.proc = subprocess.Popen(sb.zygote_argv(self.runtime_dir, env), stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=None, start_new_session=True, text=True,
-                                     env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")})
+                                     env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONPATH": _SERVER_DIR})
         try:
+            line = await self._readline(60)
+            if line != "userns":
+                raise RuntimeError(f"fork server failed to enter its user namespace: {line!r}")
+            self._map_ids()
+            self.proc.stdin.write("mapped\n")
+            self.proc.stdin.flush()
             line = await self._readline(60)
         except BaseException:
             self.close()
@@ -173,19 +193,43 @@ class ForkServer:
         assert self.proc is not None and self.proc.stdout is not None
         return (await asyncio.wait_for(loop.run_in_executor(None, self.proc.stdout.readline), timeout)).strip()
 
+    def _map_ids(self) -> None:
+        """Map the zygote's user namespace onto the leased block (as root, from outside: uid_map lines
+        naming other host uids can only be written by a process privileged in the parent namespace)."""
+        assert self.proc is not None and self.lease is not None
+        pid = self.proc.pid  # the launcher, in its new user namespace, waiting for this map
+        line = f"0 {self.lease.first} {self.lease.count}\n"
+        for name in ("uid_map", "gid_map"):
+            Path(f"/proc/{pid}/{name}").write_text(line)
+
+    def _free_uid(self) -> int | None:
+        for uid, kernel in list(self._kernel_uids.items()):
+            if kernel.poll() is not None:
+                del self._kernel_uids[uid]
+        return next((u for u in range(1, self.UIDS) if u not in self._kernel_uids), None)
+
     async def fork(self, kid: str, kdir: Path) -> ForkedProcess:
-        """Fork one kernel for the connection dir ``kdir``; returns its host-side handle."""
+        """Fork one kernel for the connection dir ``kdir`` (made its uid's); returns its host-side handle."""
         async with self._lock:
             proc = await self._ensure()
-            assert proc.stdin is not None
-            proc.stdin.write(kid + "\n")
+            assert proc.stdin is not None and self.lease is not None
+            uid = self._free_uid()
+            if uid is None:
+                raise RuntimeError(f"all {self.UIDS - 1} fork-server kernel uids are in use")
+            host_uid = self.lease.first + uid
+            for path in (kdir, *kdir.iterdir()):
+                os.chown(path, host_uid, host_uid)
+            os.chmod(kdir, 0o700)
+            proc.stdin.write(f"{kid} {uid}\n")
             proc.stdin.flush()
             answer = (await self._readline(10)).split()
-        if len(answer) != 2 or answer[0] != kid:
-            self.close()
-            raise RuntimeError(f"fork server answered {answer!r}")
+            if len(answer) != 2 or answer[0] != kid:
+                self.close()
+                raise RuntimeError(f"fork server answered {answer!r}")
+            forked = ForkedProcess(self._host_pid(int(answer[1])), self.runtime_dir / f"status-{kid}")
+            self._kernel_uids[uid] = forked
         self.forks += 1
-        return ForkedProcess(self._host_pid(int(answer[1])), self.runtime_dir / f"status-{kid}")
+        return forked
 
     def _host_pid(self, ns_pid: int) -> int:
         for p in sb.tree(self.proc.pid if self.proc else 0):
@@ -198,13 +242,17 @@ class ForkServer:
         raise RuntimeError(f"forked kernel {ns_pid} not found")
 
     def close(self) -> None:
-        """Kill the fork server (kernels it forked die with its namespace)."""
+        """Kill the fork server (kernels it forked die with its namespace) and give its uids back."""
         if self.proc is not None:
             sb.kill_tree(self.proc)
             for f in (self.proc.stdin, self.proc.stdout):
                 with contextlib.suppress(Exception):
                     f.close()
             self.proc = None
+        self._kernel_uids.clear()
+        if self.lease is not None:
+            self.lease.release()
+            self.lease = None
 
 
 class SandboxedKernel:
@@ -223,9 +271,10 @@ class SandboxedKernel:
         self.start_wall: float | None = None
         self.start_cpu: float | None = None
         self.kernel_info: dict[str, Any] = {}
+        self.lease: policy.UidLease | None = None  # the kernel's own host uid (bwrap kernels)
         self._closed = False
 
-    def _command(self) -> tuple[list[str], dict[str, str] | None]:
+    def _command(self, seccomp_fd: int) -> tuple[list[str], dict[str, str] | None]:
         conn_inside = sb.SANDBOX_CONN if self.mode in ("bwrap", "unshare") else str(self.dir)
         conn_file = f"{conn_inside}/connection.json"
         if sb.needs_bridge(self.spec.argv):
@@ -235,11 +284,12 @@ class SandboxedKernel:
         else:
             argv = [a.replace("{connection_file}", conn_file) for a in self.spec.argv]
         env = sb.clean_env(self.spec.env, self.spec.argv[0])
+        uid = self.lease.uid if self.lease else None
         if self.mode == "bwrap":
-            return sb.bwrap_argv(argv, self.dir, network=self.network, env=env,
-                                 ro_extra=[self.spec.resource_dir]), None
+            return sb.bwrap_argv(argv, self.dir, network=self.network, env=env, ro_extra=[self.spec.resource_dir],
+                                 uid=uid, seccomp_fd=seccomp_fd), None
         if self.mode == "unshare":
-            return sb.unshare_argv(argv, self.dir, network=self.network, env=env), None
+            return sb.unshare_argv(argv, self.dir, network=self.network, env=env, uid=uid), None
         return argv, {**env, "HOME": str(self.dir / "work"), "IPYTHONDIR": str(self.dir / "work/.ipython")}
 
     async def start(self, timeout: float) -> None:
@@ -256,9 +306,22 @@ class SandboxedKernel:
             (self.dir / "launch.json").write_text(json.dumps({"env": env, "argv": ["ipykernel_launcher", *argv[3:]]}))
             self.proc = await self.fork_server.fork(self.id, self.dir)
         else:
-            cmd, env = self._command()
-            self.proc = sb.spawn(cmd, self.dir / "kernel.log", env, cwd=None if env is None else self.dir / "work")
-        self.client = AsyncKernelClient()
+            if self.mode != "none" and policy.per_slot_uids():
+                self.lease = policy.UidLease.acquire()
+                for path in (self.dir, *self.dir.iterdir()):
+                    os.chown(path, self.lease.uid, self.lease.uid)
+                os.chmod(self.dir, 0o700)
+            filter_fd = seccomp.bpf_fd() if self.mode == "bwrap" else -1
+            try:
+                cmd, env = self._command(filter_fd)
+                self.proc = sb.spawn(cmd, self.dir / "kernel.log", env, cwd=None if env is None else self.dir / "work",
+                                     pass_fds=(filter_fd,) if filter_fd >= 0 else ())
+            finally:
+                if filter_fd >= 0:
+                    os.close(filter_fd)
+        from .bounded_client import BoundedKernelClient
+
+        self.client = BoundedKernelClient()  # refuses kernel messages over the output bound, undecoded
         self.client.load_connection_info(_connection(str(self.dir / "k"), key))
         self.client.start_channels(hb=False)  # liveness is watched on the process itself
         await self._wait_ready(t0 + timeout)
@@ -329,6 +392,9 @@ class SandboxedKernel:
         if self.proc is not None:
             await asyncio.get_running_loop().run_in_executor(None, sb.kill_tree, self.proc)
         shutil.rmtree(self.dir, ignore_errors=True)
+        if self.lease is not None:
+            self.lease.release()  # nothing runs as its uid any more
+            self.lease = None
 
 
 class KernelPool:

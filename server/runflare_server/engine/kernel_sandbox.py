@@ -11,8 +11,10 @@ isolation per kernel with unshare/mount.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import shlex
 import shutil
 import signal
 import site
@@ -24,8 +26,7 @@ from typing import Any
 
 import psutil
 
-from . import cgroups
-from .policy import secret_masks
+from . import cgroups, policy, seccomp
 
 log = logging.getLogger(__name__)
 
@@ -34,8 +35,6 @@ SANDBOX_CONN = "/run/kernel"
 MODES = ("bwrap", "unshare", "none", "auto")
 
 # System trees bound read-only when present (the host's root file system is never bound whole).
-SYSTEM_RO = ("/usr", "/etc", "/opt", "/var/lib/dpkg/alternatives")
-SYSTEM_LINKS = ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
 WORK_TMPFS_BYTES = 256 << 20
 
 
@@ -79,7 +78,7 @@ def resolve_argv(argv: list[str]) -> list[str]:
 
 def readonly_paths(argv: list[str], extra: Iterable[str] = ()) -> list[str]:
     """Host paths the kernel needs to read: system trees, Python prefixes, the kernel program's tree."""
-    paths: list[str] = [p for p in SYSTEM_RO if os.path.exists(p)]
+    paths: list[str] = [p for p in policy.SYSTEM_DIRS if os.path.exists(p)]
     candidates = [sys.prefix, sys.base_prefix, sys.exec_prefix, site.getusersitepackages(), *extra]
     if argv and os.path.isabs(argv[0]):
         real = os.path.realpath(argv[0])
@@ -121,42 +120,23 @@ def clean_env(extra: dict[str, str] | None = None, argv0: str | None = None) -> 
     return env
 
 
-def system_view(ro_paths: Iterable[str]) -> list[str]:
-    """bwrap arguments for what a kernel sees of the host: a private /tmp (first, so a venv under /tmp can
-    still be bound), the read-only system and Python trees with secrets masked, the merged-/usr links."""
-    args = ["--tmpfs", "/tmp"]
-    for p in ro_paths:
-        args += ["--ro-bind", p, p]
-    args += secret_masks()
-    for link in SYSTEM_LINKS:
-        if os.path.islink(link):
-            args += ["--symlink", os.readlink(link), link]
-        elif os.path.isdir(link):
-            args += ["--ro-bind", link, link]
-    return args
-
-
 def bwrap_argv(argv: list[str], conn_dir: Path, *, network: bool, env: dict[str, str],
-               ro_extra: Iterable[str] = ()) -> list[str]:
-    """bubblewrap command line running ``argv`` (already rewritten for in-sandbox paths)."""
-    cmd = ["bwrap", "--unshare-all", "--die-with-parent", "--new-session", "--clearenv"]
-    if network:
-        cmd.append("--share-net")
-    cmd += system_view(readonly_paths(argv, ro_extra))
-    cmd += ["--proc", "/proc", "--dev", "/dev",
-            "--size", str(WORK_TMPFS_BYTES), "--tmpfs", SANDBOX_WORK,
-            "--bind", str(conn_dir), SANDBOX_CONN, "--remount-ro", "/", "--cap-drop", "ALL",
-            "--chdir", SANDBOX_WORK]
-    for k, v in env.items():
-        cmd += ["--setenv", k, v]
-    return cmd + ["--", *argv]
+               ro_extra: Iterable[str] = (), uid: int | None = None, seccomp_fd: int | str) -> list[str]:
+    """bubblewrap command line running ``argv`` (already rewritten for in-sandbox paths) as ``uid``, with
+    the policy's whole view plus a private work tmpfs and the kernel's connection dir."""
+    binds = ["--perms", "1777", "--size", str(WORK_TMPFS_BYTES), "--tmpfs", SANDBOX_WORK,
+             "--bind", str(conn_dir), SANDBOX_CONN]
+    return policy.bwrap_command(argv, uid=uid, binds=binds, env=env, network=network,
+                                ro_paths=readonly_paths(argv, ro_extra), chdir=SANDBOX_WORK, seccomp_fd=seccomp_fd)
 
 
-def unshare_argv(argv: list[str], conn_dir: Path, *, network: bool, env: dict[str, str]) -> list[str]:
+def unshare_argv(argv: list[str], conn_dir: Path, *, network: bool, env: dict[str, str],
+                 uid: int | None = None) -> list[str]:
     """Fallback when bubblewrap is missing: new namespaces, tmpfs over /tmp and the work dir.
 
     Weaker than bwrap: the host file system stays visible (read-only remount of / is attempted).
     """
+    drop = shlex.join(policy.drop_to(uid)) if uid is not None and policy.per_slot_uids() else ""
     script = (
         "set -e; mount --make-rprivate /; "
         f"mkdir -p {SANDBOX_WORK} {SANDBOX_CONN} 2>/dev/null || true; "
@@ -165,7 +145,7 @@ def unshare_argv(argv: list[str], conn_dir: Path, *, network: bool, env: dict[st
         f"mount -t tmpfs -o ro tmpfs {conn_dir.parent}; "  # other kernels' connection dirs
         "mount -t tmpfs tmpfs /tmp; "
         "mount -o remount,bind,ro / 2>/dev/null || true; "
-        f'cd {SANDBOX_WORK}; exec env -i "$@"'
+        f'cd {SANDBOX_WORK}; exec {drop} env -i "$@"'
     )
     ns = ["--pid", "--fork", "--mount-proc", "--mount", "--ipc", "--uts", "--kill-child"]
     if not network:
@@ -175,12 +155,12 @@ def unshare_argv(argv: list[str], conn_dir: Path, *, network: bool, env: dict[st
 
 
 def spawn(cmd: list[str], log_path: Path, env: dict[str, str] | None = None,
-          cwd: Path | None = None) -> subprocess.Popen:
+          cwd: Path | None = None, pass_fds: tuple[int, ...] = ()) -> subprocess.Popen:
     """Start a sandbox process in its own session. Call from the event loop thread:
     bwrap's --die-with-parent fires when the spawning *thread* exits."""
     with open(log_path, "ab") as out:
         return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True, close_fds=True, cwd=cwd,
+                                start_new_session=True, close_fds=True, cwd=cwd, pass_fds=pass_fds,
                                 env=env if env is not None else {"PATH": os.environ.get("PATH", "/usr/bin:/bin")})
 
 
@@ -245,6 +225,8 @@ def set_rlimits(procs: list[psutil.Process], limits: Any) -> None:
     import resource
 
     values = {resource.RLIMIT_FSIZE: limits.max_file_size * 1024, resource.RLIMIT_CORE: 0}
+    if cgroups.mechanism() == "rlimit":  # per uid: each kernel has its own, so this is the kernel's count
+        values[resource.RLIMIT_NPROC] = limits.max_processes_and_or_threads
     if limits.stack_limit > 0:
         values[resource.RLIMIT_STACK] = limits.stack_limit * 1024
     for p in procs:
@@ -327,16 +309,21 @@ def bridged(argv: list[str], conn_file: str, tcp_conn_file: str) -> list[str]:
     return [sys.executable, "-c", BRIDGE_SOURCE, conn_file, tcp_conn_file, "--", *argv]
 
 
-# The fork server ("zygote") for ipykernel: it imports ipykernel once inside a bwrap sandbox holding
-# CAP_SYS_ADMIN, then forks each kernel, which enters fresh mount/net/ipc/uts/pid namespaces, mounts
-# its own /proc, /tmp, /sandbox and connection dir, hides the other kernels' dirs, drops every
-# capability (no_new_privs) and only then becomes the kernel. Commands on stdin: "<kernel id>\n";
-# answers on stdout: "<kernel id> <pid in the zygote's namespace>\n".
-ZYGOTE_SOURCE = r'''
+# The fork server ("zygote") for ipykernel. bwrap (as root, no user namespace, no capabilities) gives it the
+# policy's system view; it then enters a user namespace whose ids the server maps to a leased block of
+# unprivileged host uids (its own uid 0 is the block's first), imports ipykernel once, and forks each kernel:
+# fresh mount/net/ipc/uts/pid namespaces, its own /proc with runc's read-only and masked paths, /tmp,
+# /sandbox and connection dir, the other kernels' dirs hidden, then the kernel's own uid from the block, an
+# empty bounding set, no_new_privs and the seccomp filter, and only then the kernel.
+# Protocol: it writes "userns\n" and waits for "mapped\n"; then "ready\n". Commands on stdin:
+# "<kernel id> <uid in the namespace>\n"; answers on stdout: "<kernel id> <pid in the zygote's namespace>\n".
+ZYGOTE_SOURCE = r"""
 import ctypes, json, os, random, signal, sys
 libc = ctypes.CDLL(None, use_errno=True)
 NEWNS, NEWUTS, NEWIPC, NEWNET, NEWPID = 0x20000, 0x4000000, 0x8000000, 0x40000000, 0x20000000
-RDONLY, NOSUID, NODEV, REMOUNT, BIND, REC, PRIVATE = 1, 2, 4, 32, 4096, 16384, 1 << 18
+RDONLY, NOSUID, NODEV, NOEXEC, REMOUNT, BIND, REC, PRIVATE = 1, 2, 4, 8, 32, 4096, 16384, 1 << 18
+work_bytes, policy = int(sys.argv[1]), json.loads(sys.argv[2])
+bpf = bytes.fromhex(policy["bpf"])
 def check(r, what):
     if r != 0:
         e = ctypes.get_errno()
@@ -348,8 +335,35 @@ class CapHeader(ctypes.Structure):
     _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
 class CapData(ctypes.Structure):
     _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
-import ipykernel.kernelapp, ipykernel.ipkernel, ipykernel.zmqshell  # the expensive part, once
-def kernel(kid, work_bytes):
+class SockFprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_char_p)]
+def proc_view():
+    mount("proc", "/proc", "proc", NOSUID | NODEV | NOEXEC)
+    for p in policy["readonly"]:
+        if os.path.exists(p):
+            mount(p, p, None, BIND | REC)
+            mount("none", p, None, REMOUNT | BIND | RDONLY | NOSUID | NODEV | NOEXEC)
+    for p in policy["masked"]:
+        if os.path.isdir(p):
+            mount("tmpfs", p, "tmpfs", RDONLY | NOSUID | NODEV | NOEXEC, "size=4k")
+        elif os.path.exists(p):
+            mount("/dev/null", p, None, BIND)
+def drop(uid):
+    for cap in range(64):
+        if libc.prctl(24, cap, 0, 0, 0) != 0 and ctypes.get_errno() != 22:  # PR_CAPBSET_DROP; EINVAL: no such cap
+            check(-1, "drop capability %d from the bounding set" % cap)
+    os.setgroups([])
+    os.setresgid(uid, uid, uid)
+    os.setresuid(uid, uid, uid)  # from uid 0 to another: permitted and effective capabilities go
+    check(libc.capset(ctypes.byref(CapHeader(0x20080522, 0)), (CapData * 2)()), "capset")  # inheritable too
+    check(libc.prctl(38, 1, 0, 0, 0), "no_new_privs")  # PR_SET_NO_NEW_PRIVS
+    prog = SockFprog(len(bpf) // 8, bpf)
+    check(libc.prctl(22, 2, ctypes.byref(prog), 0, 0), "seccomp")  # PR_SET_SECCOMP, SECCOMP_MODE_FILTER
+    status = open("/proc/self/status").read()
+    for field in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"):
+        if "%s:\t0000000000000000" % field not in status:
+            raise OSError("capabilities left after the drop: " + field)
+def kernel(kid, uid):
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     os.setsid()
     # opened before the kernel hides /run/kernels: a file the kernel can neither see nor forge
@@ -375,22 +389,19 @@ def kernel(kid, work_bytes):
                 os._exit(0)
     os.close(w)
     mount("none", "/", None, REC | PRIVATE)
-    mount("proc", "/proc", "proc", NOSUID | NODEV)
-    mount("tmpfs", "/tmp", "tmpfs", NOSUID | NODEV)
-    mount("tmpfs", "/sandbox", "tmpfs", NOSUID | NODEV, "size=%d" % work_bytes)
+    proc_view()
+    mount("tmpfs", "/tmp", "tmpfs", NOSUID | NODEV, "mode=1777")
+    mount("tmpfs", "/sandbox", "tmpfs", NOSUID | NODEV, "size=%d,mode=1777" % work_bytes)
     mount("/run/kernels/k-" + kid, "/run/kernel", None, BIND)
     mount("tmpfs", "/run/kernels", "tmpfs", RDONLY | NOSUID | NODEV, "size=4k")
-    mount("tmpfs", "/dev/shm", "tmpfs", NOSUID | NODEV, "size=64m")
+    mount("tmpfs", "/dev/shm", "tmpfs", NOSUID | NODEV, "size=64m,mode=1777")
     # the zygote's / and /dev are shared with every kernel it forks: read-only in this kernel's namespace
     mount("none", "/dev", None, REMOUNT | BIND | RDONLY | NOSUID)
     mount("none", "/", None, REMOUNT | BIND | RDONLY | NOSUID | NODEV)
-    for cap in range(64):
-        libc.prctl(24, cap, 0, 0, 0)  # PR_CAPBSET_DROP
-    check(libc.prctl(38, 1, 0, 0, 0), "no_new_privs")  # PR_SET_NO_NEW_PRIVS
-    check(libc.capset(ctypes.byref(CapHeader(0x20080522, 0)), (CapData * 2)()), "capset")
+    drop(uid)
     with open("/run/kernel/launch.json") as f:
         launch = json.load(f)
-    fd = os.open("/run/kernel/kernel.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    fd = os.open("/run/kernel/kernel.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     null = os.open("/dev/null", os.O_RDONLY)
     os.dup2(null, 0), os.dup2(fd, 1), os.dup2(fd, 2)
     os.closerange(3, 65536)
@@ -401,15 +412,16 @@ def kernel(kid, work_bytes):
     sys.argv = launch["argv"]
     ipykernel.kernelapp.IPKernelApp.launch_instance(argv=launch["argv"][1:])
     os._exit(0)
+import ipykernel.kernelapp, ipykernel.ipkernel, ipykernel.zmqshell  # the expensive part, once
 signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # children are reaped by the system
 sys.stdout.write("ready\n")
 sys.stdout.flush()
 for line in sys.stdin:
-    kid = line.strip()
+    kid, uid = line.split()
     pid = os.fork()
     if pid == 0:
         try:
-            kernel(kid, int(sys.argv[1]))
+            kernel(kid, int(uid))
         except BaseException:
             import traceback
             traceback.print_exc()
@@ -417,7 +429,7 @@ for line in sys.stdin:
             os._exit(70)
     sys.stdout.write("%s %d\n" % (kid, pid))
     sys.stdout.flush()
-'''
+"""
 
 
 def forkable(argv: list[str]) -> bool:
@@ -426,12 +438,21 @@ def forkable(argv: list[str]) -> bool:
 
 
 def zygote_argv(runtime_dir: Path, env: dict[str, str]) -> list[str]:
-    """bubblewrap command line of the fork server (it needs CAP_SYS_ADMIN to make namespaces)."""
-    cmd = ["bwrap", "--unshare-all", "--die-with-parent", "--new-session", "--clearenv",
-           "--cap-drop", "ALL", "--cap-add", "CAP_SYS_ADMIN"]
-    cmd += system_view(readonly_paths([sys.executable]))
+    """The fork server's command line: ``userns_launcher`` (a user namespace the server maps onto the
+    leased uid block, trees below private host dirs bound where those uids can reach them) running
+    bubblewrap as that namespace's root, with the policy's system view and a plain /proc (a fresh /proc can
+    be mounted inside a user namespace only while one is fully visible: each kernel masks its own)."""
+    extra = [p for p in readonly_paths([sys.executable]) if p not in policy.SYSTEM_DIRS]
+    view = str(policy.VIEW_DIR)
+    cmd = [sys.executable, "-m", "runflare_server.engine.userns_launcher", view, ",".join(extra), "--"]
+    cmd += ["bwrap", "--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try",
+            "--die-with-parent", "--new-session", "--clearenv", "--cap-drop", "ALL"]
+    for cap in ("CAP_SYS_ADMIN", "CAP_SETUID", "CAP_SETGID", "CAP_SETPCAP", "CAP_DAC_OVERRIDE"):
+        cmd += ["--cap-add", cap]  # capabilities of the zygote's own user namespace, never of the host's
+    cmd += policy.system_view(extra, source_of={p: f"{view}/{n}" for n, p in enumerate(extra)})
     cmd += ["--proc", "/proc", "--dev", "/dev", "--dir", SANDBOX_WORK, "--dir", SANDBOX_CONN,
             "--bind", str(runtime_dir), "/run/kernels"]
     for k, v in env.items():
         cmd += ["--setenv", k, v]
-    return [*cmd, "--", sys.executable, "-c", ZYGOTE_SOURCE, str(WORK_TMPFS_BYTES)]
+    view = {"bpf": seccomp.bpf().hex(), "readonly": list(policy.READONLY_PROC), "masked": list(policy.MASKED_PROC)}
+    return [*cmd, "--", sys.executable, "-c", ZYGOTE_SOURCE, str(WORK_TMPFS_BYTES), json.dumps(view)]

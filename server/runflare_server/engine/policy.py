@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 UIDS_ENV = "RUNFLARE_SANDBOX_UIDS"  # "BASE:COUNT", the same name as the server setting sandbox_uids
 DEFAULT_UIDS = "1900000000:65536"  # far above real accounts (and above the usual /etc/subuid ranges)
 LEASE_DIR = Path("/run/runflare/uids")
+VIEW_DIR = Path("/run/runflare/view")  # an empty mount point for userns_launcher's private view
 SETPRIV = "/usr/bin/setpriv"
 
 # runc's defaults (libcontainer/specconv): /proc entries made read-only, and entries hidden.
@@ -211,10 +212,11 @@ def _parents(path: str, made: set[str]) -> list[str]:
     return args
 
 
-def system_view(ro_paths: Iterable[str] = ()) -> list[str]:
+def system_view(ro_paths: Iterable[str] = (), source_of: Mapping[str, str] | None = None) -> list[str]:
     """bwrap arguments for what a sandbox sees of the host: a private /tmp and /run (first, so a tree
     under them can still be bound), the system trees and ``ro_paths`` read-only, secrets masked,
-    merged-/usr links. Nothing else of the host: no /sys, no /home, no /root, no /var."""
+    merged-/usr links. Nothing else of the host: no /sys, no /home, no /root, no /var.
+    ``source_of`` maps a path to where bubblewrap finds it, when that is not the path itself."""
     args = ["--perms", "1777", "--tmpfs", "/tmp", "--tmpfs", "/run"]
     made: set[str] = {"/tmp", "/run"}
     paths = [p for p in SYSTEM_DIRS if os.path.exists(p)]
@@ -222,7 +224,7 @@ def system_view(ro_paths: Iterable[str] = ()) -> list[str]:
         if extra and os.path.exists(extra) and not any(_under(extra, p) for p in paths):
             paths = [p for p in paths if not _under(p, extra)] + [os.path.realpath(extra)]
     for p in sorted(set(paths)):
-        args += _parents(p, made) + ["--ro-bind", p, p]
+        args += _parents(p, made) + ["--ro-bind", (source_of or {}).get(p, p), p]
     args += secret_masks()
     for link in SYSTEM_LINKS:
         if os.path.islink(link):
