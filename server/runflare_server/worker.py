@@ -12,6 +12,7 @@ from . import events
 from .broker import Broker
 from .callbacks import Callbacks
 from .config import Settings
+from .engine.incidents import incident
 from .engine.interface import Engine, Event, Limits, RunRequest, RunResult
 from .statuses import ACCEPTED, IN_QUEUE, PROCESSING, status_of
 from .store import Store
@@ -106,10 +107,10 @@ class Worker:
                 await self.process(token)
             except asyncio.CancelledError:
                 raise
-            except Exception:
-                log.exception("worker failed on %s", token)
+            except Exception as exc:
+                message = incident(log, "internal error in the worker", exc=exc, detail=token)
                 try:
-                    await self._fail(token, "internal error in the worker")
+                    await self._fail(token, message)
                 except Exception:
                     log.exception("could not record the failure of %s", token)
             finally:
@@ -175,9 +176,8 @@ class Worker:
             return await self.engine.run(request, emit)
         except asyncio.CancelledError:
             raise
-        except Exception as exc:
-            log.exception("engine failed on %s", token)
-            return RunResult(outcome="internal", message=f"engine failure: {type(exc).__name__}: {exc}")
+        except Exception as exc:  # the details go to the log only (under the incident id)
+            return RunResult(outcome="internal", message=incident(log, "engine failure", exc=exc, detail=token))
 
     async def _finish(self, token: str, sub: dict[str, Any], result: RunResult) -> None:
         outputs, kept = [], 0

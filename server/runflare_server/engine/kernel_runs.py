@@ -12,7 +12,9 @@ Semantics (documented for the API):
 - ``time`` is the CPU the kernel's process tree used while the code ran; ``wall_time`` is the
   execute wall time.
 - Output beyond ``max_output_bytes`` is cut and the kernel killed: exit_signal 25 (SIGXFSZ), message
-  "output truncated ...".
+  "output truncated ...". One kernel message larger than ``bounded_client.message_bound()`` (4x the
+  server's output cap + 64 KiB) is refused by ZMQ before it is received or decoded: the run ends the
+  same way, message "kernel output message exceeded N bytes".
 - Limits: wall and CPU (cgroup cpuacct, else psutil) are watched every 50 ms and end the run with
   outcome "time_limit" (the kernel is killed, not interrupted: it is discarded anyway); memory and
   processes by the run's cgroup (OOM kill → exit_signal 9, "memory limit exceeded"); file size,
@@ -40,13 +42,14 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from . import bounded_client, scratch
 from . import kernel_sandbox as sb
+from .incidents import incident
 from .interface import Emit, Event, LanguageInfo, RunRequest, RunResult
 from .kernel_pool import (
     ForkServer,
@@ -416,6 +419,13 @@ class _Run:
                     self._stop("time_limit", message="wall time limit exceeded")
                     break
                 last_sample = now
+                refused = kc.refused()
+                if refused:  # ZMQ dropped a message over the bound, undecoded; the channel stays cut
+                    log.warning("kernel run %s: the kernel sent a %s message over %d bytes; run ended",
+                                self.request.token, refused, kc.max_message_bytes)
+                    self._stop("exited", signal_=SIGXFSZ,
+                               message=f"kernel output message exceeded {kc.max_message_bytes} bytes")
+                    break
                 if self.cpu_seconds() > cpu_kill:
                     self._stop("time_limit", message="CPU time limit exceeded")
                     break
@@ -484,7 +494,9 @@ class _Run:
     async def _on_shell(self, msg: dict[str, Any]) -> None:
         parent = msg.get("parent_header", {}).get("msg_id")
         if parent == self.preamble_id and msg["content"].get("status") != "ok":
-            self._stop("internal", message=f"kernel set-up failed: {msg['content'].get('evalue')}")
+            self._stop("internal", message=incident(
+                log, "kernel set-up failed", detail=(self.request.token, msg["content"].get("ename"),
+                                                     msg["content"].get("evalue"))))
         if parent != self.msg_id or msg["msg_type"] != "execute_reply":
             return
         self.reply = msg["content"]
@@ -511,7 +523,10 @@ class KernelRuns:
 
     def __init__(self, pool_sizes: dict[str, int] | None = None, sandbox: str = "auto",
                  extra_ids: dict[int, str] | None = None, runtime_dir: str | Path | None = None,
-                 start_timeout: float = 30.0, max_parallel_starts: int = 2, fork_server: bool = True) -> None:
+                 start_timeout: float = 30.0, max_parallel_starts: int = 2, fork_server: bool = True,
+                 max_output_bytes: int | None = None) -> None:
+        if max_output_bytes:  # kernel messages are bounded from it (see bounded_client)
+            bounded_client.allow_output(max_output_bytes)
         self.pool_sizes = {"python3": 2} if pool_sizes is None else dict(pool_sizes)
         self.requested_sandbox = sandbox
         self.extra_ids = dict(extra_ids or {})
@@ -520,8 +535,8 @@ class KernelRuns:
             log.info("runtime dir %s too long for ipc socket paths; using a short temp dir", runtime_dir)
             runtime_dir = None
         self._own_runtime = runtime_dir is None
-        self.runtime_dir = Path(runtime_dir) if runtime_dir else Path(
-            tempfile.mkdtemp(prefix="rf-k-", dir=scratch_base()))  # what kernels write there is charged to them
+        # what kernels write there is charged to them; named for scratch.sweep_stale() if we get killed
+        self.runtime_dir = Path(runtime_dir) if runtime_dir else scratch.private_dir("kernels", scratch_base())
         self.start_timeout = start_timeout
         self.use_fork_server = fork_server
         self.fork_server: ForkServer | None = None
@@ -617,8 +632,9 @@ class KernelRuns:
         await _emit(emit, {"kind": "stage", "stage": "starting", "message": f"waiting for a {name} kernel"})
         try:
             kernel = await self._pool(name).acquire(network=request.limits.enable_network)
-        except Exception as e:
-            return RunResult(outcome="internal", message=f"kernel {name} could not start: {e}")
+        except Exception as e:  # the reason (a log tail, host paths) goes to the log only
+            return RunResult(outcome="internal", message=incident(
+                log, f"the {name} kernel could not start", exc=e, detail=request.token))
         self._active.add(kernel)
         cgroup = None
         try:
@@ -635,8 +651,8 @@ class KernelRuns:
             await run.execute(self._wrap(kernel, request), preamble)
             return run.result()
         except Exception as e:
-            log.exception("kernel run %s failed", request.token)
-            return RunResult(outcome="internal", message=f"kernel run failed: {e}")
+            return RunResult(outcome="internal", message=incident(log, "the kernel run failed", exc=e,
+                                                                  detail=request.token))
         finally:
             self._active.discard(kernel)
             if cgroup is not None:

@@ -7,6 +7,11 @@ the execute_reply's ``metadata["runflare"]``. User code never runs in the kernel
 fresh sandboxed process), so kernels are reused; they are replaced when they die and recycled after
 ``recycle_after`` runs.
 
+Kernel messages are bounded before they are decoded (``bounded_client``: 4x the output cap + 64 KiB per
+frame); a larger one cuts the channel undecoded, the run ends as an internal error saying so, and the
+kernel is replaced. Internal failures reach the submitter as a generic message with an incident id (the
+log has the details). The pool's dirs are ``scratch.private_dir`` dirs, swept if the server is killed.
+
 Interactive runs (``request.stdin_queue``): the kernel asks for input over the stdin channel; each
 ``input_request`` is answered with the next chunk from the queue, ``None`` from the queue ends the input.
 """
@@ -20,6 +25,7 @@ import dataclasses
 import inspect
 import logging
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -31,7 +37,9 @@ from typing import Any
 from jupyter_client.kernelspec import KernelSpec
 from jupyter_client.manager import AsyncKernelManager
 
-from . import cgroups, languages, sandbox
+from . import cgroups, languages, sandbox, scratch
+from .bounded_client import BoundedKernelClient, message_bound
+from .incidents import has_host_detail, incident, shown_or_incident
 from .interface import Emit, LanguageInfo, RunRequest, RunResult
 
 log = logging.getLogger(__name__)
@@ -52,7 +60,9 @@ class ProgramRuns:
     KERNEL_WAIT = 120.0  # seconds a run waits for a free kernel before it is an internal error
 
     def __init__(self, size: int | None = None, *, sandbox_mode: str = "auto", recycle_after: int = 200,
-                 runs_dir: str | None = None, kernel_env: dict[str, str] | None = None) -> None:
+                 runs_dir: str | None = None, kernel_env: dict[str, str] | None = None,
+                 max_output_bytes: int | None = None) -> None:
+        self.max_message_bytes = message_bound(max_output_bytes)
         self.size = max(1, size or os.cpu_count() or 1)
         self.sandbox_mode = sandbox_mode
         self.recycle_after = recycle_after
@@ -128,8 +138,8 @@ class ProgramRuns:
             result, healthy = await self._execute(kernel, request, emit)
             return result
         except Exception as e:  # noqa: BLE001 - a failed kernel is an internal error, never a crash
-            log.exception("program run failed")
-            return RunResult("internal", message=f"{type(e).__name__}: {e}")
+            return RunResult("internal", message=incident(log, "the program run failed on the server", exc=e,
+                                                          detail=request.token))
         finally:
             self.stats["runs"] += 1
             kernel.runs += 1
@@ -161,13 +171,10 @@ class ProgramRuns:
                     return RunResult("internal", message="the kernel did not answer in time"), False
                 try:
                     m = await kc.get_iopub_msg(timeout=min(left, 1.0))
-                except asyncio.TimeoutError:
-                    if not await kernel.km.is_alive():
-                        return RunResult("internal", message="the kernel died"), False
-                    continue
-                except Exception:  # noqa: BLE001 - queue.Empty from jupyter_client
-                    if not await kernel.km.is_alive():
-                        return RunResult("internal", message="the kernel died"), False
+                except Exception:  # noqa: BLE001 - queue.Empty from jupyter_client, asyncio.TimeoutError
+                    lost = await self._lost(kernel, request)
+                    if lost:
+                        return lost, False
                     continue
                 if m["parent_header"].get("msg_id") != msg_id:
                     continue
@@ -178,16 +185,52 @@ class ProgramRuns:
                     await _emit(emit, {"kind": "stage", "stage": c["stage"], "message": c.get("message", "")})
                 elif mtype == "status" and c.get("execution_state") == "idle":
                     break
-            reply = await kc.get_shell_msg(timeout=max(1.0, deadline - time.monotonic()))
-            while reply["parent_header"].get("msg_id") != msg_id:
-                reply = await kc.get_shell_msg(timeout=max(1.0, deadline - time.monotonic()))
+            while True:
+                try:
+                    reply = await kc.get_shell_msg(timeout=1.0)
+                except Exception:  # noqa: BLE001 - queue.Empty: no reply yet
+                    lost = await self._lost(kernel, request)
+                    if lost:
+                        return lost, False
+                    if time.monotonic() > deadline:
+                        return RunResult("internal", message="the kernel did not answer in time"), False
+                    continue
+                if reply["parent_header"].get("msg_id") == msg_id:
+                    break
         finally:
             if feeder:
                 feeder.cancel()
         rf = reply["metadata"].get("runflare")
         if not rf:
             return RunResult("internal", message="the kernel sent no result"), True
-        return _to_result(rf), True
+        return self._public(_to_result(rf)), True
+
+    async def _lost(self, kernel: _Kernel, request: RunRequest) -> RunResult | None:
+        """Why the run can no longer be followed (a channel cut by an oversized message, the kernel's
+        death), or None while it can."""
+        refused = kernel.kc.refused()
+        if refused:
+            log.warning("program run %s: the Run-Flare kernel sent a %s message over %d bytes; kernel replaced",
+                        request.token, refused, kernel.kc.max_message_bytes)
+            return RunResult("internal", message=f"kernel output message exceeded {kernel.kc.max_message_bytes} bytes")
+        if not await kernel.km.is_alive():
+            return RunResult("internal", message="the kernel died")
+        return None
+
+    def _public(self, result: RunResult) -> RunResult:
+        """The result as a submitter may see it: a host failure the kernel reports becomes an incident, and
+        the run's host work dir (visible in compiler messages without bwrap) reads as /box."""
+        if self.runs_dir:
+            workdir = re.compile(re.escape(self.runs_dir.rstrip("/")) + r"/[0-9a-f]{32}")
+            if result.compile_output:
+                result.compile_output = workdir.sub("/box", result.compile_output)
+            if result.message:
+                result.message = workdir.sub("/box", result.message)
+        if result.outcome == "internal":
+            result.message = shown_or_incident(log, "the program run failed on the server", result.message)
+        elif has_host_detail(result.message):
+            result.message = incident(log, "the program run failed on the server", detail=result.message)
+        return result
 
     async def _feed_stdin(self, kc: Any, msg_id: str, queue: asyncio.Queue[str | None]) -> None:
         """Answer the kernel's input_requests for this run from the queue."""
@@ -207,17 +250,20 @@ class ProgramRuns:
         env["PYTHONPATH"] = os.pathsep.join(p for p in (_SERVER_DIR, env.get("PYTHONPATH")) if p)
         env["RUNFLARE_SANDBOX"] = self.mode or self.sandbox_mode
         if not self.runs_dir:  # a private runs dir, removed on stop (even what a crashed kernel left)
-            self.runs_dir = self._own_runs_dir = tempfile.mkdtemp(prefix="pool-", dir=sandbox.runs_root())
+            self.runs_dir = self._own_runs_dir = str(scratch.private_dir("pool", sandbox.runs_root()))
         env["RUNFLARE_RUNS_DIR"] = self.runs_dir
         env.update(self.kernel_env)
         # IPC transport: socket files in a private dir, no TCP port reachable from the host's network.
+        # Connection files there too (not jupyter's default /tmp/tmpXXXX.json); swept if the server is killed.
         if self._ipc_dir is None:
-            self._ipc_dir = tempfile.mkdtemp(prefix="runflare-kernels-")
-        km = AsyncKernelManager(transport="ipc", ip=os.path.join(self._ipc_dir, uuid.uuid4().hex[:12]))
+            self._ipc_dir = str(scratch.private_dir("ipc", Path(tempfile.gettempdir())))
+        name = os.path.join(self._ipc_dir, uuid.uuid4().hex[:12])
+        km = AsyncKernelManager(transport="ipc", ip=name, connection_file=name + ".json",
+                                client_factory=BoundedKernelClient)
         km._kernel_spec = KernelSpec(argv=[sys.executable, "-m", "runflare_server.kernels", "-f", "{connection_file}"],
                                      display_name="Run-Flare", language="runflare", env={})
         await km.start_kernel(env=env)
-        kc = km.client()
+        kc = km.client(max_message_bytes=self.max_message_bytes)
         try:
             kc.start_channels()
             await kc.wait_for_ready(timeout=60)

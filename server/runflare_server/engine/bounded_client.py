@@ -1,0 +1,100 @@
+"""A kernel client that refuses oversized kernel messages before they reach the event loop.
+
+Every socket the client makes gets ZMQ's ``MAXMSGSIZE`` before it connects (a default of the client's own
+ZMQ context). A message frame larger than that makes ZMQ's I/O thread drop the connection at once: the
+frame is never copied to the event loop, never JSON-decoded. ZMQ treats it as a protocol error and does
+not reconnect, so the kernel's later messages on that channel are lost too; a monitor on the iopub, shell
+and stdin sockets tells the run (``refused()``) and the run ends with a clear message, its kernel discarded.
+
+The bound is ``4 * max_output_bytes + 64 KiB``: a run keeps at most ``max_output_bytes`` of output, and a
+legitimate message carrying that much stays under the bound even with base64 (the program-run kernel's
+reply) or JSON escapes. ZMQ applies it per frame: a Jupyter message has four JSON frames and, rarely,
+binary buffers (widgets) which are not decoded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from typing import Any
+
+import zmq
+import zmq.asyncio
+from jupyter_client.asynchronous import AsyncKernelClient
+from zmq.utils.monitor import recv_monitor_message
+
+from .interface import Limits
+
+HEADROOM = 64 * 1024
+SETTLE = 0.25  # seconds after a disconnect with no reconnect attempt: the connection was refused, not lost
+_WATCHED = zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECT_DELAYED | zmq.EVENT_CONNECT_RETRIED | zmq.EVENT_CONNECTED
+_output_cap = Limits().max_output_bytes
+
+
+def message_bound(max_output_bytes: int | None = None) -> int:
+    """The largest kernel message frame accepted for runs keeping ``max_output_bytes`` of output."""
+    return 4 * (max_output_bytes or _output_cap) + HEADROOM
+
+
+def allow_output(max_output_bytes: int) -> None:
+    """Size the clients made from now on in this process for runs keeping up to ``max_output_bytes``
+    (the server's output cap; it only ever grows, so one engine never shrinks another's bound)."""
+    global _output_cap
+    _output_cap = max(_output_cap, int(max_output_bytes))
+
+
+class BoundedKernelClient(AsyncKernelClient):
+    """An ``AsyncKernelClient`` whose sockets refuse messages over ``max_message_bytes`` (default:
+    ``message_bound()``). It owns its ZMQ context and destroys it in ``stop_channels``."""
+
+    def __init__(self, *, max_message_bytes: int | None = None, **kwargs: Any) -> None:
+        bound = int(max_message_bytes or message_bound())
+        context = zmq.asyncio.Context()
+        context.setsockopt(zmq.MAXMSGSIZE, bound)  # a default for every socket this context makes
+        super().__init__(context=context, **kwargs)
+        self.max_message_bytes = bound
+        self._monitors: dict[str, zmq.Socket] = {}
+        self._cut_at: dict[str, float] = {}
+
+    def _watch(self, channel: str, sock: zmq.Socket) -> zmq.Socket:
+        monitor = sock.get_monitor_socket(_WATCHED)  # tracked by the context: destroyed with it
+        self._monitors[channel] = zmq.Socket.shadow(monitor.underlying)  # a blocking view, read with NOBLOCK
+        return sock
+
+    def connect_iopub(self, identity: bytes | None = None) -> zmq.Socket:
+        return self._watch("iopub", super().connect_iopub(identity=identity))
+
+    def connect_shell(self, identity: bytes | None = None) -> zmq.Socket:
+        return self._watch("shell", super().connect_shell(identity=identity))
+
+    def connect_stdin(self, identity: bytes | None = None) -> zmq.Socket:
+        return self._watch("stdin", super().connect_stdin(identity=identity))
+
+    def refused(self) -> str | None:
+        """The channel whose connection ZMQ cut because the kernel sent a frame over the bound (or a
+        malformed one), else None. A kernel that exits also cuts its connections, but then ZMQ tries to
+        reconnect at once; a refused connection stays cut (seen ``SETTLE`` seconds after the cut)."""
+        now = time.monotonic()
+        for channel, monitor in self._monitors.items():
+            while True:
+                try:
+                    event = recv_monitor_message(monitor, zmq.NOBLOCK)["event"]
+                except zmq.ZMQError:  # Again: nothing more; or the monitor is closed
+                    break
+                if event == zmq.EVENT_DISCONNECTED:
+                    self._cut_at.setdefault(channel, now)
+                else:
+                    self._cut_at.pop(channel, None)
+        for channel, at in self._cut_at.items():
+            if now - at >= SETTLE:
+                return channel
+        return None
+
+    def stop_channels(self) -> None:
+        try:
+            super().stop_channels()
+        finally:
+            self._monitors.clear()
+            if not self.context.closed:
+                with contextlib.suppress(zmq.ZMQError):
+                    self.context.destroy(linger=100)
