@@ -23,6 +23,7 @@ class KernelEngine:
         from .program_runs import ProgramRuns
 
         self.sandbox = settings.sandbox
+        self.allow_network = settings.allow_enable_network
         # The sandbox uid range travels to the Run-Flare kernels (and anything else the engine starts).
         os.environ["RUNFLARE_SANDBOX_UIDS"] = settings.sandbox_uids
 
@@ -38,6 +39,10 @@ class KernelEngine:
 
         if self.sandbox != "none":
             await asyncio.get_running_loop().run_in_executor(None, check)  # says clearly what is wrong
+        if self.allow_network:
+            from . import network
+
+            network.prepare_tun()  # pasta runs as the slot uid
         sweep_stale()  # groups a killed server left behind
         scratch.sweep_stale()  # and its run dirs, kernel runtime dirs, ipc dirs and connection files
         await asyncio.gather(self.program_runs.start(), self.kernel_runs.start())

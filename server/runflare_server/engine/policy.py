@@ -239,23 +239,21 @@ def _under(path: str, parent: str) -> bool:
     return path == parent or path.startswith(parent.rstrip("/") + "/")
 
 
-def namespaces(network: bool) -> list[str]:
-    """bwrap's namespace flags: everything but the user namespace when root (identity is the slot uid,
-    set by ``drop_to``), everything as an ordinary user. ``network`` keeps the namespace bwrap starts in
-    (the caller makes it a user-mode network namespace, never the host's)."""
-    if per_slot_uids():
-        args = ["--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try"]
-        if not network:
-            args.append("--unshare-net")
-    else:
-        args = ["--unshare-all"] + (["--share-net"] if network else [])
-    return args
+def namespaces(network: bool, privileged: bool) -> list[str]:
+    """bwrap's namespace flags: everything but the user namespace when started as root (identity is the
+    slot uid, set by ``drop_to``), everything when started unprivileged. ``network`` keeps the network
+    namespace bwrap starts in, which ``network.wrap`` makes a user-mode one: never the host's."""
+    if privileged:
+        if network:
+            raise ValueError("a network sandbox starts unprivileged, inside network.wrap (never the host's)")
+        return ["--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try", "--unshare-net"]
+    return ["--unshare-all"] + (["--share-net"] if network else [])
 
 
-def capabilities() -> list[str]:
+def capabilities(privileged: bool) -> list[str]:
     """bwrap's capability flags: as root, only what ``drop_to`` needs to change uid (and then drops all),
     and DAC_OVERRIDE for bwrap's own ``--chdir`` into the slot's 0700 work dir."""
-    if per_slot_uids():
+    if privileged:
         return ["--cap-drop", "ALL", "--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID",
                 "--cap-add", "CAP_SETPCAP", "--cap-add", "CAP_DAC_OVERRIDE"]
     return ["--cap-drop", "ALL"]
@@ -268,15 +266,29 @@ def bwrap_command(argv: list[str], *, uid: int | None, binds: list[str], env: Ma
 
     ``binds`` are the caller's own mounts (its work dir, its connection dir), ``seccomp_fd`` an
     inherited fd holding the filter (``seccomp.bpf_fd()``), ``uid`` the slot's uid (when root).
+    With ``network`` the command is meant for ``network.wrap``: bubblewrap then starts as the slot uid
+    (see ``become``) in the user-mode network namespace, with its own unprivileged user namespace.
     """
-    cmd = ["bwrap", *namespaces(network), "--die-with-parent", "--new-session", "--clearenv",
-           *capabilities(), *system_view(ro_paths), *proc_view(), "--dev", "/dev",
+    privileged = per_slot_uids() and not network
+    cmd = ["bwrap", *namespaces(network, privileged), "--die-with-parent", "--new-session", "--clearenv",
+           *capabilities(privileged), *system_view(ro_paths), *proc_view(), "--dev", "/dev",
            "--perms", "1777", "--tmpfs", "/dev/shm", *binds,
            "--chdir", chdir, "--seccomp", str(seccomp_fd)]
     for k, v in env.items():
         cmd += ["--setenv", k, v]
-    prefix = drop_to(uid) if uid is not None and per_slot_uids() else []
+    if network:
+        from . import network as usernet
+
+        cmd += ["--ro-bind", usernet.resolv_conf_path(), "/etc/resolv.conf"]
+    prefix = drop_to(uid) if uid is not None and privileged else []
     return [*cmd, "--", *prefix, *argv]
+
+
+def become(uid: int) -> None:
+    """In a child about to exec (a ``preexec_fn``): turn root into ``uid``, no groups, no capabilities."""
+    os.setgroups([])
+    os.setresgid(uid, uid, uid)
+    os.setresuid(uid, uid, uid)
 
 
 def check() -> dict[str, object]:

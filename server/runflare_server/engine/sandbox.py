@@ -92,7 +92,7 @@ def private_runs_mount(size: str = "50%") -> bool:
     root = str(runs_root()).encode()
     ms_rec, ms_private, clone_newns = 16384, 1 << 18, 0x20000
     if libc.unshare(clone_newns) != 0 or libc.mount(b"none", b"/", None, ms_rec | ms_private, None) != 0 \
-            or libc.mount(b"tmpfs", root, b"tmpfs", 2 | 4, f"size={size},mode=0700".encode()) != 0:
+            or libc.mount(b"tmpfs", root, b"tmpfs", 2 | 4, f"size={size},mode=0711".encode()) != 0:
         log.warning("no private runs mount: %s", os.strerror(ctypes.get_errno()))
         return False
     return True
@@ -156,10 +156,12 @@ def box_path(mode: str, workdir: Path) -> str:
 def _bwrap(argv: list[str], workdir: Path, env: Mapping[str, str], network: bool,
            ro_paths: Iterable[str], uid: int | None, seccomp_fd: int) -> list[str]:
     ro = [p for p in ro_paths if os.path.exists(p)]
+    cmd = policy.bwrap_command(argv, uid=uid, binds=["--bind", str(workdir), BOX], env=env, network=network,
+                               ro_paths=ro, chdir=BOX, seccomp_fd=seccomp_fd)
     if network:
-        for f in ("/etc/resolv.conf", "/run/systemd/resolve"):
-            real = os.path.realpath(f)
-            if real != f and os.path.exists(real) and not real.startswith("/etc/"):
-                ro.append(real)
-    return policy.bwrap_command(argv, uid=uid, binds=["--bind", str(workdir), BOX], env=env, network=network,
-                                ro_paths=ro, chdir=BOX, seccomp_fd=seccomp_fd)
+        from . import network as usernet
+
+        if not usernet.available():
+            raise SandboxUnavailable(f"enable_network needs pasta: {usernet.describe().get('reason')}")
+        cmd = usernet.wrap(cmd)  # run by the slot uid: see policy.become
+    return cmd
