@@ -36,6 +36,21 @@ def limits_of(sub: dict[str, Any], settings: Settings) -> Limits:
     )
 
 
+def compile_limits_of(settings: Settings) -> Limits:
+    """The compile step's limits: the server's maxima (Judge0 compiles with them), lowered where the
+    ``compile_limits`` setting says so, never raised above them."""
+    maxima: dict[str, Any] = {
+        "cpu_time_limit": settings.max_cpu_time_limit, "cpu_extra_time": settings.max_cpu_extra_time,
+        "wall_time_limit": settings.max_wall_time_limit, "memory_limit": settings.max_memory_limit,
+        "stack_limit": settings.max_stack_limit, "max_file_size": settings.max_max_file_size,
+        "max_processes_and_or_threads": settings.max_max_processes_and_or_threads,
+    }
+    for name, value in settings.compile_limits.items():
+        if name in maxima:
+            maxima[name] = min(type(maxima[name])(value), maxima[name])
+    return Limits(**maxima, max_output_bytes=64 * 1024)
+
+
 def combine(results: list[RunResult]) -> RunResult:
     """Judge0's number_of_runs: the last run's outcome, time and memory averaged."""
     last = results[-1]
@@ -147,7 +162,8 @@ class Worker:
             kernel=sub.get("kernel"), stdin=sub.get("stdin"), compiler_options=sub.get("compiler_options"),
             command_line_arguments=sub.get("command_line_arguments"),
             redirect_stderr_to_stdout=bool(sub.get("redirect_stderr_to_stdout")),
-            limits=limits_of(sub, self.settings), stdin_queue=stdin_queue,
+            limits=limits_of(sub, self.settings), compile_limits=compile_limits_of(self.settings),
+            stdin_queue=stdin_queue,
         )
 
         display_budget = self.settings.max_output_size

@@ -154,6 +154,7 @@ class ProgramRuns:
         meta = {"runflare": {
             "language_id": request.language_id, "stdin": request.stdin, "args": request.command_line_arguments,
             "compiler_options": request.compiler_options, "limits": dataclasses.asdict(limits),
+            "compile_limits": dataclasses.asdict(request.compile_limits) if request.compile_limits else None,
             "redirect_stderr_to_stdout": request.redirect_stderr_to_stdout,
             "interactive": request.stdin_queue is not None, "token": request.token}}
         content = {"code": request.source_code, "silent": False, "store_history": False, "user_expressions": {},
@@ -161,7 +162,8 @@ class ProgramRuns:
         msg = kc.session.msg("execute_request", content, metadata=meta)
         msg_id = msg["header"]["msg_id"]
         kc.shell_channel.send(msg)
-        budget = limits.wall_time_limit + 60.0 + REPLY_GRACE  # compile (≤30 s) + run + slack
+        compile_wall = request.compile_limits.wall_time_limit if request.compile_limits else 20.0
+        budget = limits.wall_time_limit + compile_wall + REPLY_GRACE
         deadline = time.monotonic() + budget
         feeder = self._spawn(self._feed_stdin(kc, msg_id, request.stdin_queue)) if request.stdin_queue else None
         try:
