@@ -84,8 +84,10 @@ def start_server(data_dir: Path, *extra: str, env: dict[str, str] | None = None,
 
 @pytest.fixture(scope="session")
 def live_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
-    """One real server for the whole session (embedded store and queue, default sandbox)."""
-    server = start_server(tmp_path_factory.mktemp("live-server"))
+    """One real server for the whole session (embedded store and queue, default sandbox). Its callbacks may
+    reach loopback, where the tests' receivers listen (the default refuses it: tests/test_callbacks_security.py)."""
+    server = start_server(tmp_path_factory.mktemp("live-server"),
+                          env={"RUNFLARE_CALLBACK_ALLOWED_NETWORKS": '["127.0.0.0/8"]'})
     yield server
     server.stop()
 
