@@ -285,6 +285,8 @@ class SandboxedKernel:
             argv = [a.replace("{connection_file}", conn_file) for a in self.spec.argv]
         env = sb.clean_env(self.spec.env, self.spec.argv[0])
         uid = self.lease.uid if self.lease else None
+        if self.network and self.mode != "none":
+            raise RuntimeError("enable_network is not available for kernel runs yet (program runs have it)")
         if self.mode == "bwrap":
             return sb.bwrap_argv(argv, self.dir, network=self.network, env=env, ro_extra=[self.spec.resource_dir],
                                  uid=uid, seccomp_fd=seccomp_fd), None

@@ -147,9 +147,7 @@ def unshare_argv(argv: list[str], conn_dir: Path, *, network: bool, env: dict[st
         "mount -o remount,bind,ro / 2>/dev/null || true; "
         f'cd {SANDBOX_WORK}; exec {drop} env -i "$@"'
     )
-    ns = ["--pid", "--fork", "--mount-proc", "--mount", "--ipc", "--uts", "--kill-child"]
-    if not network:
-        ns.append("--net")
+    ns = ["--pid", "--fork", "--mount-proc", "--mount", "--ipc", "--uts", "--kill-child", "--net"]  # never the host's
     envs = [f"{k}={v}" for k, v in env.items()]
     return ["unshare", *ns, "--", "sh", "-c", script, "sandbox", *envs, *argv]
 

@@ -24,6 +24,7 @@ class KernelEngine:
 
         self.sandbox = settings.sandbox
         self.allow_network = settings.allow_enable_network
+        self.policy: dict[str, Any] = {"identity": "none (sandbox disabled)"}
         # The sandbox uid range travels to the Run-Flare kernels (and anything else the engine starts).
         os.environ["RUNFLARE_SANDBOX_UIDS"] = settings.sandbox_uids
 
@@ -38,7 +39,8 @@ class KernelEngine:
         from .policy import check
 
         if self.sandbox != "none":
-            await asyncio.get_running_loop().run_in_executor(None, check)  # says clearly what is wrong
+            # says clearly what is wrong; what is in force goes to /health
+            self.policy = await asyncio.get_running_loop().run_in_executor(None, check, self.sandbox)
         if self.allow_network:
             from . import network
 
@@ -68,7 +70,8 @@ class KernelEngine:
                                                           detail=request.token))
 
     def health(self) -> dict[str, Any]:
-        return {"program_runs": self.program_runs.health(), "kernel_runs": self.kernel_runs.health()}
+        return {"program_runs": self.program_runs.health(), "kernel_runs": self.kernel_runs.health(),
+                "sandbox_policy": self.policy}
 
 
 def detect_languages() -> list[LanguageInfo]:

@@ -261,7 +261,7 @@ def capabilities(privileged: bool) -> list[str]:
 
 def bwrap_command(argv: list[str], *, uid: int | None, binds: list[str], env: Mapping[str, str],
                   network: bool = False, ro_paths: Iterable[str] = (), chdir: str,
-                  seccomp_fd: int) -> list[str]:
+                  seccomp_fd: int, started_by_slot_uid: bool = False) -> list[str]:
     """The whole bubblewrap command line for one sandboxed process tree.
 
     ``binds`` are the caller's own mounts (its work dir, its connection dir), ``seccomp_fd`` an
@@ -269,6 +269,9 @@ def bwrap_command(argv: list[str], *, uid: int | None, binds: list[str], env: Ma
     With ``network`` the command is meant for ``network.wrap``: bubblewrap then starts as the slot uid
     (see ``become``) in the user-mode network namespace, with its own unprivileged user namespace.
     """
+    if network and per_slot_uids() and not started_by_slot_uid:
+        # as root, bwrap --unshare-all would map the sandbox's 0 to host 0 in the host's network: never
+        raise ValueError("a network sandbox must be started by the slot uid, inside network.wrap")
     privileged = per_slot_uids() and not network
     cmd = ["bwrap", *namespaces(network, privileged), "--die-with-parent", "--new-session", "--clearenv",
            *capabilities(privileged), *system_view(ro_paths), *proc_view(), "--dev", "/dev",
@@ -291,9 +294,9 @@ def become(uid: int) -> None:
     os.setresuid(uid, uid, uid)
 
 
-def check() -> dict[str, object]:
+def check(mode: str = "auto") -> dict[str, object]:
     """Check this host can apply the policy; raise SandboxConfigError saying what is wrong."""
-    if not shutil.which("bwrap"):
+    if mode in ("auto", "bwrap") and not shutil.which("bwrap"):
         raise SandboxConfigError("bubblewrap is not installed (apt-get install bubblewrap)")
     try:
         seccomp.bpf()

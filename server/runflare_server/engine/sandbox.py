@@ -139,9 +139,8 @@ def wrap(
         return _bwrap(argv, workdir, env, network, ro_paths, uid, seccomp_fd)
     drop = policy.drop_to(uid) if uid is not None and policy.per_slot_uids() else []
     if mode == "unshare":
-        cmd = ["unshare", "--pid", "--fork", "--kill-child", "--mount-proc", "--ipc", "--uts", "--mount"]
-        if not network:
-            cmd.append("--net")
+        # the weak mode never shares the host's network: enable_network needs bwrap (and pasta)
+        cmd = ["unshare", "--pid", "--fork", "--kill-child", "--mount-proc", "--ipc", "--uts", "--mount", "--net"]
         return [*cmd, "--", *drop, "env", "-i", *(f"{k}={v}" for k, v in env.items()), *argv]
     if mode == "none":
         return ["env", "-i", *(f"{k}={v}" for k, v in env.items()), *argv]
@@ -157,7 +156,7 @@ def _bwrap(argv: list[str], workdir: Path, env: Mapping[str, str], network: bool
            ro_paths: Iterable[str], uid: int | None, seccomp_fd: int) -> list[str]:
     ro = [p for p in ro_paths if os.path.exists(p)]
     cmd = policy.bwrap_command(argv, uid=uid, binds=["--bind", str(workdir), BOX], env=env, network=network,
-                               ro_paths=ro, chdir=BOX, seccomp_fd=seccomp_fd)
+                               ro_paths=ro, chdir=BOX, seccomp_fd=seccomp_fd, started_by_slot_uid=network)
     if network:
         from . import network as usernet
 
