@@ -285,8 +285,13 @@ class SandboxedKernel:
             argv = [a.replace("{connection_file}", conn_file) for a in self.spec.argv]
         env = sb.clean_env(self.spec.env, self.spec.argv[0])
         uid = self.lease.uid if self.lease else None
+        if self.network and self.mode == "bwrap" and uid is not None:
+            policy.VIEW_DIR.mkdir(mode=0o755, parents=True, exist_ok=True)
+            return sb.network_argv(argv, self.dir, env=env, ro_extra=[self.spec.resource_dir], uid=uid,
+                                   seccomp_fd=seccomp_fd), {"PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+                                                            "PYTHONPATH": _SERVER_DIR}
         if self.network and self.mode != "none":
-            raise RuntimeError("enable_network is not available for kernel runs yet (program runs have it)")
+            raise RuntimeError("enable_network for kernel runs needs bwrap and a root server")
         if self.mode == "bwrap":
             return sb.bwrap_argv(argv, self.dir, network=self.network, env=env, ro_extra=[self.spec.resource_dir],
                                  uid=uid, seccomp_fd=seccomp_fd), None

@@ -130,6 +130,28 @@ def bwrap_argv(argv: list[str], conn_dir: Path, *, network: bool, env: dict[str,
                                 ro_paths=readonly_paths(argv, ro_extra), chdir=SANDBOX_WORK, seccomp_fd=seccomp_fd)
 
 
+def network_argv(argv: list[str], conn_dir: Path, *, env: dict[str, str], ro_extra: Iterable[str] = (),
+                 uid: int, seccomp_fd: int) -> list[str]:
+    """A kernel with ``enable_network``: ``userns_launcher`` binds the trees the kernel needs (and its
+    connection dir) where the slot uid can reach them, becomes that uid, and starts pasta
+    (``network.wrap``) around an unprivileged bubblewrap with the same view as ``bwrap_argv``."""
+    from . import network as usernet
+
+    if not usernet.available():
+        raise RuntimeError(f"enable_network needs pasta here: {usernet.describe().get('reason')}")
+    ro = readonly_paths(argv, ro_extra)
+    private = [p for p in ro if p not in policy.SYSTEM_DIRS] + [str(conn_dir)]
+    view = str(policy.VIEW_DIR)
+    source_of = {p: f"{view}/{n}" for n, p in enumerate(private)}
+    binds = ["--perms", "1777", "--size", str(WORK_TMPFS_BYTES), "--tmpfs", SANDBOX_WORK,
+             "--bind", source_of[str(conn_dir)], SANDBOX_CONN]
+    cmd = policy.bwrap_command(argv, uid=uid, binds=binds, env=env, network=True, ro_paths=ro, chdir=SANDBOX_WORK,
+                               seccomp_fd=seccomp_fd, started_by_slot_uid=True, source_of=source_of)
+    sources = ",".join(f"rw:{p}" if p == str(conn_dir) else p for p in private)
+    return [sys.executable, "-m", "runflare_server.engine.userns_launcher", view, sources,
+            "--become", str(uid), "--", *usernet.wrap(cmd)]
+
+
 def unshare_argv(argv: list[str], conn_dir: Path, *, network: bool, env: dict[str, str],
                  uid: int | None = None) -> list[str]:
     """Fallback when bubblewrap is missing: new namespaces, tmpfs over /tmp and the work dir.

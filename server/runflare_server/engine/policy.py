@@ -261,7 +261,8 @@ def capabilities(privileged: bool) -> list[str]:
 
 def bwrap_command(argv: list[str], *, uid: int | None, binds: list[str], env: Mapping[str, str],
                   network: bool = False, ro_paths: Iterable[str] = (), chdir: str,
-                  seccomp_fd: int, started_by_slot_uid: bool = False) -> list[str]:
+                  seccomp_fd: int, started_by_slot_uid: bool = False,
+                  source_of: Mapping[str, str] | None = None) -> list[str]:
     """The whole bubblewrap command line for one sandboxed process tree.
 
     ``binds`` are the caller's own mounts (its work dir, its connection dir), ``seccomp_fd`` an
@@ -274,7 +275,7 @@ def bwrap_command(argv: list[str], *, uid: int | None, binds: list[str], env: Ma
         raise ValueError("a network sandbox must be started by the slot uid, inside network.wrap")
     privileged = per_slot_uids() and not network
     cmd = ["bwrap", *namespaces(network, privileged), "--die-with-parent", "--new-session", "--clearenv",
-           *capabilities(privileged), *system_view(ro_paths), *proc_view(), "--dev", "/dev",
+           *capabilities(privileged), *system_view(ro_paths, source_of), *proc_view(), "--dev", "/dev",
            "--perms", "1777", "--tmpfs", "/dev/shm", *binds,
            "--chdir", chdir, "--seccomp", str(seccomp_fd)]
     for k, v in env.items():
