@@ -99,16 +99,16 @@ def test_sigkilled_server_leaves_nothing_after_restart(tmp_path) -> None:
     children = psutil.Process(first).children(recursive=True)
     os.kill(first, signal.SIGKILL)  # no clean-up of any kind
     server.process.wait()
-    _, alive = psutil.wait_procs(children, timeout=15)
-    for p in alive:  # not this test's subject (processes); do not leave them behind
-        p.kill()
-    psutil.wait_procs(alive, timeout=10)
-
-    # what the killed server left on disk
+    # What the killed server left on disk, looked at at once: any server starting on this machine now
+    # (other tests) sweeps these too, as it should.
     assert left["pool"].is_dir() and all(p.exists() for p in sources)
     assert list(left["ipc"].glob("*.json")), "program-run kernels' connection files live in the ipc dir"
     assert not connection_files_naming(left["ipc"]), "no connection file in jupyter's default place"
     assert list(left["kernels"].glob("k-*"))
+    _, alive = psutil.wait_procs(children, timeout=15)
+    for p in alive:  # not this test's subject (processes); do not leave them behind
+        p.kill()
+    psutil.wait_procs(alive, timeout=10)
 
     live = scratch.private_dir("test", tmp_path)  # a live creator's dir (this test process)
     again = start_server(tmp_path, "--workers", "2", env=ENV, port=server.port)
@@ -146,10 +146,13 @@ def test_sweep_spares_live_creators_and_reused_pids(tmp_path) -> None:
     dead = tmp_path / f"runflare-unit-{dead_pid}-1-{boot}-{'2' * 8}"
     (dead / "sub").mkdir(parents=True)
     (dead / "sub" / "source.py").write_text("secret")
+    handed = tmp_path / f"runflare-unit-{dead_pid}-1-{boot}-{'4' * 8}"  # handed to a sandbox uid
+    handed.mkdir()
+    os.chown(handed, 1_900_000_999, 1_900_000_999)  # the tests run as root
     other = tmp_path / "runflare-unrelated"
     other.mkdir()
     link = tmp_path / f"runflare-unit-{dead_pid}-1-{boot}-{'3' * 8}"
     link.symlink_to(other)
-    assert scratch.sweep_stale([tmp_path]) == 3
+    assert scratch.sweep_stale([tmp_path]) == 4
     assert mine.is_dir() and other.is_dir() and link.is_symlink()
-    assert not reused.exists() and not old_boot.exists() and not dead.exists()
+    assert not reused.exists() and not old_boot.exists() and not dead.exists() and not handed.exists()

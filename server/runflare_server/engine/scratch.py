@@ -93,7 +93,8 @@ def default_bases() -> list[Path]:
 
 def sweep_stale(bases: Iterable[Path] | None = None) -> int:
     """Remove the private dirs of dead creators under ``bases`` (default: ``default_bases()``); returns how
-    many. Only real directories (not links) owned by this user are considered."""
+    many. Only real directories (not links) are considered, owned by this user (any owner when root: the
+    engine hands some to sandbox uids)."""
     removed = 0
     seen: set[str] = set()
     for base in default_bases() if bases is None else bases:
@@ -112,9 +113,9 @@ def sweep_stale(bases: Iterable[Path] | None = None) -> int:
                 st = entry.stat(follow_symlinks=False)
             except OSError:
                 continue
-            if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
-                continue
-            shutil.rmtree(entry.path, ignore_errors=True)
+            if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() != 0:
+                continue  # as root, also dirs handed to a sandbox uid (the kernel runtime dir)
+            shutil.rmtree(entry.path, ignore_errors=True)  # never follows links (fd-based on Linux)
             if not os.path.lexists(entry.path):
                 removed += 1
             else:
