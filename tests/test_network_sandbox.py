@@ -392,3 +392,315 @@ def test_describe(env):
     for net in ("10.0.0.0/8", "169.254.0.0/16", "127.0.0.0/8", "fc00::/7", f"{INET_HOST_SIDE}/32"):
         assert net in d["blocked"]
     assert "--no-map-gw" in d["flags"] and "-T" in d["flags"]
+
+
+# ---------------------------------------------------------------- end to end: the real run paths
+#
+# The same probe goes through each real path that honours enable_network: a program run (Runner, as the
+# program-run kernel runs it), a kernel run (KernelRuns: userns_launcher --become, pasta, bwrap), and a
+# submission to a whole server. Each run prints, per target, "ok:<greeting>" or the errno name, and its
+# uid as it sees it. Its host uid is read from outside: the probe runs `sleep MARKER` (a unique
+# duration), and HostUid finds that process in the host's /proc and reads its real and effective uid.
+
+E2E_PY = r"""
+import errno, os, socket, subprocess
+print("uid", os.getuid())
+subprocess.run(["/usr/bin/sleep", MARKER])
+for name, host, port in TARGETS:
+    s = socket.socket()
+    s.settimeout(10)
+    try:
+        s.connect((host, port))
+        print(name, "ok:" + s.recv(100).decode())
+    except socket.timeout:
+        print(name, "timeout")
+    except OSError as e:
+        print(name, errno.errorcode.get(e.errno, str(e.errno)))
+    finally:
+        s.close()
+"""
+
+E2E_C = r"""
+#include <arpa/inet.h>
+#include <errno.h>
+#include <netinet/in.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/time.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+static const char *name_of(int e) {
+    switch (e) {
+    case EACCES: return "EACCES";
+    case ECONNREFUSED: return "ECONNREFUSED";
+    case ENETUNREACH: return "ENETUNREACH";
+    case EHOSTUNREACH: return "EHOSTUNREACH";
+    case EINPROGRESS: return "timeout";
+    case ETIMEDOUT: return "ETIMEDOUT";
+    default: return strerror(e);
+    }
+}
+
+static void probe(const char *name, const char *ip, int port) {
+    int s = socket(AF_INET, SOCK_STREAM, 0);
+    struct sockaddr_in a;
+    struct timeval tv = {10, 0};
+    char buf[101];
+    memset(&a, 0, sizeof a);
+    a.sin_family = AF_INET;
+    a.sin_port = htons(port);
+    inet_pton(AF_INET, ip, &a.sin_addr);
+    setsockopt(s, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
+    setsockopt(s, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+    if (connect(s, (struct sockaddr *)&a, sizeof a) == 0) {
+        ssize_t n = recv(s, buf, 100, 0);
+        buf[n > 0 ? n : 0] = 0;
+        printf("%s ok:%s\n", name, buf);
+    } else {
+        printf("%s %s\n", name, name_of(errno));
+    }
+    close(s);
+}
+
+int main(void) {
+    printf("uid %d\n", (int)getuid());
+    fflush(stdout);
+    if (fork() == 0) {
+        execl("/usr/bin/sleep", "/usr/bin/sleep", "%MARKER%", (char *)0);
+        _exit(127);
+    }
+    wait(NULL);
+%PROBES%
+    return 0;
+}
+"""
+
+
+class HostUid:
+    """Watches the host's /proc for the probe's `/usr/bin/sleep MARKER` and records its (real, effective) uid."""
+
+    def __init__(self) -> None:
+        self.marker = f"1.5{secrets.randbelow(10**8):08d}"
+        self.seen: set[tuple[int, int]] = set()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+
+    def _watch(self) -> None:
+        want = b"/usr/bin/sleep\0" + self.marker.encode() + b"\0"
+        while not self._stop.is_set():
+            for pid in os.listdir("/proc"):
+                if not pid.isdigit():
+                    continue
+                try:
+                    if Path(f"/proc/{pid}/cmdline").read_bytes() != want:
+                        continue
+                    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                        if line.startswith("Uid:"):
+                            real, effective = line.split()[1:3]
+                            self.seen.add((int(real), int(effective)))
+                except OSError:
+                    continue
+            self._stop.wait(0.02)
+
+    def __enter__(self) -> HostUid:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+    def uid(self) -> int:
+        """The one host uid the probe ran as: a slot uid, never 0."""
+        from runflare_server.engine import policy
+
+        assert len(self.seen) == 1, f"the probe's process was seen with host uids {self.seen}"
+        ((real, effective),) = self.seen
+        assert real == effective and real != 0 and real in policy.UidRange.from_env(), self.seen
+        return real
+
+
+def _e2e_targets(env) -> list[tuple[str, str, int]]:
+    return [
+        ("internet", INET_ADDR, PORT),
+        ("private", PRIV_ADDR, PORT),
+        ("loopback", "127.0.0.1", env["loop"].port),
+    ]
+
+
+def _source(env, language_id: int, marker: str) -> str:
+    targets = _e2e_targets(env)
+    if language_id == 50:
+        probes = "\n".join(f'    probe("{n}", "{h}", {p});' for n, h, p in targets)
+        return E2E_C.replace("%PROBES%", probes).replace("%MARKER%", marker)
+    return f"TARGETS = {targets!r}\nMARKER = {marker!r}\n" + E2E_PY
+
+
+def _parse(stdout: str) -> dict[str, str]:
+    out = {}
+    for line in stdout.splitlines():
+        name, _, value = line.partition(" ")
+        out[name] = value
+    return out
+
+
+def _check_network(env, seen: dict[str, str], loop_accepts: int) -> None:
+    assert seen.get("internet") == f"ok:internet-{env['tag']}", seen  # the test's "internet" host answers
+    assert seen.get("private") == "EACCES", seen  # prohibited inside the sandbox's namespace
+    assert seen.get("loopback") == "ECONNREFUSED", seen  # the sandbox's own loopback: nothing listens
+    assert loop_accepts == 0  # the host's 127.0.0.1 server never saw a connection
+
+
+def _check_no_network(
+    seen: dict[str, str], loop_accepts: int, loopback: tuple[str, ...] = ("ECONNREFUSED",)
+) -> None:
+    assert seen.get("internet") == "ENETUNREACH", seen
+    assert seen.get("private") == "ENETUNREACH", seen
+    assert seen.get("loopback") in loopback, seen
+    assert loop_accepts == 0
+
+
+@pytest.fixture(scope="module")
+def runner(env):
+    from runflare_server.engine import languages as langs
+    from runflare_server.engine import policy
+    from runflare_server.kernels.runner import Runner
+
+    for lang_id in (50, 71):
+        if not langs.available(langs.BY_ID[lang_id]):
+            pytest.fail(f"language {lang_id} ({langs.BY_ID[lang_id].name}) is not installed here")
+    r = Runner("bwrap")
+    assert policy.per_slot_uids() and r.uid is not None
+    yield r
+    r.lease.release()
+
+
+def _program_run(env, runner, language_id: int, network: bool) -> tuple[dict[str, str], int, int]:
+    from runflare_server.engine.interface import Limits
+
+    before = env["loop"].accepted
+    with HostUid() as host:
+        result = runner.run(
+            language_id, _source(env, language_id, host.marker), limits=Limits(enable_network=network)
+        )
+    assert result.outcome == "exited" and result.exit_code == 0, result
+    return _parse(result.stdout.decode()), env["loop"].accepted - before, host.uid()
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("language_id", [71, 50])
+def test_program_run_with_enable_network(env, runner, language_id):
+    seen, accepts, host_uid = _program_run(env, runner, language_id, network=True)
+    _check_network(env, seen, accepts)
+    assert host_uid == runner.uid
+    assert seen["uid"] == str(runner.uid)  # its own user namespaces map the slot uid to itself
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("language_id", [71, 50])
+def test_program_run_without_enable_network_has_no_network(env, runner, language_id):
+    seen, accepts, host_uid = _program_run(env, runner, language_id, network=False)
+    _check_no_network(seen, accepts)
+    assert host_uid == runner.uid and seen["uid"] == str(runner.uid)
+
+
+class KernelEngine:
+    """A started KernelRuns on its own event loop (kernels are spawned from this thread)."""
+
+    def __init__(self) -> None:
+        import asyncio
+
+        from runflare_server.engine.kernel_runs import KernelRuns
+
+        self.loop = asyncio.new_event_loop()
+        self.engine = KernelRuns(pool_sizes={"python3": 0})  # its own runtime dir
+        self.loop.run_until_complete(self.engine.start())
+
+    def run(self, code: str, network: bool):
+        from runflare_server.engine.interface import Limits, RunRequest
+
+        request = RunRequest(
+            token=secrets.token_hex(8),
+            source_code=code,
+            language_id=1071,
+            limits=Limits(enable_network=network),
+        )
+        return self.loop.run_until_complete(self.engine.run(request, lambda event: None))
+
+    def close(self) -> None:
+        self.loop.run_until_complete(self.engine.stop())
+        self.loop.close()
+
+
+@pytest.fixture(scope="module")
+def kernels(env):
+    from runflare_server.engine.kernel_pool import installed_kernelspecs
+    from runflare_server.engine.kernel_runs import install_kernelspecs
+
+    if "python3" not in installed_kernelspecs():
+        install_kernelspecs()
+    k = KernelEngine()
+    yield k
+    k.close()
+
+
+def _kernel_run(env, kernels, network: bool) -> tuple[dict[str, str], int, int]:
+    before = env["loop"].accepted
+    with HostUid() as host:
+        result = kernels.run(_source(env, 1071, host.marker), network)
+    assert result.outcome == "exited" and result.exit_code == 0, result
+    return _parse(result.stdout), env["loop"].accepted - before, host.uid()
+
+
+@pytest.mark.timeout(180)
+def test_kernel_run_with_enable_network(env, kernels):
+    seen, accepts, host_uid = _kernel_run(env, kernels, network=True)
+    _check_network(env, seen, accepts)
+    assert seen["uid"] == str(host_uid)  # started fresh: its own user namespaces map the slot uid to itself
+
+
+@pytest.mark.timeout(180)
+def test_kernel_run_without_enable_network_has_no_network(env, kernels):
+    seen, accepts, _ = _kernel_run(env, kernels, network=False)
+    # A kernel forked by the fork server gets a network namespace whose loopback is down too.
+    _check_no_network(seen, accepts, loopback=("ECONNREFUSED", "ENETUNREACH"))
+    assert seen["uid"] != "0"
+
+
+@pytest.mark.timeout(300)
+def test_server_submission_with_enable_network(env, tmp_path_factory, live_server):
+    from conftest import start_server
+    from http_client import post
+
+    server = start_server(
+        tmp_path_factory.mktemp("net-server"), env={"RUNFLARE_ALLOW_ENABLE_NETWORK": "true"}
+    )
+    try:
+        for language_id in (71, 1071):  # a program run and a kernel run, through the whole server
+            before = env["loop"].accepted
+            with HostUid() as host:
+                body = {
+                    "source_code": _source(env, language_id, host.marker),
+                    "language_id": language_id,
+                    "enable_network": True,
+                }
+                r = post(f"{server.api}/submissions?wait=true", body, timeout=120)
+            assert r.status == 201, r.body
+            assert r.json["status"]["description"] == "Accepted", r.json
+            seen = _parse(r.json["stdout"])
+            _check_network(env, seen, env["loop"].accepted - before)
+            assert seen["uid"] == str(host.uid())
+    finally:
+        server.stop()
+    # The same submissions on a server that does not allow enable_network (the default) are refused.
+    for language_id in (71, 1071):
+        body = {
+            "source_code": _source(env, language_id, "0"),
+            "language_id": language_id,
+            "enable_network": True,
+        }
+        r = post(f"{live_server.api}/submissions?wait=true", body)
+        assert r.status == 422, r.body
+        assert r.json == {"enable_network": ["enabling network is not allowed"]}
