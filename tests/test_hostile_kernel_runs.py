@@ -4,7 +4,9 @@ and the next run is unaffected. Kernels start cold here, so any process left aft
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import re
 import socket
 import threading
 import time
@@ -175,15 +177,31 @@ def test_server_files_and_environment_invisible(check: Engine, tmp_path: Path) -
         "import os\n"
         f"for p in [{str(secret)!r}, {str(runtime)!r}, '/root/.bash_history', '/work']:\n"
         "    print(p.split('/')[-1], os.path.exists(p))\n"
-        f"print({SECRET_ENV!r} in os.environ, sorted(os.listdir('/run/kernel')) == sorted(os.listdir('/run/kernel')))\n"
+        f"print({SECRET_ENV!r} in os.environ)\n"
         "try:\n    open('/etc/evil', 'w')\nexcept OSError as e:\n    print('ro', e.errno)\n"
         "try:\n    open('/usr/evil', 'w')\nexcept OSError as e:\n    print('ro', e.errno)\n"
+        "import json, stat\n"
+        "names = sorted(os.listdir('/run/kernel'))\n"
+        "print(json.dumps({'names': names, 'sockets': [n for n in names if stat.S_ISSOCK(os.lstat('/run/kernel/' + n).st_mode)],\n"
+        "                  'conn': json.load(open('/run/kernel/connection.json')),\n"
+        "                  'kernels': os.listdir('/run/kernels') if os.path.isdir('/run/kernels') else None}))\n"
     )
     result = check.run(code)
     lines = result.stdout.splitlines()
     assert lines[:4] == ["secret.txt False", f"{runtime.name} False", ".bash_history False", "work False"]
-    assert lines[4].startswith("False")
-    assert lines[5:] == ["ro 30", "ro 30"]  # EROFS
+    assert lines[4] == "False"
+    assert lines[5:7] == ["ro 30", "ro 30"]  # EROFS
+    # /run/kernel is this kernel's own connection dir: its connection file, naming ipc sockets in that dir,
+    # and a socket for each of its channels; nothing of another kernel (their dirs are k-<12 hex>) or of
+    # the fork server (status-<id> files), and the dir holding the other kernels' dirs is hidden (empty).
+    seen = json.loads(lines[7])
+    conn = seen["conn"]
+    assert (conn["transport"], conn["ip"]) == ("ipc", "/run/kernel/k")
+    channels = [f"k-{conn[c + '_port']}" for c in ("shell", "iopub", "stdin", "control")]
+    assert "connection.json" in seen["names"] and set(channels) <= set(seen["sockets"]), seen
+    assert not [n for n in seen["names"] if re.fullmatch(r"k-[0-9a-f]{12}|status-.*", n)], seen
+    assert seen["kernels"] in (None, []), seen
+    assert len(lines) == 8
 
 
 def test_killing_its_parent_and_everything(check: Engine) -> None:
