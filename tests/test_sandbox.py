@@ -92,22 +92,39 @@ def test_bwrap_isolation(workdir):
     assert (workdir / "written").read_text() == "x"  # the work dir is the writable part
 
 
-def test_bwrap_network_flag_shares_network(workdir):
+def test_bwrap_network_flag_gives_a_user_mode_network_never_the_hosts(workdir):
     if sandbox.resolve_mode("auto") != "bwrap":
         pytest.skip("bwrap not usable here")
+    from runflare_server.engine import network
+
+    network.prepare_tun()
+    lease = policy.UidLease.acquire()
+    os.chown(workdir, lease.uid, lease.uid)
+
     def run(**kw) -> str:
         fd = seccomp.bpf_fd()
         try:
             cmd = sandbox.wrap(["cat", "/proc/net/dev"], workdir=workdir, mode="bwrap", env=sandbox.sandbox_env(),
-                               seccomp_fd=fd, **kw)
-            return subprocess.run(cmd, capture_output=True, text=True, pass_fds=(fd,)).stdout
+                               uid=lease.uid, seccomp_fd=fd, **kw)
+            become = (lambda: policy.become(lease.uid)) if kw.get("network") else None
+            return subprocess.run(cmd, capture_output=True, text=True, pass_fds=(fd,), preexec_fn=become,
+                                  timeout=60).stdout
         finally:
             os.close(fd)
 
-    isolated = run()
-    shared = run(network=True)
+    try:
+        isolated, networked = run(), run(network=True)
+    finally:
+        lease.release()
+    interfaces = [line.split(":")[0].strip() for line in networked.splitlines()[2:]]
     assert [line.split(":")[0].strip() for line in isolated.splitlines()[2:]] == ["lo"]
-    assert shared == Path("/proc/net/dev").read_text() or len(shared.splitlines()) > len(isolated.splitlines())
+    assert "lo" in interfaces and len(interfaces) == 2  # pasta's own tap device, not the host's interfaces
+    assert networked != Path("/proc/net/dev").read_text()
+
+
+def test_network_sandbox_is_never_started_by_root(workdir):
+    with pytest.raises(ValueError, match="slot uid"):
+        policy.bwrap_command(["true"], uid=None, binds=[], env={}, network=True, chdir="/", seccomp_fd=3)
 
 
 def test_unshare_fallback(workdir):

@@ -51,6 +51,8 @@ class BoundedKernelClient(AsyncKernelClient):
         bound = int(max_message_bytes or message_bound())
         context = zmq.asyncio.Context()
         context.setsockopt(zmq.MAXMSGSIZE, bound)  # a default for every socket this context makes
+        # and nothing waits at close: a client dropped without stop_channels must not hang term() (in GC)
+        context.setsockopt(zmq.LINGER, 0)
         super().__init__(context=context, **kwargs)
         self.max_message_bytes = bound
         self._monitors: dict[str, zmq.Socket] = {}

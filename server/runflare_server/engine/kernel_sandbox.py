@@ -11,6 +11,7 @@ isolation per kernel with unshare/mount.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -152,6 +153,35 @@ def network_argv(argv: list[str], conn_dir: Path, *, env: dict[str, str], ro_ext
             "--become", str(uid), "--", *usernet.wrap(cmd)]
 
 
+def _private_ancestor(path: str) -> str | None:
+    """The top-most dir above ``path`` that other users cannot traverse (``/root``), if any."""
+    parts = Path(path).parts
+    for i in range(2, len(parts)):
+        d = str(Path(*parts[:i]))
+        with contextlib.suppress(OSError):
+            if not os.stat(d).st_mode & 0o001:
+                return d
+    return None
+
+
+def _reachable_script(paths: Iterable[str]) -> str:
+    """Shell lines (run as root in the sandbox's mount namespace) that make ``paths`` reachable by the slot
+    uid without changing the host: each is bound aside, an empty tmpfs covers its private ancestor (which
+    also hides the rest of that dir), and the tree is bound back at its own path."""
+    trees = [(p, a) for p in paths if p not in policy.SYSTEM_DIRS and (a := _private_ancestor(p))]
+    if not trees:
+        return ""
+    view = shlex.quote(str(policy.VIEW_DIR))
+    lines = [f"mkdir -p {view}; mount -t tmpfs -o mode=0755 tmpfs {view}; "]
+    for n, (p, _) in enumerate(trees):
+        lines.append(f"mkdir {view}/{n}; mount --rbind {shlex.quote(p)} {view}/{n}; ")
+    for a in sorted({a for _, a in trees}):
+        lines.append(f"mount -t tmpfs -o mode=0755 tmpfs {shlex.quote(a)}; ")
+    for n, (p, _) in enumerate(trees):
+        lines.append(f"mkdir -p {shlex.quote(p)}; mount --rbind {view}/{n} {shlex.quote(p)}; ")
+    return "".join(lines)
+
+
 def unshare_argv(argv: list[str], conn_dir: Path, *, network: bool, env: dict[str, str],
                  uid: int | None = None) -> list[str]:
     """Fallback when bubblewrap is missing: new namespaces, tmpfs over /tmp and the work dir.
@@ -166,6 +196,7 @@ def unshare_argv(argv: list[str], conn_dir: Path, *, network: bool, env: dict[st
         f"mount --bind {conn_dir} {SANDBOX_CONN}; "
         f"mount -t tmpfs -o ro tmpfs {conn_dir.parent}; "  # other kernels' connection dirs
         "mount -t tmpfs tmpfs /tmp; "
+        + (_reachable_script(readonly_paths(argv)) if drop else "") +
         "mount -o remount,bind,ro / 2>/dev/null || true; "
         f'cd {SANDBOX_WORK}; exec {drop} env -i "$@"'
     )
@@ -464,14 +495,15 @@ def zygote_argv(runtime_dir: Path, env: dict[str, str]) -> list[str]:
     be mounted inside a user namespace only while one is fully visible: each kernel masks its own)."""
     extra = [p for p in readonly_paths([sys.executable]) if p not in policy.SYSTEM_DIRS]
     view = str(policy.VIEW_DIR)
-    cmd = [sys.executable, "-m", "runflare_server.engine.userns_launcher", view, ",".join(extra), "--"]
+    sources = ",".join([*extra, f"rw:{runtime_dir}"])  # the runtime dir may sit below a private dir too
+    cmd = [sys.executable, "-m", "runflare_server.engine.userns_launcher", view, sources, "--"]
     cmd += ["bwrap", "--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try",
             "--die-with-parent", "--new-session", "--clearenv", "--cap-drop", "ALL"]
     for cap in ("CAP_SYS_ADMIN", "CAP_SETUID", "CAP_SETGID", "CAP_SETPCAP", "CAP_DAC_OVERRIDE"):
         cmd += ["--cap-add", cap]  # capabilities of the zygote's own user namespace, never of the host's
     cmd += policy.system_view(extra, source_of={p: f"{view}/{n}" for n, p in enumerate(extra)})
     cmd += ["--proc", "/proc", "--dev", "/dev", "--dir", SANDBOX_WORK, "--dir", SANDBOX_CONN,
-            "--bind", str(runtime_dir), "/run/kernels"]
+            "--bind", f"{view}/{len(extra)}", "/run/kernels"]
     for k, v in env.items():
         cmd += ["--setenv", k, v]
     view = {"bpf": seccomp.bpf().hex(), "readonly": list(policy.READONLY_PROC), "masked": list(policy.MASKED_PROC)}

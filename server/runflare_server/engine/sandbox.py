@@ -139,7 +139,9 @@ def wrap(
         return _bwrap(argv, workdir, env, network, ro_paths, uid, seccomp_fd)
     drop = policy.drop_to(uid) if uid is not None and policy.per_slot_uids() else []
     if mode == "unshare":
-        # the weak mode never shares the host's network: enable_network needs bwrap (and pasta)
+        if network:
+            raise SandboxUnavailable("enable_network needs the bwrap sandbox (and pasta)")
+        # the weak mode never shares the host's network
         cmd = ["unshare", "--pid", "--fork", "--kill-child", "--mount-proc", "--ipc", "--uts", "--mount", "--net"]
         return [*cmd, "--", *drop, "env", "-i", *(f"{k}={v}" for k, v in env.items()), *argv]
     if mode == "none":

@@ -236,7 +236,7 @@ class Runner:
                 cmd, stdin=stdin_arg, stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT if merge_stderr else subprocess.PIPE,
                 pass_fds=(st_w, filter_fd) if filter_fd >= 0 else (st_w,), cwd=workdir, start_new_session=True,
-                env=_outer_env(self.mode, env), preexec_fn=_preexec(limits, cg, self.uid if network else None))
+                env=_outer_env(self.mode, env), preexec_fn=_preexec(limits, cg, self.uid if network and self.mode == "bwrap" else None))
             os.close(st_w)
             st_w = -1
             if filter_fd >= 0:
