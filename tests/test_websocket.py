@@ -207,7 +207,11 @@ def test_slow_consumer_is_closed_with_1013_and_can_resume(tight_server):
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8192)  # so the server's buffers fill, not ours
     sock.connect(("127.0.0.1", tight_server.port))
     with connect(ws_url(tight_server, token, "?X-Auth-Token=tok"), sock=sock, max_size=None, max_queue=1) as ws:
-        time.sleep(8)  # read nothing while ~16 MB of output is produced
+        deadline = time.monotonic() + 120  # read nothing until the run has produced all ~16 MB (however busy)
+        while time.monotonic() < deadline and get(f"{tight_server.api}/submissions/{token}",
+                                                  headers={"X-Auth-Token": "tok"}).json["status"]["id"] < 3:
+            time.sleep(0.5)
+        time.sleep(2)  # and the server has had time to try to send it
         got = []
         try:
             while True:
