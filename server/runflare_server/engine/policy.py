@@ -84,7 +84,7 @@ class UidRange:
         groups = [g.gr_name for g in grp.getgrall() if g.gr_gid in self]
         if users or groups:
             raise SandboxConfigError(f"sandbox uid range {self.base}:{self.count} holds existing accounts "
-                                     f"{users + groups}: choose another with {UIDS_ENV} / --sandbox-uids")
+                                     f"{users + groups}: choose another with {UIDS_ENV}")
         for f in ("/etc/subuid", "/etc/subgid"):
             for line in _lines(f):
                 parts = line.split(":")
