@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import resource
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +20,7 @@ PY_PREFIX = [sys.base_prefix]
 PROJECT = str(Path(__file__).resolve().parents[1])
 
 PROBE = f"""
-import os, socket, json
+import errno, os, socket, sys, json
 out = {{"cwd": os.getcwd(), "env": dict(os.environ), "pids": [p for p in os.listdir("/proc") if p.isdigit()],
        "project": os.path.exists({PROJECT!r}), "host_tmp": os.listdir("/tmp")}}
 try:
@@ -27,11 +28,12 @@ try:
     out["usr"] = "writable"
 except OSError:
     out["usr"] = "read-only"
-try:
-    socket.create_connection(("1.1.1.1", 53), timeout=3)
-    out["net"] = "connected"
+out["interfaces"] = sorted(name for _, name in socket.if_nameindex())
+try:  # a port the test listens on, on the host's loopback
+    socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=3).close()
+    out["host_loopback"] = "connected"
 except OSError as e:
-    out["net"] = type(e).__name__
+    out["host_loopback"] = errno.errorcode.get(e.errno, str(e.errno))
 open("written", "w").write("x")
 print(json.dumps(out))
 """
@@ -51,19 +53,28 @@ def run_probe(mode: str, workdir: Path, **kw) -> dict:
 
     lease = policy.UidLease.acquire()
     os.chown(workdir, lease.uid, lease.uid)
+    listener = socket.create_server(("127.0.0.1", 0))
     fd = seccomp.bpf_fd()
     try:
         # unshare mode shows the host's files as they are: the slot uid cannot reach a Python under /root
         py = "/usr/bin/python3" if mode == "unshare" else PY
-        cmd = sandbox.wrap([py, "probe.py"], workdir=workdir, mode=mode, env=sandbox.sandbox_env({"MARK": "1"}),
+        port = str(listener.getsockname()[1])
+        cmd = sandbox.wrap([py, "probe.py", port], workdir=workdir, mode=mode, env=sandbox.sandbox_env({"MARK": "1"}),
                            ro_paths=PY_PREFIX, uid=lease.uid, seccomp_fd=fd, **kw)
         r = subprocess.run(cmd, capture_output=True, text=True, cwd=workdir, env={"PATH": sandbox.DEFAULT_PATH},
                            timeout=60, pass_fds=(fd,))
+        listener.setblocking(False)
+        try:  # a connection that completed its handshake waits here even if the probe closed it
+            listener.accept()[0].close()
+            host_accepted = True
+        except BlockingIOError:
+            host_accepted = False
     finally:
+        listener.close()
         os.close(fd)
         lease.release()
     assert r.returncode == 0, r.stderr
-    return json.loads(r.stdout)
+    return {**json.loads(r.stdout), "host_accepted": host_accepted}
 
 
 def test_mode_resolution():
@@ -85,7 +96,8 @@ def test_bwrap_isolation(workdir):
     assert out["env"]["MARK"] == "1" and "RUNFLARE_TEST_SECRET" not in out["env"]
     assert set(out["env"]) <= {"PATH", "HOME", "TMPDIR", "LANG", "LC_ALL", "USER", "MARK", "PWD"}
     assert out["usr"] == "read-only"
-    assert out["net"] == "OSError"  # ENETUNREACH: only a loopback in the namespace
+    assert out["interfaces"] == ["lo"]  # only a loopback in the namespace: no route anywhere else
+    assert out["host_loopback"] == "ECONNREFUSED" and not out["host_accepted"]  # its own loopback, not the host's
     assert out["project"] is False
     assert out["host_tmp"] == []
     assert len(out["pids"]) < 5
@@ -131,7 +143,8 @@ def test_unshare_fallback(workdir):
     if not sandbox._works("unshare"):
         pytest.skip("unshare cannot create namespaces here")
     out = run_probe("unshare", workdir)
-    assert out["net"] == "OSError"
+    assert out["interfaces"] == ["lo"]
+    assert out["host_loopback"] == "ENETUNREACH" and not out["host_accepted"]  # its own loopback, still down
     assert set(out["env"]) <= {"PATH", "HOME", "TMPDIR", "LANG", "LC_ALL", "USER", "MARK", "PWD"}
     assert len(out["pids"]) < 5
 
