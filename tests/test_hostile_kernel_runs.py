@@ -8,7 +8,6 @@ import json
 import os
 import re
 import socket
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -128,44 +127,51 @@ def test_huge_file_is_refused(check: Engine) -> None:
     assert int(result.stdout.split()[-1]) <= 1024 * 1024
 
 
-def test_no_network_local_or_public(check: Engine) -> None:
-    listener = socket.create_server(("127.0.0.1", 0))
-    port = listener.getsockname()[1]
-    accepted: list[object] = []
-    listener.settimeout(0.2)
-    stop = threading.Event()
+@pytest.fixture
+def host_loopback() -> Iterator[tuple[socket.socket, socket.socket]]:
+    """A TCP listener and a UDP socket on the host's loopback: the sandbox must never reach either. No other
+    target is needed: a namespace whose only interface is lo has no route to anywhere else."""
+    tcp = socket.create_server(("127.0.0.1", 0))
+    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    udp.bind(("127.0.0.1", 0))
+    yield tcp, udp
+    tcp.close()
+    udp.close()
 
-    def accept() -> None:
-        while not stop.is_set():
-            try:
-                accepted.append(listener.accept())
-            except OSError:
-                pass
 
-    t = threading.Thread(target=accept)
-    t.start()
+def reached(sock: socket.socket) -> bool:
+    """Whether anything arrived: a connection that completed its handshake stays queued even once closed."""
+    sock.setblocking(False)
+    try:
+        if sock.type == socket.SOCK_STREAM:
+            sock.accept()[0].close()
+        else:
+            sock.recv(64)
+    except BlockingIOError:
+        return False
+    return True
+
+
+def test_no_network_local_or_public(check: Engine, host_loopback: tuple[socket.socket, socket.socket]) -> None:
+    tcp, udp = host_loopback
     code = (
-        "import socket\n"
-        f"for addr in [('127.0.0.1', {port}), ('1.1.1.1', 53)]:\n"
-        "    try:\n"
-        "        socket.create_connection(addr, timeout=2).close()\n"
-        "        print('connected', addr[0])\n"
-        "    except OSError as e:\n"
-        "        print('blocked', addr[0])\n"
+        "import errno, socket\n"
+        "print('interfaces', sorted(name for _, name in socket.if_nameindex()))\n"
+        "try:\n"
+        f"    socket.create_connection(('127.0.0.1', {tcp.getsockname()[1]}), timeout=2).close()\n"
+        "    print('tcp connected')\n"
+        "except OSError as e:\n"
+        "    print('tcp', errno.errorcode[e.errno])\n"
         "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
         "try:\n"
-        "    s.sendto(b'x', ('1.1.1.1', 53)); print('sent udp')\n"
-        "except OSError:\n"
-        "    print('blocked udp')\n"
+        f"    s.sendto(b'x', ('127.0.0.1', {udp.getsockname()[1]})); print('udp sent')\n"
+        "except OSError as e:\n"
+        "    print('udp', errno.errorcode[e.errno])\n"
     )
-    try:
-        result = check.run(code)
-    finally:
-        stop.set()
-        t.join()
-        listener.close()
-    assert result.stdout == "blocked 127.0.0.1\nblocked 1.1.1.1\nblocked udp\n"
-    assert accepted == []
+    result = check.run(code)
+    # the kernel's namespace has only a loopback, and it is down: nothing is routable, not even its own
+    assert result.stdout == "interfaces ['lo']\ntcp ENETUNREACH\nudp ENETUNREACH\n", result
+    assert not reached(tcp) and not reached(udp)
 
 
 def test_server_files_and_environment_invisible(check: Engine, tmp_path: Path) -> None:
@@ -243,23 +249,30 @@ def test_bash_infinite_loop_and_orphans(check: Engine) -> None:
     assert [p.pid for p in psutil.process_iter(["cmdline"]) if marker in " ".join(p.info["cmdline"] or [])] == []
 
 
-def test_bash_no_network_and_read_only(check: Engine) -> None:
+def test_bash_no_network_and_read_only(check: Engine, host_loopback: tuple[socket.socket, socket.socket]) -> None:
     if "bash" not in check.engine.kernelspecs():
         pytest.skip("bash_kernel is not installed (pip install bash_kernel)")
-    code = ("(exec 3<>/dev/tcp/1.1.1.1/53) 2>/dev/null && echo open || echo blocked\n"
+    tcp, _ = host_loopback
+    code = (f"err=$( (exec 3<>/dev/tcp/127.0.0.1/{tcp.getsockname()[1]}) 2>&1 ) && echo open || echo blocked: ${{err##*: }}\n"
+            "echo interfaces $(tail -n +3 /proc/net/dev | cut -d: -f1)\n"
             "touch /usr/x 2>/dev/null && echo wrote || echo ro\n")
     result = check.run(code, language_id=1046)
-    assert result.stdout.split() == ["blocked", "ro"]
+    assert result.stdout.splitlines() == ["blocked: Connection refused", "interfaces lo", "ro"], result
+    assert not reached(tcp)
 
 
-def test_deno_no_network_and_infinite_loop(check: Engine) -> None:
+def test_deno_no_network_and_infinite_loop(check: Engine, host_loopback: tuple[socket.socket, socket.socket]) -> None:
     if "deno" not in check.engine.kernelspecs():
         pytest.skip("Deno kernelspec is not installed (pip install deno; deno jupyter --install)")
-    code = ("for (const host of ['127.0.0.1', '1.1.1.1']) {\n"
-            "  try { (await Deno.connect({hostname: host, port: 53})).close(); console.log('open') }\n"
-            "  catch (e) { console.log('blocked') }\n}")
+    tcp, _ = host_loopback
+    code = ("const dev = Deno.readTextFileSync('/proc/net/dev').split('\\n').slice(2).filter(l => l.includes(':'));\n"
+            "console.log('interfaces', dev.map(l => l.split(':')[0].trim()).join(','));\n"
+            f"try {{ (await Deno.connect({{hostname: '127.0.0.1', port: {tcp.getsockname()[1]}}})).close(); "
+            "console.log('open') }\n"
+            "catch (e) { console.log('blocked', e.name) }")
     result = check.run(code, language_id=1063)
-    assert result.stdout == "blocked\nblocked\n"
+    assert result.stdout == "interfaces lo\nblocked ConnectionRefused\n", result  # its own loopback, not the host's
+    assert not reached(tcp)
     result = check.run("while (true) {}", language_id=1063, limits=FAST)
     assert result.outcome == "time_limit"
 
