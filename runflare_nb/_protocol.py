@@ -7,6 +7,7 @@ import base64
 import json
 import os
 import time
+import warnings
 from collections.abc import Mapping
 from datetime import datetime, timezone
 from typing import Any
@@ -38,9 +39,25 @@ def server_url(url: str | None) -> str:
     return (url or os.environ.get("RUNFLARE_URL") or DEFAULT_URL).rstrip("/")
 
 
+TOKEN_ENV = "RUNFLARE_AUTH_TOKEN"
+DEPRECATED_TOKEN_ENV = "RUNFLARE_TOKEN"
+
+
 def auth_token(token: str | None) -> str | None:
-    """The X-Auth-Token to send: the argument, else $RUNFLARE_TOKEN, else none."""
-    return token or os.environ.get("RUNFLARE_TOKEN") or None
+    """The X-Auth-Token to send: the argument, else $RUNFLARE_AUTH_TOKEN, else none.
+
+    The server's list of accepted tokens is its setting RUNFLARE_AUTH_TOKENS; a client holds one,
+    RUNFLARE_AUTH_TOKEN. The old name RUNFLARE_TOKEN is still read, with a DeprecationWarning.
+    """
+    if token:
+        return token
+    if os.environ.get(TOKEN_ENV):
+        return os.environ[TOKEN_ENV]
+    if os.environ.get(DEPRECATED_TOKEN_ENV):
+        warnings.warn(f"${DEPRECATED_TOKEN_ENV} is deprecated: set ${TOKEN_ENV} instead",
+                      DeprecationWarning, stacklevel=3)
+        return os.environ[DEPRECATED_TOKEN_ENV]
+    return None
 
 
 def api_base(url: str) -> str:

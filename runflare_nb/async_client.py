@@ -22,7 +22,7 @@ from .languages import resolve
 
 class AsyncClient:
     """A Run-Flare server at ``url`` (default: $RUNFLARE_URL, else http://127.0.0.1:8787); ``token``
-    (default: $RUNFLARE_TOKEN) is sent as X-Auth-Token."""
+    (default: $RUNFLARE_AUTH_TOKEN) is sent as X-Auth-Token."""
 
     def __init__(self, url: str | None = None, token: str | None = None, *, timeout: float = 30.0,
                  websocket: bool = True) -> None:

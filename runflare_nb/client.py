@@ -24,7 +24,7 @@ WS_MAX_MESSAGE = 64 << 20
 
 class Client:
     """A Run-Flare server at ``url`` (default: $RUNFLARE_URL, else http://127.0.0.1:8787); ``token``
-    (default: $RUNFLARE_TOKEN) is sent as X-Auth-Token.
+    (default: $RUNFLARE_AUTH_TOKEN) is sent as X-Auth-Token.
 
     ``websocket=False`` makes ``stream`` poll only.
     """

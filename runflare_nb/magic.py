@@ -41,7 +41,7 @@ class RunflareMagics(Magics):
     @argument("--args", help="command line arguments of the program")
     @argument("--kernel", help="run on this kernelspec (a kernel run)")
     @argument("--server", help="server URL (default $RUNFLARE_URL, else http://127.0.0.1:8787)")
-    @argument("--token", help="X-Auth-Token")
+    @argument("--token", help="X-Auth-Token (default $RUNFLARE_AUTH_TOKEN)")
     @argument("--no-widget", action="store_true", help="print plain text and block (for scripts)")
     @argument("--wait", action="store_true", help="block until the submission is finished")
     @argument("--var", metavar="NAME", help="store the final submission dict in this variable")

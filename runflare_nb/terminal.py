@@ -26,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-l", "--language", help="python, c++, js, c, java, rust, go ... or a Judge0 id")
     parser.add_argument("--stdin", help="standard input: text, or @file (- reads this process's stdin)")
     parser.add_argument("--server", help="server URL (default $RUNFLARE_URL, else http://127.0.0.1:8787)")
-    parser.add_argument("--token", help="X-Auth-Token (default $RUNFLARE_TOKEN)")
+    parser.add_argument("--token", help="X-Auth-Token (default $RUNFLARE_AUTH_TOKEN)")
     parser.add_argument("--json", action="store_true", help="print the final submission as JSON")
     parser.add_argument("--args", help="command line arguments of the program")
     parser.add_argument("--time-limit", type=float, help="CPU time limit, seconds")

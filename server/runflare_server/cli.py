@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -64,8 +65,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("args", nargs=argparse.REMAINDER)
 
     sub.add_parser("languages", help="list the program-run languages this machine can run (toolchains found)")
-    install = sub.add_parser("install-kernels", help="install the Run-Flare, bash and Deno kernelspecs")
-    install.add_argument("--prefix", help="install under this prefix (default: the current environment)")
+    install = sub.add_parser(
+        "install-kernels", help="install the Run-Flare, bash and Deno kernelspecs",
+        description="Install the kernelspecs into this environment (sys.prefix: a virtual environment's own "
+                    f"share/jupyter/kernels; here {sys.prefix}), as `ipykernel install --sys-prefix` does.")
+    where = install.add_mutually_exclusive_group()
+    where.add_argument("--prefix", help="install under PREFIX/share/jupyter/kernels instead")
+    where.add_argument("--user", action="store_true", help="install into the user's Jupyter data directory instead")
     return parser
 
 
@@ -95,10 +101,8 @@ async def serve(settings: Settings) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["run"]:  # the terminal client parses its own options
-        from runflare_nb.terminal import main as run_main
-
-        return run_main(argv[1:])
+    if argv[:1] == ["run"]:  # the terminal client (runflare_nb) is its own program; the server never imports it
+        os.execv(sys.executable, [sys.executable, "-m", "runflare_nb.terminal", *argv[1:]])
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "serve":
@@ -119,9 +123,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{lang.id:>5}  {lang.name}")
         return 0
     if args.command == "install-kernels":
-        from .engine.manager import install_kernelspecs
+        from .engine.kernel_runs import install_kernelspecs as install_third_party
+        from .kernels.install import install_kernelspecs as install_runflare
 
-        for line in install_kernelspecs(args.prefix):
+        where = {"user": args.user, "prefix": args.prefix}
+        for line in [*install_runflare(**where), *install_third_party(**where)]:
             print(line)
         return 0
     parser.print_help()

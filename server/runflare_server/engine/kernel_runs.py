@@ -122,15 +122,23 @@ def probe_version(spec: KernelSpecInfo, label: str) -> str:
     return f"{label} ({spec.display_name})"
 
 
-def install_kernelspecs(user: bool = False) -> list[str]:
-    """Install the bash_kernel and Deno kernelspecs when their packages are present; returns names installed."""
+def install_kernelspecs(user: bool = False, prefix: str | None = None) -> list[str]:
+    """Install the bash_kernel and Deno kernelspecs when their packages are present; returns names installed.
+
+    By default they go under this interpreter's prefix (``sys.prefix``: a virtual environment's own
+    ``share/jupyter/kernels``), as ``ipykernel install --sys-prefix`` does; ``user`` installs into the
+    user's Jupyter data directory, ``prefix`` under another prefix.
+    """
+    if user and prefix:
+        raise ValueError("user and prefix are exclusive")
+    target = None if user else (prefix or sys.prefix)
     installed: list[str] = []
     try:
         import bash_kernel  # noqa: F401
     except ImportError:
         pass
     else:
-        args = [sys.executable, "-m", "bash_kernel.install"] + (["--user"] if user else ["--sys-prefix"])
+        args = [sys.executable, "-m", "bash_kernel.install"] + (["--user"] if user else ["--prefix", target])
         if subprocess.run(args, capture_output=True, timeout=120).returncode == 0:
             installed.append("bash")
     deno = None
@@ -142,8 +150,10 @@ def install_kernelspecs(user: bool = False) -> list[str]:
         deno = shutil.which("deno")
     if deno:
         env = {**os.environ}
-        if not user:  # install next to this interpreter's other kernelspecs
-            env["JUPYTER_DATA_DIR"] = os.path.join(sys.prefix, "share", "jupyter")
+        if target:  # next to this interpreter's (or the prefix's) other kernelspecs
+            # `deno jupyter --install` writes to $XDG_DATA_HOME/jupyter (it ignores JUPYTER_DATA_DIR)
+            env["XDG_DATA_HOME"] = os.path.join(target, "share")
+            env["JUPYTER_DATA_DIR"] = os.path.join(target, "share", "jupyter")
         if subprocess.run([deno, "jupyter", "--install", "--force"], capture_output=True, env=env,
                           timeout=120).returncode == 0:
             installed.append("deno")

@@ -1,6 +1,8 @@
 """Install one Jupyter kernelspec per available program language ("C (Run-Flare)" → ``runflare-c``).
 
-``python -m runflare_server.kernels.install [--prefix DIR] [--user]`` or ``install_kernelspecs(prefix)``.
+``python -m runflare_server.kernels.install [--prefix DIR | --user]`` or ``install_kernelspecs(prefix)``.
+By default the specs go under this interpreter's prefix (``sys.prefix``; in a virtual environment, the
+environment's own ``share/jupyter/kernels``), as ``ipykernel install --sys-prefix`` does.
 Every spec launches the same Run-Flare kernel; its env ``RUNFLARE_LANGUAGE`` picks the default language.
 """
 
@@ -30,7 +32,14 @@ def kernelspec_json(lang: langs.Language) -> dict:
 
 
 def install_kernelspecs(prefix: str | None = None, user: bool = False) -> list[str]:
-    """Install a kernelspec for each available program language; returns the installed spec names."""
+    """Install a kernelspec for each available program language; returns the installed spec names.
+
+    Into ``PREFIX/share/jupyter/kernels`` (default ``sys.prefix``), or the user's data dir with ``user``.
+    """
+    if user and prefix:
+        raise ValueError("user and prefix are exclusive")
+    if not user and prefix is None:
+        prefix = sys.prefix
     ksm = KernelSpecManager()
     names = []
     for lang in langs.LANGUAGES:
@@ -48,8 +57,9 @@ def install_kernelspecs(prefix: str | None = None, user: bool = False) -> list[s
 def main(argv: list[str] | None = None) -> None:
     """Command line entry point."""
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--prefix", help="install into PREFIX/share/jupyter/kernels")
-    p.add_argument("--user", action="store_true", help="install for the current user")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--prefix", help="install into PREFIX/share/jupyter/kernels (default: sys.prefix)")
+    where.add_argument("--user", action="store_true", help="install into the user's Jupyter data directory")
     a = p.parse_args(argv)
     for name in install_kernelspecs(a.prefix, a.user):
         print(name)
