@@ -33,7 +33,6 @@ from . import kernel_sandbox as sb
 from . import policy, seccomp
 
 log = logging.getLogger(__name__)
-_SERVER_DIR = str(Path(__file__).resolve().parents[2])  # .../server, so the launcher imports runflare_server
 
 # Lean start-up flags per kernel implementation (module run by the kernelspec).
 LEAN_ARGS = {
@@ -171,7 +170,7 @@ class ForkServer:
         policy.VIEW_DIR.mkdir(mode=0o755, parents=True, exist_ok=True)
         self.proc = subprocess.Popen(sb.zygote_argv(self.runtime_dir, env), stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=None, start_new_session=True, text=True,
-                                     env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONPATH": _SERVER_DIR})
+                                     env=policy.launcher_env())
         try:
             line = await self._readline(60)
             if line != "userns":
@@ -286,10 +285,8 @@ class SandboxedKernel:
         env = sb.clean_env(self.spec.env, self.spec.argv[0])
         uid = self.lease.uid if self.lease else None
         if self.network and self.mode == "bwrap" and uid is not None:
-            policy.VIEW_DIR.mkdir(mode=0o755, parents=True, exist_ok=True)
             return sb.network_argv(argv, self.dir, env=env, ro_extra=[self.spec.resource_dir], uid=uid,
-                                   seccomp_fd=seccomp_fd), {"PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-                                                            "PYTHONPATH": _SERVER_DIR}
+                                   seccomp_fd=seccomp_fd), policy.launcher_env()
         if self.network and self.mode != "none":
             raise RuntimeError("enable_network for kernel runs needs bwrap and a root server")
         if self.mode == "bwrap":

@@ -148,9 +148,8 @@ def network_argv(argv: list[str], conn_dir: Path, *, env: dict[str, str], ro_ext
              "--bind", source_of[str(conn_dir)], SANDBOX_CONN]
     cmd = policy.bwrap_command(argv, uid=uid, binds=binds, env=env, network=True, ro_paths=ro, chdir=SANDBOX_WORK,
                                seccomp_fd=seccomp_fd, started_by_slot_uid=True, source_of=source_of)
-    sources = ",".join(f"rw:{p}" if p == str(conn_dir) else p for p in private)
-    return [sys.executable, "-m", "runflare_server.engine.userns_launcher", view, sources,
-            "--become", str(uid), "--", *usernet.wrap(cmd)]
+    sources = [f"rw:{p}" if p == str(conn_dir) else p for p in private]
+    return policy.network_launch(usernet.wrap(cmd), uid=uid, view_sources=sources)
 
 
 def _private_ancestor(path: str) -> str | None:

@@ -22,6 +22,7 @@ import logging
 import os
 import pwd
 import shutil
+import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,7 @@ from pathlib import Path
 from . import seccomp
 
 log = logging.getLogger(__name__)
+_SERVER_DIR = str(Path(__file__).resolve().parents[2])  # .../server: what imports runflare_server
 
 UIDS_ENV = "RUNFLARE_SANDBOX_UIDS"  # "BASE:COUNT", the same name as the server setting sandbox_uids
 DEFAULT_UIDS = "1900000000:65536"  # far above real accounts (and above the usual /etc/subuid ranges)
@@ -286,6 +288,20 @@ def bwrap_command(argv: list[str], *, uid: int | None, binds: list[str], env: Ma
         cmd += ["--ro-bind", usernet.resolv_conf_path(), "/etc/resolv.conf"]
     prefix = drop_to(uid) if uid is not None and privileged else []
     return [*cmd, "--", *prefix, *argv]
+
+
+def network_launch(argv: list[str], *, uid: int, view_sources: list[str]) -> list[str]:
+    """Run ``argv`` (``network.wrap`` around an unprivileged bubblewrap) as ``uid``, started by root
+    through ``userns_launcher``: it binds ``view_sources`` under ``VIEW_DIR/<n>`` (``rw:`` for writable),
+    where the slot uid can reach them whatever their host parents, then becomes ``uid``."""
+    VIEW_DIR.mkdir(mode=0o755, parents=True, exist_ok=True)
+    return [sys.executable, "-m", "runflare_server.engine.userns_launcher", str(VIEW_DIR), ",".join(view_sources),
+            "--become", str(uid), "--", *argv]
+
+
+def launcher_env() -> dict[str, str]:
+    """The environment of ``userns_launcher`` (outside every sandbox): a PATH and the server's code."""
+    return {"PATH": os.environ.get("PATH", "/usr/local/bin:/usr/bin:/bin"), "PYTHONPATH": _SERVER_DIR}
 
 
 def become(uid: int) -> None:

@@ -157,12 +157,20 @@ def box_path(mode: str, workdir: Path) -> str:
 def _bwrap(argv: list[str], workdir: Path, env: Mapping[str, str], network: bool,
            ro_paths: Iterable[str], uid: int | None, seccomp_fd: int) -> list[str]:
     ro = [p for p in ro_paths if os.path.exists(p)]
-    cmd = policy.bwrap_command(argv, uid=uid, binds=["--bind", str(workdir), BOX], env=env, network=network,
-                               ro_paths=ro, chdir=BOX, seccomp_fd=seccomp_fd, started_by_slot_uid=network)
-    if network:
-        from . import network as usernet
+    if not network:
+        return policy.bwrap_command(argv, uid=uid, binds=["--bind", str(workdir), BOX], env=env, ro_paths=ro,
+                                    chdir=BOX, seccomp_fd=seccomp_fd)
+    from . import network as usernet
 
-        if not usernet.available():
-            raise SandboxUnavailable(f"enable_network needs pasta: {usernet.describe().get('reason')}")
-        cmd = usernet.wrap(cmd)  # run by the slot uid: see policy.become
-    return cmd
+    if not usernet.available():
+        raise SandboxUnavailable(f"enable_network needs pasta: {usernet.describe().get('reason')}")
+    if uid is None or not policy.per_slot_uids():  # an unprivileged server: it is the sandbox's user itself
+        return usernet.wrap(policy.bwrap_command(argv, uid=None, binds=["--bind", str(workdir), BOX], env=env,
+                                                 network=True, ro_paths=ro, chdir=BOX, seccomp_fd=seccomp_fd))
+    # bubblewrap starts as the slot uid here: what it binds is reached through the launcher's view
+    private = [p for p in ro if p not in policy.SYSTEM_DIRS]
+    view = str(policy.VIEW_DIR)
+    cmd = policy.bwrap_command(argv, uid=uid, binds=["--bind", f"{view}/0", BOX], env=env, network=True,
+                               ro_paths=ro, chdir=BOX, seccomp_fd=seccomp_fd, started_by_slot_uid=True,
+                               source_of={p: f"{view}/{n}" for n, p in enumerate(private, 1)})
+    return policy.network_launch(usernet.wrap(cmd), uid=uid, view_sources=[f"rw:{workdir}", *private])

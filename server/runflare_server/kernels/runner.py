@@ -236,7 +236,7 @@ class Runner:
                 cmd, stdin=stdin_arg, stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT if merge_stderr else subprocess.PIPE,
                 pass_fds=(st_w, filter_fd) if filter_fd >= 0 else (st_w,), cwd=workdir, start_new_session=True,
-                env=_outer_env(self.mode, env), preexec_fn=_preexec(limits, cg, self.uid if network and self.mode == "bwrap" else None))
+                env=_outer_env(self.mode, env, network), preexec_fn=rlimit_preexec(limits, cg))
             os.close(st_w)
             st_w = -1
             if filter_fd >= 0:
@@ -500,20 +500,9 @@ def _reap_orphans(timeout: float = 1.0) -> None:
             time.sleep(0.002)
 
 
-def _preexec(limits: Limits, cg: RunCgroup | None, become: int | None) -> Callable[[], None]:
-    """Join the run's cgroup and set its rlimits (as root); for a network run, then become the slot uid,
-    which starts pasta and an unprivileged bubblewrap (see policy.bwrap_command)."""
-    setup = rlimit_preexec(limits, cg)
-    if become is None or not policy.per_slot_uids():
-        return setup
-
-    def setup_and_become() -> None:
-        setup()
-        policy.become(become)
-
-    return setup_and_become
-
-
-def _outer_env(mode: str, env: dict[str, str]) -> dict[str, str]:
-    """The sandbox tool's own environment: nothing of the kernel's (bwrap's init could leak it via /proc)."""
-    return {"PATH": sandbox.DEFAULT_PATH} if mode == "bwrap" else dict(env)
+def _outer_env(mode: str, env: dict[str, str], network: bool = False) -> dict[str, str]:
+    """The sandbox tool's own environment: nothing of the kernel's (bwrap's init could leak it via /proc);
+    a network run's launcher also needs the server's code (it never reaches the sandbox: --clearenv)."""
+    if mode != "bwrap":
+        return dict(env)
+    return policy.launcher_env() if network and policy.per_slot_uids() else {"PATH": sandbox.DEFAULT_PATH}
