@@ -286,3 +286,29 @@ def test_runs_cannot_see_or_leave_anything_for_each_other(check: Engine) -> None
             "print(open('/proc/self/status').read().split('CapEff:')[1].split()[0])")
     second = check.run(code)
     assert second.stdout.splitlines() == ["[False, False, False, False]", "True", "0000000000000000"]
+
+
+def test_process_limit_holds_in_rlimit_only_mode(tmp_path_factory: pytest.TempPathFactory,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without cgroups the limit is RLIMIT_NPROC, counted per uid: it holds because each kernel has its own
+    unprivileged uid (root would ignore it)."""
+    from runflare_server.engine import cgroups
+
+    monkeypatch.setenv("RUNFLARE_CGROUPS", "off")
+    cgroups._detect.cache_clear()
+    e = Engine(tmp_path_factory.mktemp("rt-rlimit"))
+    try:
+        assert e.engine.health()["cgroups"] == "rlimit"
+        code = ("import errno, os, time\nkids = []\nwhile True:\n    try:\n        pid = os.fork()\n"
+                "    except OSError as err:\n        print('refused after', len(kids), errno.errorcode[err.errno])\n"
+                "        break\n    if pid == 0:\n        time.sleep(30)\n        os._exit(0)\n    kids.append(pid)\n"
+                "for k in kids:\n    os.kill(k, 9)\n")
+        # (without cgroups, memory is the sum of RSS: copy-on-write children count in full, so room for it)
+        result = e.run(code, limits=Limits(max_processes_and_or_threads=12, memory_limit=512_000, wall_time_limit=10.0))
+        words = result.stdout.split()
+        assert words[:2] == ["refused", "after"] and words[3] == "EAGAIN", result
+        assert int(words[2]) < 12  # the kernel's own threads count too
+    finally:
+        e.close()
+        monkeypatch.undo()
+        cgroups._detect.cache_clear()
