@@ -10,11 +10,29 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
+
+T = TypeVar("T")
+
+
+def wait_until(predicate: Callable[[], T], timeout: float = 60, interval: float = 0.05,
+               message: str = "") -> T:
+    """Poll `predicate` until it returns something truthy, and return that. The timeout is only a bound
+    for a broken run (it fails the test), never a measurement: tests wait for a state, not for a time."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"not true within {timeout} s: {message or getattr(predicate, '__name__', predicate)}"
+                                 f" (last value {value!r})")
+        time.sleep(interval)
 
 
 def free_port() -> int:

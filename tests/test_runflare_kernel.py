@@ -11,6 +11,7 @@ import unittest
 from pathlib import Path
 
 import jupyter_kernel_test
+import pytest
 from jupyter_client.kernelspec import KernelSpecManager
 from jupyter_client.manager import start_new_kernel
 
@@ -19,15 +20,17 @@ from runflare_server.kernels.install import install_kernelspecs
 
 AVAILABLE = {info.id for info in languages.language_infos()}
 _PREFIX = tempfile.TemporaryDirectory(prefix="runflare-kernelspecs-")
+_ENV = pytest.MonkeyPatch()  # undone in tearDownModule: the suite's environment is left as it was
 
 
 def setUpModule() -> None:
     install_kernelspecs(prefix=_PREFIX.name)
-    os.environ["JUPYTER_PATH"] = os.pathsep.join(
-        p for p in (str(Path(_PREFIX.name) / "share" / "jupyter"), os.environ.get("JUPYTER_PATH")) if p)
+    _ENV.setenv("JUPYTER_PATH", os.pathsep.join(
+        p for p in (str(Path(_PREFIX.name) / "share" / "jupyter"), os.environ.get("JUPYTER_PATH")) if p))
 
 
 def tearDownModule() -> None:
+    _ENV.undo()
     _PREFIX.cleanup()
 
 
@@ -85,8 +88,10 @@ class EngineMetadataTests(unittest.TestCase):
             if m["msg_type"] == "status" and m["content"]["execution_state"] == "idle":
                 break
             iopub.append(m)
-        reply = self.kc.get_shell_msg(timeout=60)
-        return reply, iopub
+        while True:  # the reply to this request: a stray one (from an earlier test, a timeout) is not it
+            reply = self.kc.get_shell_msg(timeout=60)
+            if reply["parent_header"].get("msg_id") == msg["header"]["msg_id"]:
+                return reply, iopub
 
     def test_language_stdin_args_in_metadata(self):
         if 46 not in AVAILABLE:
@@ -116,6 +121,12 @@ class EngineMetadataTests(unittest.TestCase):
         rf = reply["metadata"]["runflare"]
         self.assertEqual(rf["outcome"], "compile_error")
         self.assertIn("error", rf["compile_output"])
+
+    def test_a_stray_reply_is_not_taken_for_the_next_one(self):
+        self.kc.execute("print('stray')", silent=True)  # its reply is never read here
+        reply, iopub = self.execute("print('mine')", language_id=71)
+        self.assertEqual(base64.b64decode(reply["metadata"]["runflare"]["stdout_b64"]), b"mine\n")
+        self.assertEqual([m["content"]["text"] for m in iopub if m["msg_type"] == "stream"], ["mine\n"])
 
     def test_kernelspecs_installed_for_available_languages(self):
         specs = KernelSpecManager().find_kernel_specs()
