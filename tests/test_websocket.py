@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+import signal
 import socket
 import time
 
 import pytest
-from conftest import start_server
+from conftest import start_server, wait_until
 from http_client import get, post
 from tornado.websocket import websocket_connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
@@ -38,7 +39,12 @@ def events_only(messages: list[dict]) -> list[dict]:
 
 
 def test_lines_arrive_live_before_the_end(live_server):
-    token = post(f"{live_server.api}/submissions", TICKER).json["token"]
+    # The program prints half its lines, then waits for a line of stdin that the test sends only once the
+    # first chunk is here: the run is certainly still going (status 2) when that chunk arrives.
+    src = ("for i in range(4):\n    print('line', i, flush=True)\ninput()\n"
+           "for i in range(4, 8):\n    print('line', i, flush=True)\n")
+    token = post(f"{live_server.api}/submissions", {"source_code": src, "language_id": 71,
+                                                    "interactive": True}).json["token"]
     chunks = []
     with connect(ws_url(live_server, token)) as ws:
         first = json.loads(ws.recv(timeout=30))
@@ -49,8 +55,9 @@ def test_lines_arrive_live_before_the_end(live_server):
                 assert key in message
             if message.get("stream") == "stdout":
                 chunks.append(message["text"])
-                if len(chunks) == 1:  # the program is still running when its first line reaches us
+                if len(chunks) == 1:  # the program waits for us, so it is still running
                     assert get(f"{live_server.api}/submissions/{token}").json["status"]["id"] == 2
+                    ws.send(json.dumps({"type": "stdin", "data": "go\n", "eof": True}))
             if message["type"] == "status_update" and message["status"]["id"] >= 3:
                 final = message
                 break
@@ -142,10 +149,7 @@ def test_client_that_leaves_mid_run_does_not_stop_it(live_server):
     with connect(ws_url(live_server, token)) as ws:
         while json.loads(ws.recv(timeout=30)).get("stream") != "stdout":
             pass
-    deadline = time.monotonic() + 60
-    while (sub := get(f"{live_server.api}/submissions/{token}").json)["status"]["id"] < 3:
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    sub = wait_until(lambda: (s := get(f"{live_server.api}/submissions/{token}").json)["status"]["id"] >= 3 and s)
     assert sub["status"]["id"] == 3 and sub["stdout"].count("\n") == 8
 
 
@@ -189,14 +193,21 @@ def test_token_as_query_parameter(tight_server):
 
 
 def test_idle_connection_is_closed(tight_server):
-    src = "import time; time.sleep(8)"
-    token = post(f"{tight_server.api}/submissions", {"source_code": src, "language_id": 71,
-                                                      "wall_time_limit": 10},
-                 headers={"X-Auth-Token": "tok"}).json["token"]
+    # The program waits for stdin that only comes after the socket has been closed: whenever the idle
+    # sweep runs, the run is still going, so the close can only be the idle one.
+    auth = {"X-Auth-Token": "tok"}
+    token = post(f"{tight_server.api}/submissions", {"source_code": "print(input())", "language_id": 71,
+                                                      "interactive": True, "wall_time_limit": 20},
+                 headers=auth).json["token"]
     with connect(ws_url(tight_server, token, "?X-Auth-Token=tok")) as ws:
-        messages = read_all(ws, limit=7)  # closed for idleness long before the program ends
+        messages = read_all(ws)
+    assert ws.close_code == 1000 and ws.close_reason == "idle"
     assert not any(m["type"] == "status_update" and m["status"]["id"] >= 3 for m in messages)
-    assert ws.close_code == 1000
+    assert get(f"{tight_server.api}/submissions/{token}", headers=auth).json["status"]["id"] == 2
+    with connect(ws_url(tight_server, token, "?X-Auth-Token=tok")) as ws:  # let it finish
+        ws.send(json.dumps({"type": "stdin", "data": "bye\n", "eof": True}))
+        final = read_all(ws)[-1]
+    assert final["status"]["id"] == 3 and final["data"]["stdout"] == "bye\n"
 
 
 def test_slow_consumer_is_closed_with_1013_and_can_resume(tight_server):
@@ -282,3 +293,23 @@ def test_socket_wait_and_polling_agree(live_server):
     assert final["status"]["id"] == waited["status"]["id"] == polled["status"]["id"] == 11
     for key in ("stdout", "stderr", "exit_code", "time"):
         assert final["data"][key] == waited[key] == polled[key]
+
+
+def test_server_shutdown_closes_sockets_with_1001(tmp_path):
+    """SIGTERM: the server drains (up to its drain timeout), then closes every socket with 1001 (going away);
+    a run that outlasts the drain is left to re-queue on the next start."""
+    server = start_server(tmp_path, env={"RUNFLARE_KERNEL_POOL": "{}", "RUNFLARE_MAX_WALL_TIME_LIMIT": "120"})
+    try:
+        token = post(f"{server.api}/submissions", {"source_code": "input()", "language_id": 71,
+                                                   "interactive": True, "wall_time_limit": 120}).json["token"]
+        with connect(ws_url(server, token)) as ws:
+            while json.loads(ws.recv(timeout=60)).get("stage") != "running":
+                pass
+            server.process.send_signal(signal.SIGTERM)
+            with pytest.raises(ConnectionClosed):
+                while True:
+                    ws.recv(timeout=90)
+        assert ws.close_code == 1001, (ws.close_code, ws.close_reason)
+        assert server.process.wait(60) == 0
+    finally:
+        server.stop()
