@@ -80,6 +80,7 @@ def test_queue_full_is_503(locked_server):
     assert post(f"{api}/submissions", sleeper, headers=auth).status == 201
     full = post(f"{api}/submissions", sleeper, headers=auth)
     assert full.status == 503 and full.json == {"error": "queue is full"}
+    assert full.headers["Retry-After"].isdigit() and int(full.headers["Retry-After"]) > 0
 
 
 def test_maintenance_mode(tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import re
 from datetime import datetime, timezone
 from typing import Any
 
@@ -45,48 +46,78 @@ class SubmissionCreate(BaseModel):
     interactive: bool | None = Field(None, description="(RF) stdin comes from the WebSocket")
 
 
-class SubmissionView(BaseModel):
-    """A submission as GET returns it with fields=* (each field may be left out by `fields`)."""
+class LanguageRef(BaseModel):
+    """`language` in a submission: Judge0's {id, name} (id null for a kernel run named by `kernel` alone)."""
 
-    token: str
-    source_code: str | None = None
-    language_id: int | None = None
+    model_config = ConfigDict(extra="forbid")
+
+    id: int | None
+    name: str
+
+
+class StatusModel(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    id: int
+    description: str
+
+
+class SubmissionView(BaseModel):
+    """A submission as GET returns it. `fields` picks which keys come, so none is required; `fields=*` gives
+    exactly Judge0's 35 (JUDGE0_FIELDS), the (RF) ones come only when named. A type without `| None` is
+    never null."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    source_code: str = Field(None, description="The program (base64 when base64_encoded=true)")
+    language_id: int | None = Field(None, description="null for a kernel run named by `kernel` alone")
     stdin: str | None = None
     expected_output: str | None = None
     stdout: str | None = None
-    stderr: str | None = None
-    compile_output: str | None = None
-    message: str | None = None
-    status_id: int | None = None
-    status: dict[str, Any] | None = Field(None, description='{"id": 3, "description": "Accepted"}')
-    language: dict[str, Any] | None = Field(None, description='{"id": 71, "name": "Python (3.11.7)"}')
-    created_at: str | None = None
+    status_id: int = None  # type: ignore[assignment]
+    created_at: str = Field(None, description="ISO 8601, UTC, milliseconds: 2026-11-25T10:00:00.123Z")
     finished_at: str | None = None
-    time: str | None = Field(None, description='CPU seconds, "0.012"')
-    wall_time: str | None = None
-    memory: int | None = Field(None, description="KB")
+    time: str | None = Field(None, description='CPU seconds, "0.012"; null until finished')
+    memory: int | None = Field(None, description="KB; null until finished")
+    stderr: str | None = None
+    token: str = None  # type: ignore[assignment]
+    number_of_runs: int = None  # type: ignore[assignment]
+    cpu_time_limit: str = Field(None, description='seconds, a decimal string: "5.0"')
+    cpu_extra_time: str = Field(None, description='seconds, a decimal string: "1.0"')
+    wall_time_limit: str = Field(None, description='seconds, a decimal string: "10.0"')
+    memory_limit: int = Field(None, description="KB")
+    stack_limit: int = Field(None, description="KB")
+    max_processes_and_or_threads: int = None  # type: ignore[assignment]
+    enable_per_process_and_thread_time_limit: bool = None  # type: ignore[assignment]
+    enable_per_process_and_thread_memory_limit: bool = None  # type: ignore[assignment]
+    max_file_size: int = Field(None, description="KB")
+    compile_output: str | None = None
     exit_code: int | None = None
     exit_signal: int | None = None
-    number_of_runs: int | None = None
-    cpu_time_limit: str | None = None
-    cpu_extra_time: str | None = None
-    wall_time_limit: str | None = None
-    memory_limit: int | None = None
-    stack_limit: int | None = None
-    max_processes_and_or_threads: int | None = None
-    enable_per_process_and_thread_time_limit: bool | None = None
-    enable_per_process_and_thread_memory_limit: bool | None = None
-    max_file_size: int | None = None
+    message: str | None = None
+    wall_time: str | None = Field(None, description='wall seconds, "0.031"; null until finished')
     compiler_options: str | None = None
     command_line_arguments: str | None = None
-    redirect_stderr_to_stdout: bool | None = None
+    redirect_stderr_to_stdout: bool = None  # type: ignore[assignment]
     callback_url: str | None = None
     additional_files: str | None = None
-    enable_network: bool | None = None
-    kernel: str | None = None
-    interactive: bool | None = None
-    outputs: list[dict[str, Any]] | None = Field(None, description="(RF) rich displays {data, metadata}")
-    session: dict[str, Any] | None = Field(None, description="(RF) the kernel that ran it")
+    enable_network: bool = None  # type: ignore[assignment]
+    status: StatusModel = Field(None, description='{"id": 3, "description": "Accepted"}')
+    language: LanguageRef | None = Field(None, description='{"id": 71, "name": "Python (3.11.7)"}')
+    # (RF) fields: only when named in `fields`.
+    kernel: str | None = Field(None, description="(RF) the kernelspec of a kernel run named by `kernel`")
+    interactive: bool = Field(None, description="(RF) stdin comes from the WebSocket")
+    outputs: list[dict[str, Any]] = Field(None, description="(RF) rich displays [{data: {mime: value}, metadata}]")
+    session: dict[str, Any] = Field(None, description="(RF) how it ran: {kind: program|kernel, ...}")
+
+
+class NotUtf8View(BaseModel):
+    """What GET gives instead of a submission whose text is not UTF-8 when base64_encoded is not true."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    token: str
+    error: str
 
 
 class BatchCreate(BaseModel):
@@ -103,16 +134,22 @@ class Language(BaseModel):
     kernel: str | None = None
 
 
-class StatusModel(BaseModel):
-    id: int
-    description: str
-
-
 class ErrorBody(BaseModel):
     error: str
 
 
-ALL_FIELDS = list(SubmissionView.model_fields)
+# Judge0's `fields=*`: exactly these 35 keys (judge0-reference.md), in Judge0's order.
+JUDGE0_FIELDS = [
+    "source_code", "language_id", "stdin", "expected_output", "stdout", "status_id", "created_at", "finished_at",
+    "time", "memory", "stderr", "token", "number_of_runs", "cpu_time_limit", "cpu_extra_time", "wall_time_limit",
+    "memory_limit", "stack_limit", "max_processes_and_or_threads", "enable_per_process_and_thread_time_limit",
+    "enable_per_process_and_thread_memory_limit", "max_file_size", "compile_output", "exit_code", "exit_signal",
+    "message", "wall_time", "compiler_options", "command_line_arguments", "redirect_stderr_to_stdout",
+    "callback_url", "additional_files", "enable_network", "status", "language",
+]
+RF_FIELDS = ["kernel", "interactive", "outputs", "session"]  # (RF): only when named
+ALL_FIELDS = JUDGE0_FIELDS + RF_FIELDS
+assert set(SubmissionView.model_fields) == set(ALL_FIELDS), "SubmissionView and ALL_FIELDS disagree"
 DEFAULT_FIELDS = ["token", "time", "memory", "stdout", "stderr", "compile_output", "message", "status"]
 TEXT_FIELDS = ("source_code", "stdin", "expected_output")
 ENCODED_OUT = ("source_code", "stdin", "expected_output", "stdout", "stderr", "compile_output", "message")
@@ -243,17 +280,30 @@ class SubmissionRules:
         return (None, errors) if errors else (data, {})
 
 
+# What `fields` may be: names from ALL_FIELDS or `*`, separated by commas (spaces and empty items ignored).
+# The server checks it with this pattern (re.search, as a JSON Schema validator does) and the OpenAPI
+# description declares it, so both say the same.
+FIELDS_PATTERN = "^[ ,]*(?:(?:\\*|" + "|".join(sorted(ALL_FIELDS, key=len, reverse=True)) + ") *(?:,[ ,]*|$))*$"
+
+
 def parse_fields(raw: str | None) -> list[str]:
-    """The `fields` query parameter; raises ValueError("invalid fields: [..]") for unknown names."""
-    if not raw:
+    """The `fields` query parameter; raises ValueError("invalid fields: [..]") for unknown names.
+
+    `*` stands for Judge0's 35 keys; (RF) fields come only when named (`*,outputs,session`)."""
+    raw = raw or ""
+    if "\n" in raw or not re.search(FIELDS_PATTERN, raw):  # `$` ends the text (as in JSON Schema's ECMA regex)
+        names = [name.strip(" ") for name in raw.split(",") if name.strip(" ")]
+        unknown = [name for name in names if name != "*" and name not in ALL_FIELDS]
+        raise ValueError(f"invalid fields: [{', '.join(unknown or names)}]")
+    names = [name.strip(" ") for name in raw.split(",") if name.strip(" ")]
+    if not names:
         return DEFAULT_FIELDS
-    if raw.strip() == "*":
-        return ALL_FIELDS
-    names = [name.strip() for name in raw.split(",") if name.strip()]
-    unknown = [name for name in names if name not in ALL_FIELDS]
-    if unknown:
-        raise ValueError(f"invalid fields: [{', '.join(unknown)}]")
-    return names
+    chosen: list[str] = []
+    for name in names:
+        for one in JUDGE0_FIELDS if name == "*" else [name]:
+            if one not in chosen:
+                chosen.append(one)
+    return chosen
 
 
 def iso(ts: float | None) -> str | None:

@@ -36,22 +36,25 @@ class HomeHandler(web.RequestHandler):
         self.finish(page.read_bytes())
 
 
+# The route table: (OpenAPI path, URL pattern, handler). It serves the requests and, through
+# openapi.build_openapi, is what /api/v1/openapi.json describes; order matters (first match wins).
+ROUTES: list[tuple[str, str, type]] = [
+    ("/", r"/", HomeHandler),
+    ("/api/v1/submissions", r"/api/v1/submissions/?", SubmissionsHandler),
+    ("/api/v1/submissions/batch", r"/api/v1/submissions/batch/?", BatchHandler),
+    ("/api/v1/submissions/{token}/ws", r"/api/v1/submissions/" + TOKEN + r"/ws/?", SubmissionSocket),
+    ("/api/v1/submissions/{token}", r"/api/v1/submissions/" + TOKEN + r"/?", SubmissionHandler),
+    ("/api/v1/languages", r"/api/v1/languages/?", LanguagesHandler),
+    ("/api/v1/languages/all", r"/api/v1/languages/all/?", AllLanguagesHandler),
+    ("/api/v1/languages/{id}", r"/api/v1/languages/(0|[1-9][0-9]*)/?", LanguageHandler),
+    ("/api/v1/statuses", r"/api/v1/statuses/?", StatusesHandler),
+    ("/api/v1/about", r"/api/v1/about/?", AboutHandler),
+    ("/api/v1/config_info", r"/api/v1/config_info/?", ConfigInfoHandler),
+    ("/api/v1/health", r"/api/v1/health/?", HealthHandler),
+    ("/api/v1/openapi.json", r"/api/v1/openapi.json", OpenApiHandler),
+]
+
+
 def make_app(service: Service) -> web.Application:
-    prefix = "/api/v1"
-    routes = [
-        (r"/", HomeHandler),
-        (prefix + r"/submissions/?", SubmissionsHandler),
-        (prefix + r"/submissions/batch/?", BatchHandler),
-        (prefix + r"/submissions/" + TOKEN + r"/ws/?", SubmissionSocket),
-        (prefix + r"/submissions/" + TOKEN + r"/?", SubmissionHandler),
-        (prefix + r"/languages/?", LanguagesHandler),
-        (prefix + r"/languages/all/?", AllLanguagesHandler),
-        (prefix + r"/languages/(\d+)/?", LanguageHandler),
-        (prefix + r"/statuses/?", StatusesHandler),
-        (prefix + r"/about/?", AboutHandler),
-        (prefix + r"/config_info/?", ConfigInfoHandler),
-        (prefix + r"/health/?", HealthHandler),
-        (prefix + r"/openapi.json", OpenApiHandler),
-    ]
-    return web.Application(routes, service=service, default_handler_class=NotFoundHandler,
-                           **websocket_settings(service.settings))
+    return web.Application([(pattern, handler) for _, pattern, handler in ROUTES], service=service,
+                           default_handler_class=NotFoundHandler, **websocket_settings(service.settings))

@@ -4,20 +4,25 @@ from __future__ import annotations
 
 import hmac
 import json
+import re
 from typing import Any
 
 from tornado import web
 
 from ..service import Service
 
+MAINTENANCE_RETRY_AFTER = 60  # seconds a client waits before retrying in maintenance mode
+QUEUE_FULL_RETRY_AFTER = 5  # seconds a client waits before retrying when the queue is full
+
 
 class ApiError(Exception):
-    """An error answer: status code and JSON body (None = empty body)."""
+    """An error answer: status code, JSON body (None = empty body) and headers (Allow, Retry-After)."""
 
-    def __init__(self, status: int, body: Any = None):
+    def __init__(self, status: int, body: Any = None, headers: dict[str, str] | None = None):
         super().__init__(status)
         self.status = status
         self.body = body
+        self.headers = headers or {}
 
 
 def allowed_origin(origins: list[str], origin: str | None) -> str | None:
@@ -26,6 +31,20 @@ def allowed_origin(origins: list[str], origin: str | None) -> str | None:
     if "*" in origins or origin in origins:
         return origin
     return None
+
+
+INTEGER = re.compile(r"-?(?:0|[1-9][0-9]*)\Z")  # an integer as JSON writes it (no +, spaces or leading zeros)
+
+
+def raw_query(request: Any, name: str, default: str | None = None) -> str | None:
+    """The last value of a query parameter, undecoded by Tornado's getters; 400 when it is not UTF-8."""
+    values = request.query_arguments.get(name)
+    if not values:
+        return default
+    try:
+        return values[-1].decode("utf-8")
+    except UnicodeDecodeError:
+        raise ApiError(400, {"error": f"{name} is not UTF-8"}) from None
 
 
 def one_of(value: str | None, allowed: list[str]) -> bool:
@@ -46,6 +65,21 @@ def check_auth(service: Service, request: Any, needs_user: bool) -> None:
         raise ApiError(401)
     if needs_user and not one_of(value("X-Auth-User"), settings.authz_users):
         raise ApiError(403)
+
+
+HTTP_METHODS = ("GET", "HEAD", "POST", "DELETE", "PATCH", "PUT", "OPTIONS")
+
+
+def implemented_methods(handler: type[web.RequestHandler]) -> set[str]:
+    """The methods a handler class answers (the others are 405 with `Allow` naming these)."""
+    return {m for m in HTTP_METHODS
+            if getattr(handler, m.lower(), None) is not getattr(web.RequestHandler, m.lower(), None)}
+
+
+def method_not_allowed(handler: web.RequestHandler) -> None:
+    """405 with `Allow` (RFC 9110) and a JSON body, for a method the route does not have."""
+    raise ApiError(405, {"error": f"method {handler.request.method} not allowed"},
+                   {"Allow": ", ".join(sorted(implemented_methods(type(handler))))})
 
 
 @web.stream_request_body
@@ -76,11 +110,13 @@ class BaseHandler(web.RequestHandler):
 
     def prepare(self) -> None:
         self.chunks: list[bytes] = []
+        if self.request.method not in implemented_methods(type(self)):
+            method_not_allowed(self)
         if self.request.method == "OPTIONS":
             return
         check_auth(self.service, self.request, self.request.method in self.needs_user)
         if self.request.method in ("POST", "PUT", "DELETE") and self.service.settings.maintenance_mode:
-            raise ApiError(503, {"error": "maintenance mode is on"})
+            raise ApiError(503, {"error": "maintenance mode is on"}, {"Retry-After": str(MAINTENANCE_RETRY_AFTER)})
         limit = self.service.settings.max_body_size
         if int(self.request.headers.get("Content-Length") or 0) > limit:
             raise ApiError(413, {"error": f"body larger than {limit} bytes"})
@@ -102,8 +138,26 @@ class BaseHandler(web.RequestHandler):
         except (ValueError, UnicodeDecodeError) as exc:
             raise ApiError(400, {"error": f"malformed JSON: {exc}"}) from None
 
+    def query(self, name: str, default: str | None = None) -> str | None:
+        """A query parameter exactly as sent (its last value): Tornado's own getters strip whitespace and turn
+        control characters into spaces, which would accept values the OpenAPI description rules out."""
+        return raw_query(self.request, name, default)
+
+    def integer(self, name: str, default: int) -> int:
+        """An integer query parameter, written as JSON writes one; else 400."""
+        value = self.query(name)
+        if value is None:
+            return default
+        if not INTEGER.match(value):
+            raise ApiError(400, {"error": f"{name} must be an integer"})
+        return int(value)
+
     def flag(self, name: str) -> bool:
-        return self.get_query_argument(name, "false").lower() in ("true", "1", "yes")
+        """A boolean query parameter: `true` or `false`, as Judge0 reads them (absent: false); else 400."""
+        value = self.query(name, "false")
+        if value not in ("true", "false"):
+            raise ApiError(400, {"error": f"{name} must be true or false"})
+        return value == "true"
 
     def send(self, body: Any, status: int = 200) -> None:
         self.set_status(status)
@@ -115,6 +169,8 @@ class BaseHandler(web.RequestHandler):
                 return
             self.clear()
             self.set_default_headers()
+            for name, value in e.headers.items():
+                self.set_header(name, value)
             self.set_status(e.status)
             if e.body is None:
                 self.clear_header("Content-Type")
@@ -126,10 +182,13 @@ class BaseHandler(web.RequestHandler):
 
     def write_error(self, status_code: int, **kwargs: Any) -> None:
         """Unexpected failures: a JSON error, never a traceback."""
+        if status_code == 405:  # a method Tornado refuses before prepare (TRACE, CONNECT): Allow as well
+            self.set_header("Allow", ", ".join(sorted(implemented_methods(type(self)))))
         reason = self._reason if status_code < 500 else "internal server error"
         self.finish(json.dumps({"error": reason}))
 
 
 class NotFoundHandler(BaseHandler):
     def prepare(self) -> None:
+        self.chunks = []
         raise ApiError(404, {"error": "Not Found"})

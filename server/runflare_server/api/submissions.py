@@ -6,7 +6,7 @@ from typing import Any
 
 from ..models import NotUtf8, parse_fields, render
 from ..submissions import QueueFull
-from .base import ApiError, BaseHandler
+from .base import QUEUE_FULL_RETRY_AFTER, ApiError, BaseHandler
 
 NOT_UTF8 = ("some attributes for this submission cannot be converted to UTF-8, "
             "use base64_encoded=true query parameter")
@@ -14,14 +14,16 @@ NOT_UTF8 = ("some attributes for this submission cannot be converted to UTF-8, "
 
 class SubmissionHandlerBase(BaseHandler):
     def fields(self) -> list[str]:
+        """`fields`, and `base64_encoded` checked with it (400 for either before any work)."""
+        self.base64_encoded = self.flag("base64_encoded")
         try:
-            return parse_fields(self.get_query_argument("fields", None))
+            return parse_fields(self.query("fields"))
         except ValueError as exc:
             raise ApiError(400, {"error": str(exc)}) from None
 
     def view(self, sub: dict[str, Any], fields: list[str]) -> dict[str, Any]:
         try:
-            return render(sub, fields, self.flag("base64_encoded"), self.service.language_names)
+            return render(sub, fields, self.base64_encoded, self.service.language_names)
         except NotUtf8:
             return {"token": sub["token"], "error": NOT_UTF8}
 
@@ -34,7 +36,7 @@ class SubmissionHandlerBase(BaseHandler):
         try:
             return await self.service.submissions.create_many(bodies, self.flag("base64_encoded"))
         except QueueFull:
-            raise ApiError(503, {"error": "queue is full"}) from None
+            raise ApiError(503, {"error": "queue is full"}, {"Retry-After": str(QUEUE_FULL_RETRY_AFTER)}) from None
 
 
 class SubmissionsHandler(SubmissionHandlerBase):
@@ -60,11 +62,8 @@ class SubmissionsHandler(SubmissionHandlerBase):
 
     async def get(self) -> None:
         fields = self.fields()
-        try:
-            page = min(10**9, max(1, int(self.get_query_argument("page", "1"))))
-            per_page = min(100, max(1, int(self.get_query_argument("per_page", "20"))))
-        except ValueError:
-            raise ApiError(400, {"error": "page and per_page must be integers"}) from None
+        page = min(10**9, max(1, self.integer("page", 1)))
+        per_page = min(100, max(1, self.integer("per_page", 20)))
         subs, meta = await self.service.submissions.page(page, per_page)
         self.send({"submissions": [self.view(sub, fields) for sub in subs], "meta": meta})
 
@@ -79,9 +78,9 @@ class SubmissionHandler(SubmissionHandlerBase):
         self.send(self.view(self.lookup(await self.service.submissions.get(token)), fields))
 
     async def delete(self, token: str) -> None:
+        fields = self.fields()
         if not self.service.settings.enable_submission_delete:
             raise ApiError(400, {"error": "delete not allowed"})
-        fields = self.fields()
         sub = self.lookup(await self.service.submissions.get(token))
         if sub["status_id"] <= 2:
             raise ApiError(400, {"error": "submission cannot be deleted because it is queued or running"})
@@ -94,6 +93,7 @@ class BatchHandler(SubmissionHandlerBase):
 
     async def post(self) -> None:
         settings = self.service.settings
+        self.flag("base64_encoded")
         if not settings.enable_batched_submissions:
             raise ApiError(400, {"error": "batched submissions are not allowed"})
         body = self.json_body()
@@ -110,11 +110,11 @@ class BatchHandler(SubmissionHandlerBase):
         if not settings.enable_batched_submissions:
             raise ApiError(400, {"error": "batched submissions are not allowed"})
         fields = self.fields()
-        tokens = [t for t in self.get_query_argument("tokens", "").split(",") if t.strip()]
+        tokens = [t for t in (self.query("tokens") or "").split(",") if t.strip(" ")]
         if not tokens:
             raise ApiError(400, {"error": "there should be at least one token in a batch"})
         if len(tokens) > settings.max_submission_batch_size:
             raise ApiError(400, {"error": "number of tokens in a batch should be less than or equal to "
                                           f"{settings.max_submission_batch_size}"})
-        subs = await self.service.submissions.store.get_many([t.strip() for t in tokens])
+        subs = await self.service.submissions.store.get_many([t.strip(" ") for t in tokens])
         self.send({"submissions": [self.view(sub, fields) if sub else None for sub in subs]})

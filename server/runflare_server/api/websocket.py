@@ -11,7 +11,7 @@ from typing import Any
 from tornado import websocket
 
 from .. import events
-from .base import ApiError, allowed_origin, check_auth
+from .base import INTEGER, ApiError, allowed_origin, check_auth, raw_query
 
 log = logging.getLogger(__name__)
 
@@ -27,20 +27,44 @@ class SubmissionSocket(websocket.WebSocketHandler):
     def service(self) -> Any:
         return self.application.settings["service"]
 
+    def prepare(self) -> None:
+        if self.request.method != "GET":  # 405 with Allow, like every route
+            self.set_header("Allow", "GET")
+            self.answer(405, {"error": f"method {self.request.method} not allowed"})
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        if status_code == 405:
+            self.set_header("Allow", "GET")
+        self.set_header("Content-Type", "application/json; charset=UTF-8")
+        self.finish(json.dumps({"error": self._reason if status_code < 500 else "internal server error"}))
+
+    def answer(self, status: int, body: Any = None) -> None:
+        """A plain HTTP answer before the upgrade: JSON (or an empty body)."""
+        self.set_status(status)
+        if body is None:
+            return self.finish()
+        self.set_header("Content-Type", "application/json; charset=UTF-8")
+        self.finish(json.dumps(body))
+
     async def get(self, token: str, *args: Any, **kwargs: Any) -> None:
         try:
             check_auth(self.service, self.request, needs_user=False)
-            self.since = int(self.get_query_argument("since", "0"))
+            since = raw_query(self.request, "since", "0")
+            if not INTEGER.match(since or ""):
+                raise ValueError(since)
+            self.since = int(since)
         except ApiError as exc:
-            self.set_status(exc.status)
-            return self.finish()
+            return self.answer(exc.status, exc.body)
         except ValueError:
-            self.set_status(400)
-            return self.finish(json.dumps({"error": "since must be an integer"}))
+            return self.answer(400, {"error": "since must be an integer"})
         self.sub = await self.service.submissions.get(token)
         if self.sub is None:
-            self.set_status(404)
-            return self.finish(json.dumps({"error": "Not Found"}))
+            return self.answer(404, {"error": "Not Found"})
+        upgrade = self.request.headers.get("Upgrade", "").lower() == "websocket"
+        connection = "upgrade" in [v.strip().lower() for v in self.request.headers.get("Connection", "").split(",")]
+        if not (upgrade and connection):
+            self.set_header("Upgrade", "websocket")
+            return self.answer(426, {"error": "this route is a WebSocket: send an upgrade request"})
         self.token = token
         await super().get(token, *args, **kwargs)
 

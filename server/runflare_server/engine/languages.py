@@ -48,6 +48,9 @@ LANGUAGES: tuple[Language, ...] = (
     Language(74, "TypeScript (Deno {version})", "script.ts",
              ("deno", "run", "--quiet", "--no-prompt", "--no-config", "--no-lock", "script.ts", "{args}"),
              ("deno", "--version"), r"deno (\S+)", "runflare-typescript",
+             # Judge0 type-checks with tsc: a type error is a Compilation Error (6). `deno check` uses the
+             # TypeScript bundled in the deno binary (no download, works offline); DENO_DIR is the sandbox's /tmp.
+             compile_cmd=("deno", "check", "--quiet", "--no-config", "--no-lock", "{compiler_options}", "script.ts"),
              env={"DENO_DIR": "/tmp/deno", "NO_COLOR": "1", "DENO_NO_UPDATE_CHECK": "1"}),
     Language(46, "Bash ({version})", "script.sh", ("bash", "script.sh", "{args}"),
              ("bash", "--version"), r"version (\d+\.\d+\.\d+)", "runflare-bash"),
