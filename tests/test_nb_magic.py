@@ -104,12 +104,15 @@ def test_args_reach_the_program(ip, py) -> None:
 
 
 def test_widgets_follow_their_own_submissions_while_other_cells_run(ip, py) -> None:
+    # each program waits for a line of stdin, sent only after the checks below: none can have finished
     views = [
-        ip.run_line_magic("runflare", f"-l {py} --var case{i} import time; time.sleep(1); print('case', {i})")
+        ip.run_line_magic("runflare", f"-l {py} --interactive --var case{i} input(); print('case', {i})")
         for i in range(3)
     ]
     assert not any(view.finished for view in views), "returned at once"
     assert ip.run_cell("busy = sum(range(10**6))").success  # the shell stays usable meanwhile
+    for view in reversed(views):
+        view.send_stdin("go\n", eof=True)
     assert wait_all(views, timeout=120)
     for i, view in enumerate(views):
         assert console_text(view) == f"case {i}\n"
