@@ -13,10 +13,9 @@ import json
 import logging
 import socket
 import threading
-import time
 
 import pytest
-from conftest import start_server
+from conftest import start_server, wait_until
 from http_client import get, post
 from tornado.httpserver import HTTPServer
 from tornado.netutil import OverrideResolver, Resolver, bind_sockets
@@ -37,7 +36,8 @@ BODY = {"token": "t0k3n", "status": {"id": 3}}
 
 class Sink:
     """A real Tornado HTTP server on 127.0.0.1 (ephemeral port), in its own thread and loop, recording every
-    connection and request. /redirect answers 307 to /inner."""
+    connection and request. /redirect answers 307 to /inner, /status/N answers N, /drop-first drops its first
+connection without an answer, /hang never answers."""
 
     def __init__(self) -> None:
         self.connections = 0
@@ -51,10 +51,17 @@ class Sink:
         sink = self
 
         class Recorder(RequestHandler):
-            def put(self) -> None:
+            async def put(self) -> None:
                 sink.requests.append((self.request.method, self.request.path, self.request.body))
-                if self.request.path == "/redirect":
+                path = self.request.path
+                if path == "/redirect":
                     self.redirect(f"http://127.0.0.1:{sink.port}/inner", status=307)
+                elif path.startswith("/status/"):
+                    self.set_status(int(path.rsplit("/", 1)[1]))
+                elif path == "/drop-first" and [r[1] for r in sink.requests].count(path) == 1:
+                    self.request.connection.stream.close()  # no answer at all: a connection error
+                elif path == "/hang":
+                    await sink.stopping.wait()  # answers nothing until the sink closes
 
             get = post = put
 
@@ -89,11 +96,11 @@ def sink():
     s.close()
 
 
-def deliver(url: str, allowed: list[str] | None = None, max_tries: int = 3) -> None:
+def deliver(url: str, allowed: list[str] | None = None, max_tries: int = 3, timeout: float = 5.0) -> None:
     """Send one callback through a fresh Callbacks and wait until it is done (sent, refused or given up)."""
 
     async def main() -> None:
-        callbacks = Callbacks(max_tries, 5.0, backoff=0.01, allowed_networks=allowed or [])
+        callbacks = Callbacks(max_tries, timeout, backoff=0.01, allowed_networks=allowed or [])
         callbacks.send(url, BODY)
         await callbacks.drain(30)
 
@@ -143,6 +150,31 @@ def test_redirect_is_not_followed(sink, caplog):
     deliver(sink.url("/redirect"), allowed=["127.0.0.0/8"])
     assert [r[:2] for r in sink.requests] == [("PUT", "/redirect")]  # /inner never asked
     assert any("answered 307" in r.getMessage() for r in callback_records(caplog))
+
+
+@pytest.mark.parametrize("code", [500, 503, 404, 400])
+def test_http_error_answer_is_not_retried(sink, caplog, code):
+    caplog.set_level(logging.INFO, logger="runflare_server.callbacks")
+    deliver(sink.url(f"/status/{code}"), allowed=["127.0.0.0/8"])
+    assert [r[:2] for r in sink.requests] == [("PUT", f"/status/{code}")]  # one try: the receiver answered
+    (record,) = callback_records(caplog)
+    assert record.levelno == logging.WARNING and f"answered {code}" in record.getMessage()
+
+
+def test_connection_dropped_without_answer_is_retried(sink, caplog):
+    caplog.set_level(logging.INFO, logger="runflare_server.callbacks")
+    deliver(sink.url("/drop-first"), allowed=["127.0.0.0/8"])
+    assert [r[:2] for r in sink.requests] == [("PUT", "/drop-first")] * 2  # dropped, then delivered
+    assert sink.requests[1][2] == json.dumps(BODY).encode()
+    assert [r.levelno for r in callback_records(caplog)] == [logging.INFO]  # "failed (try 1)", then sent
+
+
+def test_receiver_that_never_answers_is_tried_max_tries_times(sink, caplog):
+    caplog.set_level(logging.INFO, logger="runflare_server.callbacks")
+    deliver(sink.url("/hang"), allowed=["127.0.0.0/8"], max_tries=2, timeout=0.5)
+    assert [r[:2] for r in sink.requests] == [("PUT", "/hang")] * 2  # each try timed out, then it gave up
+    messages = [r.getMessage() for r in callback_records(caplog)]
+    assert len(messages) == 2 and "failed (try 1)" in messages[0] and "failed (try 2)" in messages[1], messages
 
 
 @pytest.mark.parametrize("make_url", [
@@ -263,10 +295,7 @@ LEAN = {"RUNFLARE_KERNEL_POOL": "{}"}
 
 
 def wait_finished(api: str, token: str) -> None:
-    deadline = time.monotonic() + 60
-    while get(f"{api}/submissions/{token}").json["status"]["id"] < 3:
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    wait_until(lambda: get(f"{api}/submissions/{token}").json["status"]["id"] >= 3)
 
 
 @pytest.mark.slow
@@ -285,10 +314,7 @@ def test_server_refuses_loopback_callbacks_by_default(tmp_path, sink):
         token = post(f"{api}/submissions", {**HELLO, "callback_url": url}).json["token"]
         wait_finished(api, token)
         log_file, expected = tmp_path / "server.log", f"callback {url!r} refused: 'localhost' resolves only to"
-        deadline = time.monotonic() + 30
-        while expected not in log_file.read_text():
-            assert time.monotonic() < deadline, log_file.read_text()[-3000:]
-            time.sleep(0.05)
+        wait_until(lambda: expected in log_file.read_text(), 30, message=expected)
     finally:
         server.stop()
     assert sink.connections == 0 and sink.requests == []
@@ -301,10 +327,7 @@ def test_server_delivers_to_allow_listed_network(tmp_path, sink):
                           env={**LEAN, "RUNFLARE_CALLBACK_ALLOWED_NETWORKS": '["127.0.0.0/8"]'})
     try:
         token = post(f"{server.api}/submissions", {**HELLO, "callback_url": sink.url()}).json["token"]
-        deadline = time.monotonic() + 60
-        while not sink.requests:
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+        wait_until(lambda: sink.requests)
     finally:
         server.stop()
     ((method, path, body),) = sink.requests
