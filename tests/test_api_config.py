@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
-from conftest import free_port, start_server
+from conftest import free_port, start_server, wait_until
 from http_client import call, get, post
+from websockets.exceptions import ConnectionClosed
+from websockets.sync.client import connect
 
 HELLO = {"source_code": 'print("Hello!")', "language_id": 71}
 LEAN = {"RUNFLARE_KERNEL_POOL": "{}"}
@@ -70,17 +71,23 @@ def test_cors(locked_server):
 
 def test_queue_full_is_503(locked_server):
     api, auth = locked_server.api, {"X-Auth-Token": "s3cret"}
-    sleeper = {"source_code": "import time; time.sleep(3)", "language_id": 71}
-    first = post(f"{api}/submissions", sleeper, headers=auth).json["token"]
-    deadline = time.monotonic() + 30
-    while get(f"{api}/submissions/{first}", headers=auth).json["status"]["id"] == 1:
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
-    assert post(f"{api}/submissions", sleeper, headers=auth).status == 201
-    assert post(f"{api}/submissions", sleeper, headers=auth).status == 201
-    full = post(f"{api}/submissions", sleeper, headers=auth)
+    # each program waits for stdin, sent only at the end: the one worker stays busy, the queue stays full
+    waiter = {"source_code": "print(input())", "language_id": 71, "interactive": True}
+    first = post(f"{api}/submissions", waiter, headers=auth).json["token"]
+    wait_until(lambda: get(f"{api}/submissions/{first}", headers=auth).json["status"]["id"] == 2)
+    queued = [post(f"{api}/submissions", waiter, headers=auth) for _ in range(2)]
+    assert [r.status for r in queued] == [201, 201]
+    full = post(f"{api}/submissions", waiter, headers=auth)
     assert full.status == 503 and full.json == {"error": "queue is full"}
     assert full.headers["Retry-After"].isdigit() and int(full.headers["Retry-After"]) > 0
+    for token in [first, *(r.json["token"] for r in queued)]:  # let them all finish, one after the other
+        ws_url = locked_server.url.replace("http://", "ws://") + f"/api/v1/submissions/{token}/ws?X-Auth-Token=s3cret"
+        with connect(ws_url) as ws:
+            ws.send(json.dumps({"type": "stdin", "data": "go\n", "eof": True}))
+            with pytest.raises(ConnectionClosed):  # the socket stays open until the run is over
+                while True:
+                    ws.recv(timeout=60)
+        assert get(f"{api}/submissions/{token}", headers=auth).json["status"]["id"] == 3
 
 
 def test_maintenance_mode(tmp_path):
@@ -97,13 +104,18 @@ def test_maintenance_mode(tmp_path):
 class CallbackSink:
     """A real HTTP server recording the PUTs it receives."""
 
-    def __init__(self, port: int):
+    def __init__(self, port: int, drop_first: int = 0):
         self.received: list[dict] = []
+        self.attempts = 0
         sink = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_PUT(self):
                 body = self.rfile.read(int(self.headers["Content-Length"]))
+                sink.attempts += 1
+                if sink.attempts <= drop_first:  # hang up without an answer: a connection error
+                    self.close_connection = True
+                    return
                 sink.received.append(json.loads(body))
                 self.send_response(200)
                 self.end_headers()
@@ -125,9 +137,7 @@ def test_callback_is_put_with_base64_result(live_server):
     try:
         url = f"http://127.0.0.1:{sink.server.server_port}/done"
         token = post(f"{live_server.api}/submissions", {**HELLO, "callback_url": url}).json["token"]
-        deadline = time.monotonic() + 60
-        while not sink.received and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_until(lambda: sink.received)
         (body,) = sink.received
         assert body["token"] == token and body["status"]["id"] == 3
         import base64
@@ -137,17 +147,38 @@ def test_callback_is_put_with_base64_result(live_server):
 
 
 def test_callback_retried_on_connection_error(live_server):
-    port = free_port()
-    token = post(f"{live_server.api}/submissions",
-                 {**HELLO, "callback_url": f"http://127.0.0.1:{port}/late"}).json["token"]
-    deadline = time.monotonic() + 60
-    while get(f"{live_server.api}/submissions/{token}").json["status"]["id"] < 3:
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
-    sink = CallbackSink(port)  # the first try found nothing listening
+    sink = CallbackSink(free_port(), drop_first=1)  # the first try is hung up on without an answer
     try:
-        while not sink.received and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert sink.received and sink.received[0]["token"] == token
+        url = f"http://127.0.0.1:{sink.server.server_port}/late"
+        token = post(f"{live_server.api}/submissions", {**HELLO, "callback_url": url}).json["token"]
+        wait_until(lambda: sink.received)
+        assert sink.attempts == 2 and [b["token"] for b in sink.received] == [token]
     finally:
         sink.close()
+
+
+def test_callback_answered_500_is_not_retried(live_server):
+    class Failing(BaseHTTPRequestHandler):
+        def do_PUT(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            failing.attempts += 1
+            self.send_response(500)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    failing = HTTPServer(("127.0.0.1", 0), Failing)
+    failing.attempts = 0
+    threading.Thread(target=failing.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{failing.server_port}/fail"
+    try:
+        post(f"{live_server.api}/submissions", {**HELLO, "callback_url": url})
+        log = live_server.data_dir / "server.log"
+        # "answered 500" is logged where the sender gives up on the URL (a retry would log "failed (try 1)")
+        wait_until(lambda: f"callback {url!r} answered 500" in log.read_text())
+        assert failing.attempts == 1
+        assert f"callback {url!r} failed" not in log.read_text()
+    finally:
+        failing.shutdown()
+        failing.server_close()
