@@ -44,13 +44,18 @@ class Engine:
 
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Engine]:
-    if "bash" not in installed_kernelspecs():
-        install_kernelspecs()
-    os.environ[SECRET_ENV] = "s3cr3t-env"
-    e = Engine(tmp_path_factory.mktemp("rt"))
-    yield e
-    e.close()
-    os.environ.pop(SECRET_ENV, None)
+    with pytest.MonkeyPatch.context() as mp:  # undone however the module ends
+        if "bash" not in installed_kernelspecs():  # into a temp prefix, never this interpreter's
+            prefix = tmp_path_factory.mktemp("kernelspecs")
+            install_kernelspecs(prefix=str(prefix))
+            mp.setenv("JUPYTER_PATH", os.pathsep.join(
+                filter(None, [str(prefix / "share" / "jupyter"), os.environ.get("JUPYTER_PATH")])))
+        mp.setenv(SECRET_ENV, "s3cr3t-env")
+        e = Engine(tmp_path_factory.mktemp("rt"))
+        try:
+            yield e
+        finally:
+            e.close()
 
 
 def leftovers(engine: Engine) -> list[str]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import os
 import re
 from collections.abc import Iterator
 
@@ -37,12 +38,18 @@ class Engine:
 
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Engine]:
-    if "bash" not in installed_kernelspecs():
-        install_kernelspecs()
-    e = Engine(pool_sizes={"python3": 2}, runtime_dir=tmp_path_factory.mktemp("rt"))
-    e.loop.run_until_complete(e.engine.wait_ready(60))
-    yield e
-    e.close()
+    with pytest.MonkeyPatch.context() as mp:  # undone however the module ends
+        if "bash" not in installed_kernelspecs():  # into a temp prefix, never this interpreter's
+            prefix = tmp_path_factory.mktemp("kernelspecs")
+            install_kernelspecs(prefix=str(prefix))
+            mp.setenv("JUPYTER_PATH", os.pathsep.join(
+                filter(None, [str(prefix / "share" / "jupyter"), os.environ.get("JUPYTER_PATH")])))
+        e = Engine(pool_sizes={"python3": 2}, runtime_dir=tmp_path_factory.mktemp("rt"))
+        try:
+            e.loop.run_until_complete(e.engine.wait_ready(60))
+            yield e
+        finally:
+            e.close()
 
 
 def test_languages_and_kernelspecs(engine: Engine) -> None:

@@ -635,15 +635,21 @@ class KernelEngine:
 
 
 @pytest.fixture(scope="module")
-def kernels(env):
+def kernels(env, tmp_path_factory):
     from runflare_server.engine.kernel_pool import installed_kernelspecs
     from runflare_server.engine.kernel_runs import install_kernelspecs
 
-    if "python3" not in installed_kernelspecs():
-        install_kernelspecs()
-    k = KernelEngine()
-    yield k
-    k.close()
+    with pytest.MonkeyPatch.context() as mp:  # undone however the module ends
+        if "python3" not in installed_kernelspecs():  # into a temp prefix, never this interpreter's
+            prefix = tmp_path_factory.mktemp("kernelspecs")
+            install_kernelspecs(prefix=str(prefix))
+            mp.setenv("JUPYTER_PATH", os.pathsep.join(
+                filter(None, [str(prefix / "share" / "jupyter"), os.environ.get("JUPYTER_PATH")])))
+        k = KernelEngine()
+        try:
+            yield k
+        finally:
+            k.close()
 
 
 def _kernel_run(env, kernels, network: bool) -> tuple[dict[str, str], int, int]:

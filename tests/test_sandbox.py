@@ -84,14 +84,12 @@ def test_mode_resolution():
         sandbox.resolve_mode("docker")
 
 
-def test_bwrap_isolation(workdir):
+def test_bwrap_isolation(workdir, monkeypatch):
     if sandbox.resolve_mode("auto") != "bwrap":
         pytest.skip("bwrap not usable here")
-    os.environ["RUNFLARE_TEST_SECRET"] = "leak"
-    try:
-        out = run_probe("bwrap", workdir)
-    finally:
-        del os.environ["RUNFLARE_TEST_SECRET"]
+    monkeypatch.setenv("RUNFLARE_TEST_SECRET", "leak")
+    out = run_probe("bwrap", workdir)
+    monkeypatch.delenv("RUNFLARE_TEST_SECRET")
     assert out["cwd"] == sandbox.BOX
     assert out["env"]["MARK"] == "1" and "RUNFLARE_TEST_SECRET" not in out["env"]
     assert set(out["env"]) <= {"PATH", "HOME", "TMPDIR", "LANG", "LC_ALL", "USER", "MARK", "PWD"}
