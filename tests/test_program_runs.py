@@ -7,6 +7,7 @@ import os
 
 import psutil
 import pytest
+from conftest import wait_until
 
 from runflare_server.engine import languages
 from runflare_server.engine.interface import Limits, RunRequest
@@ -176,10 +177,7 @@ def test_dead_kernel_is_replaced(pool):
     outcomes = [r.outcome for r in results]
     assert outcomes.count("exited") >= 5  # at most the run on the dead kernel fails, as "internal"
     assert set(outcomes) <= {"exited", "internal"}
-    for _ in range(100):
-        if pool.engine.health()["kernels"] == 2:
-            break
-        pool.submit(asyncio.sleep(0.1))
+    wait_until(lambda: pool.engine.health()["kernels"] == 2)
     assert pool.engine.stats["kernels_replaced"] > before
     assert pool.engine.health()["kernels"] == 2
     assert pool.run(req("print('after')"))[0].stdout == "after\n"
@@ -234,3 +232,26 @@ def test_stop_leaves_nothing(tmp_path):
         assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
     children = psutil.Process(os.getpid()).children(recursive=True)
     assert not [c for c in children if c.pid not in before and c.status() != psutil.STATUS_ZOMBIE]
+
+
+def test_no_free_kernel_is_an_internal_error(tmp_path):
+    """Every kernel busy for KERNEL_WAIT: the run is an internal error (status 13), not a hang; the busy
+    run is unharmed and its kernel serves the next run."""
+    with BlockingProgramRuns(1, runs_dir=str(tmp_path)) as pr:
+        pr.engine.KERNEL_WAIT = 1.0  # (the default is 120 s)
+
+        async def go():
+            q: asyncio.Queue[str | None] = asyncio.Queue()
+            holder = asyncio.ensure_future(pr.engine.run(req("print('got', input())", stdin_queue=q), lambda e: None))
+            while not pr.engine._idle.empty():  # until the holder has the only kernel (it waits for stdin)
+                await asyncio.sleep(0.01)
+            starved = await pr.engine.run(req("print('never')"), lambda e: None)
+            await q.put("x\n")
+            await q.put(None)
+            return starved, await asyncio.wait_for(holder, 60)
+
+        starved, held = pr.submit(go())
+        assert starved.outcome == "internal" and starved.stdout == "", starved
+        assert starved.message == "no Run-Flare kernel became free within 1 s"
+        assert held.outcome == "exited" and held.stdout == "got x\n", held
+        assert pr.run(req("print('next')"))[0].stdout == "next\n"
