@@ -180,10 +180,6 @@ def test_parse_status_malformed_values_do_not_raise():
     assert (res.exit_code, res.reaper_cpu, res.reaper_rss) == (0, None, None)
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError, reason=(
-    "runner.py _parse_status: int(code) on the exec line raises ValueError for a non-numeric errno, though "
-    "its own comment says lines before the reaper's last may be the program's forgeries (today the status "
-    "pipe is CLOEXEC and the reaper non-dumpable, so only perl writes there)"))
 def test_parse_status_forged_exec_line_does_not_raise():
     res = parse("exec x forged\nexit 127 0 0\n", exited(127))  # a non-numeric errno on the exec line
     assert res.exit_code == 127 or res.exec_error is not None

@@ -442,7 +442,7 @@ def _parse_status(text: str, status: int, res: StepResult) -> None:
     elif kind == "exec":
         code, _, msg = rest.partition(" ")
         res.exec_error = f"cannot execute the program: {msg}"
-        if int(code) not in (errno.ENOEXEC, errno.EACCES, errno.ENOENT):
+        if not code.isdigit() or int(code) not in (errno.ENOEXEC, errno.EACCES, errno.ENOENT):
             res.exec_error += f" (errno {code})"
     elif os.WIFSIGNALED(status):
         res.exit_signal = os.WTERMSIG(status)  # the sandbox itself was killed (limit, or the program killed its parent)
