@@ -22,6 +22,7 @@ from runflare_server.engine.kernel_runs import KernelRuns, install_kernelspecs
 
 pytestmark = pytest.mark.timeout(120)
 SECRET_ENV = "RUNFLARE_TEST_SECRET"
+PROJECT = Path(__file__).resolve().parents[1]
 FAST = Limits(cpu_time_limit=1.0, cpu_extra_time=0.5, wall_time_limit=3.0)
 
 
@@ -186,7 +187,8 @@ def test_server_files_and_environment_invisible(check: Engine, tmp_path: Path) -
     runtime = check.engine.runtime_dir
     code = (
         "import os\n"
-        f"for p in [{str(secret)!r}, {str(runtime)!r}, '/root/.bash_history', '/work']:\n"
+        # the project's own files (the interpreter's tree, a venv inside the clone, is bound read-only)
+        f"for p in [{str(secret)!r}, {str(runtime)!r}, '/root/.bash_history', {str(PROJECT / 'pyproject.toml')!r}]:\n"
         "    print(p.split('/')[-1], os.path.exists(p))\n"
         f"print({SECRET_ENV!r} in os.environ)\n"
         "try:\n    open('/etc/evil', 'w')\nexcept OSError as e:\n    print('ro', e.errno)\n"
@@ -199,7 +201,7 @@ def test_server_files_and_environment_invisible(check: Engine, tmp_path: Path) -
     )
     result = check.run(code)
     lines = result.stdout.splitlines()
-    assert lines[:4] == ["secret.txt False", f"{runtime.name} False", ".bash_history False", "work False"]
+    assert lines[:4] == ["secret.txt False", f"{runtime.name} False", ".bash_history False", "pyproject.toml False"]
     assert lines[4] == "False"
     assert lines[5:7] == ["ro 30", "ro 30"]  # EROFS
     # /run/kernel is this kernel's own connection dir: its connection file, naming ipc sockets in that dir,

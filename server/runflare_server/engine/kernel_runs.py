@@ -206,20 +206,36 @@ def _rf_setup(data, argv, interactive, cap):
     # kernel's buffers (the server cuts at the cap and kills the kernel).
     left = [cap + 1]
     def capped(write, flush):
-        def w(text):
+        def w(text, *args, **kwargs):
             if left[0] <= 0:
                 import time
                 while True:
                     time.sleep(1)
             text = text[: left[0]]
             left[0] -= len(text)
-            n = write(text)
+            n = write(text, *args, **kwargs)
             if left[0] <= 0:
                 flush()
             return n
         return w
-    for s in (sys.stdout, sys.stderr):
-        s.write = capped(s.write, s.flush)
+    shell = get_ipython()
+    if hasattr(shell, "_tee"):
+        # IPython 9 re-patches stream.write around every cell (and keeps a copy of all output in memory
+        # for its history): the cap goes in at the same place, and nothing is kept (a kernel is used once)
+        import contextlib
+        @contextlib.contextmanager
+        def _tee(channel):
+            stream = getattr(sys, channel)
+            original = stream.write
+            stream.write = capped(original, stream.flush)
+            try:
+                yield
+            finally:
+                stream.write = original
+        shell._tee = _tee
+    else:
+        for s in (sys.stdout, sys.stderr):
+            s.write = capped(s.write, s.flush)
 _rf_setup({data!r}, {argv!r}, {interactive!r}, {cap!r})
 del _rf_setup
 """
