@@ -17,7 +17,8 @@ from .errors import error_for
 
 DEFAULT_URL = "http://127.0.0.1:8787"
 TEXT_FIELDS = ("stdout", "stderr", "compile_output", "message")
-FINAL_FIELDS = "*"
+JUDGE0_FIELDS = "*"  # exactly Judge0's keys
+FINAL_FIELDS = "*,outputs"  # and Run-Flare's rich outputs (a plain Judge0 server refuses the name: see judge0_fallback)
 
 STATUS_NAMES: dict[int, str] = {
     1: "In Queue", 2: "Processing", 3: "Accepted", 4: "Wrong Answer", 5: "Time Limit Exceeded",
@@ -109,6 +110,16 @@ def submission_body(
         if value is not None:
             body[LIMIT_ALIASES.get(key, key)] = value
     return body
+
+
+def judge0_fallback(error: Exception, query: dict[str, str]) -> dict[str, str] | None:
+    """The query to retry with when a plain Judge0 server refused Run-Flare's field names, else None."""
+    body = getattr(error, "body", None)
+    refused = getattr(error, "status", None) == 400 and isinstance(body, dict) and \
+        str(body.get("error", "")).startswith("invalid fields")
+    if refused and query.get("fields") == FINAL_FIELDS:
+        return {**query, "fields": JUDGE0_FIELDS}
+    return None
 
 
 def fields_param(fields: str | list[str] | tuple[str, ...] | None) -> str:

@@ -16,7 +16,7 @@ from websockets.exceptions import ConnectionClosedOK, InvalidStatus, WebSocketEx
 
 from . import _protocol as p
 from .client import WS_MAX_MESSAGE, WS_RETRIES
-from .errors import NotFound, ServerUnreachable, WaitTimeout
+from .errors import HTTPError, NotFound, ServerUnreachable, WaitTimeout
 from .languages import resolve
 
 
@@ -77,7 +77,13 @@ class AsyncClient:
         query = {"base64_encoded": "true", "wait": "true" if wait else "false"}
         if wait:
             query["fields"] = p.FINAL_FIELDS
-        result = p.decode_submission(await self.request("POST", "/submissions", body, query))
+        try:
+            result = p.decode_submission(await self.request("POST", "/submissions", body, query))
+        except HTTPError as e:
+            retry = p.judge0_fallback(e, query)
+            if retry is None:
+                raise
+            result = p.decode_submission(await self.request("POST", "/submissions", body, retry))
         if not wait:
             return result["token"]
         if p.is_final_status(p.status_id(result.get("status"))):
@@ -87,7 +93,13 @@ class AsyncClient:
     async def get(self, token: str, fields: str | list[str] | None = None) -> dict[str, Any]:
         """A submission (every field by default), text fields decoded."""
         query = {"base64_encoded": "true", "fields": p.fields_param(fields)}
-        return p.decode_submission(await self.request("GET", f"/submissions/{token}", query=query))
+        try:
+            return p.decode_submission(await self.request("GET", f"/submissions/{token}", query=query))
+        except HTTPError as e:
+            retry = p.judge0_fallback(e, query)
+            if retry is None:
+                raise
+            return p.decode_submission(await self.request("GET", f"/submissions/{token}", query=retry))
 
     async def wait(self, token: str, timeout: float | None = None) -> dict[str, Any]:
         """Wait until the submission is finished (following its event stream) and return it."""

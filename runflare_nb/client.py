@@ -15,7 +15,7 @@ from websockets.exceptions import ConnectionClosedOK, InvalidStatus, WebSocketEx
 from websockets.sync.client import connect
 
 from . import _protocol as p
-from .errors import NotFound, ServerUnreachable, WaitTimeout
+from .errors import HTTPError, NotFound, ServerUnreachable, WaitTimeout
 from .languages import resolve
 
 WS_RETRIES = 2  # reconnections (with ?since=) after a drop before falling back to polling
@@ -86,7 +86,13 @@ class Client:
         query = {"base64_encoded": "true", "wait": "true" if wait else "false"}
         if wait:
             query["fields"] = p.FINAL_FIELDS
-        result = p.decode_submission(self.request("POST", "/submissions", body, query))
+        try:
+            result = p.decode_submission(self.request("POST", "/submissions", body, query))
+        except HTTPError as e:
+            retry = p.judge0_fallback(e, query)
+            if retry is None:
+                raise
+            result = p.decode_submission(self.request("POST", "/submissions", body, retry))
         if not wait:
             return result["token"]
         if p.is_final_status(p.status_id(result.get("status"))):
@@ -96,7 +102,13 @@ class Client:
     def get(self, token: str, fields: str | list[str] | None = None) -> dict[str, Any]:
         """A submission (every field by default), text fields decoded."""
         query = {"base64_encoded": "true", "fields": p.fields_param(fields)}
-        return p.decode_submission(self.request("GET", f"/submissions/{token}", query=query))
+        try:
+            return p.decode_submission(self.request("GET", f"/submissions/{token}", query=query))
+        except HTTPError as e:
+            retry = p.judge0_fallback(e, query)
+            if retry is None:
+                raise
+            return p.decode_submission(self.request("GET", f"/submissions/{token}", query=retry))
 
     def wait(self, token: str, timeout: float | None = None) -> dict[str, Any]:
         """Block until the submission is finished (following its event stream) and return it."""

@@ -183,3 +183,15 @@ def test_parse_status_malformed_values_do_not_raise():
 def test_parse_status_forged_exec_line_does_not_raise():
     res = parse("exec x forged\nexit 127 0 0\n", exited(127))  # a non-numeric errno on the exec line
     assert res.exit_code == 127 or res.exec_error is not None
+
+
+def test_client_asks_for_outputs_and_falls_back_to_judge0_fields():
+    from runflare_nb import _protocol as p
+    from runflare_nb.errors import HTTPError
+
+    assert p.fields_param(None) == "*,outputs"
+    refused = HTTPError(400, {"error": "invalid fields: [outputs]"})
+    assert p.judge0_fallback(refused, {"fields": p.FINAL_FIELDS, "base64_encoded": "true"}) == \
+        {"fields": "*", "base64_encoded": "true"}
+    assert p.judge0_fallback(HTTPError(400, {"error": "wait not allowed"}), {"fields": p.FINAL_FIELDS}) is None
+    assert p.judge0_fallback(refused, {"fields": "stdout,outputs"}) is None  # the caller's own choice stands
