@@ -25,21 +25,39 @@ STATIC = Path(__file__).resolve().parent.parent / "static"
 TOKEN = r"([^/]+)"
 
 
-class HomeHandler(web.RequestHandler):
-    """The playground page at /."""
+class StaticFile(web.RequestHandler):
+    """One file of static/, served as is (no build step at run time)."""
+
+    FILE = ""
+    CONTENT_TYPE = ""
 
     def get(self) -> None:
-        page = STATIC / "index.html"
+        page = STATIC / self.FILE
         if not page.exists():
             raise web.HTTPError(404)
-        self.set_header("Content-Type", "text/html; charset=UTF-8")
+        self.set_header("Content-Type", self.CONTENT_TYPE)
         self.finish(page.read_bytes())
+
+
+class HomeHandler(StaticFile):
+    """The playground page at /."""
+
+    FILE = "index.html"
+    CONTENT_TYPE = "text/html; charset=UTF-8"
+
+
+class EmbedHandler(StaticFile):
+    """/embed.js: live code cells for any page (docs/embed.md)."""
+
+    FILE = "embed.js"
+    CONTENT_TYPE = "text/javascript; charset=UTF-8"
 
 
 # The route table: (OpenAPI path, URL pattern, handler). It serves the requests and, through
 # openapi.build_openapi, is what /api/v1/openapi.json describes; order matters (first match wins).
 ROUTES: list[tuple[str, str, type]] = [
     ("/", r"/", HomeHandler),
+    ("/embed.js", r"/embed\.js", EmbedHandler),
     ("/api/v1/submissions", r"/api/v1/submissions/?", SubmissionsHandler),
     ("/api/v1/submissions/batch", r"/api/v1/submissions/batch/?", BatchHandler),
     ("/api/v1/submissions/{token}/ws", r"/api/v1/submissions/" + TOKEN + r"/ws/?", SubmissionSocket),
