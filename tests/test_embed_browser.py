@@ -22,7 +22,7 @@ pytestmark = pytest.mark.browser
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "examples" / "embed-demo.html"
-EMBED = ROOT / "server" / "runflare_server" / "static" / "embed.js"
+STATIC = ROOT / "server" / "runflare_server" / "static"
 IMG = ROOT / "docs" / "img"
 CHROMIUM = os.environ.get("RUNFLARE_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -127,10 +127,11 @@ def save_screenshot(page, name: str, tmp_path: Path, **kwargs: object) -> None:
         page.screenshot(path=str(target), **kwargs)
 
 
-def test_embed_js_is_served(live_server: LiveServer) -> None:
-    with urllib.request.urlopen(live_server.url + "/embed.js") as r:
+@pytest.mark.parametrize("name", ["embed.js", "runflare-editor.js"])
+def test_scripts_are_served_as_built(live_server: LiveServer, name: str) -> None:
+    with urllib.request.urlopen(f"{live_server.url}/{name}") as r:
         assert r.headers["Content-Type"].startswith("text/javascript")
-        assert r.read() == EMBED.read_bytes()
+        assert r.read() == (STATIC / name).read_bytes()
 
 
 def test_demo_page_three_cells_at_once(browser, pages: PageServer, cors_server: LiveServer, tmp_path: Path) -> None:
@@ -139,13 +140,14 @@ def test_demo_page_three_cells_at_once(browser, pages: PageServer, cors_server: 
     page.on("pageerror", lambda e: errors.append(str(e)))
     try:
         page.goto(f"{pages.url}/embed-demo-one-failing.html?server={cors_server.url}")
-        page.wait_for_function("document.querySelectorAll('.rf-cell').length === 3", timeout=WAIT_MS)
+        page.wait_for_function("document.querySelectorAll('.rf-cell[data-editor=codemirror]').length === 3",
+                               timeout=WAIT_MS)  # CodeMirror 6 (runflare-editor.js) in every cell
         assert page.evaluate("location.origin") != cors_server.url  # another origin: CORS is what lets it in
         page.evaluate(RECORDER)
         # Three runs at once: two by mouse, the plot by keyboard (Ctrl+Enter in its editor).
         page.click("#loop-example .rf-run")
         page.click("#sum-exercise .rf-run")
-        page.focus("#plot-example .rf-code")
+        page.focus("#plot-example .cm-content")
         page.keyboard.press("Control+Enter")
         for cell_id in ("loop-example", "sum-exercise", "plot-example"):
             wait_final(page, cell_id)
@@ -265,27 +267,34 @@ def test_cell_resumes_after_a_dropped_socket(browser, pages: PageServer, cors_se
         proxy.close()
 
 
-def test_interactive_cell_from_the_keyboard_only(browser, pages: PageServer, cors_server: LiveServer) -> None:
+IN_EDITOR = "!!document.activeElement.closest('.rf-code, .rf-editor')"
+
+
+@pytest.mark.parametrize("editor", ["codemirror", "textarea"])
+def test_interactive_cell_from_the_keyboard_only(browser, pages: PageServer, cors_server: LiveServer,
+                                                 editor: str) -> None:
     code = "name = input()\nprint('hi', name, flush=True)\nprint(input().upper())\n"
-    attrs = 'data-runflare="python" data-interactive data-cpu-time-limit="2"'
-    (pages.root / "interactive.html").write_text(cell_page(cors_server.url, attrs, code))
+    attrs = f'data-runflare="python" data-interactive data-cpu-time-limit="2" data-editor="{editor}"'
+    (pages.root / f"interactive-{editor}.html").write_text(cell_page(cors_server.url, attrs, code))
     page = browser.new_page()
     try:
-        page.goto(pages.url + "/interactive.html")
-        page.wait_for_selector("#cell.rf-cell", timeout=WAIT_MS)
+        page.goto(f"{pages.url}/interactive-{editor}.html")
+        page.wait_for_selector(f"#cell.rf-cell[data-editor='{editor}']", timeout=WAIT_MS)
         # Tab from the top of the page: the Run button, then the editor; Tab in the editor indents.
         page.keyboard.press("Tab")
         assert page.evaluate("document.activeElement.className") == "rf-run"
         page.keyboard.press("Tab")
-        assert page.evaluate("document.activeElement.className") == "rf-code"
+        assert page.evaluate(IN_EDITOR)
+        assert page.evaluate("document.activeElement.getAttribute('aria-label')") == "Python code"
         page.keyboard.press("Control+End")
         page.keyboard.press("Tab")
         page.keyboard.type("# indented")
-        assert page.input_value("#cell .rf-code").endswith("\n    # indented")
+        assert page.evaluate("RunFlare.get('#cell').getCode()").endswith("\n    # indented")
         page.keyboard.press("Escape")  # Escape, then Tab: leave the editor
         page.keyboard.press("Tab")
-        assert page.evaluate("document.activeElement.className") != "rf-code"
-        page.focus("#cell .rf-code")
+        assert not page.evaluate(IN_EDITOR)
+        page.keyboard.press("Shift+Tab")  # back into the editor
+        assert page.evaluate(IN_EDITOR)
         page.keyboard.press("Control+Enter")
         page.wait_for_function("document.activeElement.getAttribute('aria-label') === 'Program input'", timeout=WAIT_MS)
         page.keyboard.type("bob")

@@ -53,11 +53,19 @@ class EmbedHandler(StaticFile):
     CONTENT_TYPE = "text/javascript; charset=UTF-8"
 
 
+class EditorHandler(StaticFile):
+    """/runflare-editor.js: CodeMirror 6, prebuilt by web/editor/build.sh (no npm at run time)."""
+
+    FILE = "runflare-editor.js"
+    CONTENT_TYPE = "text/javascript; charset=UTF-8"
+
+
 # The route table: (OpenAPI path, URL pattern, handler). It serves the requests and, through
 # openapi.build_openapi, is what /api/v1/openapi.json describes; order matters (first match wins).
 ROUTES: list[tuple[str, str, type]] = [
     ("/", r"/", HomeHandler),
     ("/embed.js", r"/embed\.js", EmbedHandler),
+    ("/runflare-editor.js", r"/runflare-editor\.js", EditorHandler),
     ("/api/v1/submissions", r"/api/v1/submissions/?", SubmissionsHandler),
     ("/api/v1/submissions/batch", r"/api/v1/submissions/batch/?", BatchHandler),
     ("/api/v1/submissions/{token}/ws", r"/api/v1/submissions/" + TOKEN + r"/ws/?", SubmissionSocket),

@@ -37,7 +37,25 @@
   const defaults = {
     server: (SCRIPT && SCRIPT.dataset.server) || SCRIPT_ORIGIN,
     token: (SCRIPT && SCRIPT.dataset.token) || "",
+    editor: (SCRIPT && SCRIPT.dataset.editor) || "codemirror",   // "textarea": no CodeMirror
   };
+
+  // The editor: CodeMirror 6, one prebuilt file next to this one (runflare-editor.js), loaded once for every
+  // cell. Until it has loaded, or if it cannot be, a cell edits in a plain textarea (Tab indents).
+  let editorLoad = null;
+  function loadEditor() {
+    if (window.RunFlareEditor && window.RunFlareEditor.create) return Promise.resolve(window.RunFlareEditor);
+    if (!editorLoad) {
+      editorLoad = new Promise((resolve) => {
+        const script = document.createElement("script");
+        script.src = SCRIPT_ORIGIN + "/runflare-editor.js";
+        script.onload = () => resolve(window.RunFlareEditor && window.RunFlareEditor.create ? window.RunFlareEditor : null);
+        script.onerror = () => resolve(null);
+        (document.head || document.documentElement).append(script);
+      });
+    }
+    return editorLoad;
+  }
 
   // ---- styles (one sheet, every rule under .rf-cell) -------------------------------------
   const CSS = `
@@ -60,6 +78,7 @@
 .rf-code{font:13.5px/1.5 var(--rf-mono);width:100%;min-height:4.5em;border:1px solid var(--rf-line);border-radius:5px;
  padding:.5em;resize:vertical;tab-size:4;white-space:pre;overflow:auto;background:#fbfbfc;color:var(--rf-ink)}
 .rf-code[readonly]{background:#f3f4f6}
+.rf-editor .cm-editor{background:#fbfbfc}.rf-editor[data-readonly=true] .cm-editor{background:#f3f4f6}
 .rf-stages{list-style:none;padding:0;margin:0;display:flex;gap:.3em;flex-wrap:wrap}
 .rf-stages:empty{display:none}
 .rf-stages li{font-size:.78em;padding:.05em .45em;border-radius:4px;background:#f0f2f5;color:var(--rf-muted)}
@@ -320,6 +339,7 @@
       this.args = o.args ?? d.args ?? null;
       this.expected = o.expected ?? d.expected ?? null;
       this.readOnly = o.readOnly ?? truthy(d.readonly ?? d.readOnly ?? null);
+      this.editorKind = o.editor ?? d.editor ?? defaults.editor;
       this.interactive = o.interactive ?? truthy(d.interactive ?? null);
       this.limits = {};
       for (const name of LIMITS) {
@@ -337,12 +357,32 @@
       this.followers = [];
       this.build(dedent(code || ""));
       this.running = false;
+      this.editor = null;
+      if (this.editorKind !== "textarea") loadEditor().then((E) => { if (E) this.upgrade(E); });
+    }
+
+    // The code: CodeMirror's document once it is there, else the textarea's.
+    getCode() { return this.editor ? this.editor.getCode() : this.code.value; }
+    setCode(text) { if (this.editor) this.editor.setCode(text); else this.code.value = text; }
+    upgrade(E) {
+      if (this.editor) return;
+      const hadFocus = document.activeElement === this.code;
+      const box = el("div", { class: "rf-editor", "data-readonly": String(!!this.readOnly) });
+      this.code.before(box);
+      this.editor = E.create(box, {
+        doc: this.code.value, language: this.languageId, readOnly: this.readOnly, onRun: () => this.run(),
+        attributes: { "aria-label": this.code.getAttribute("aria-label"),
+          "aria-describedby": this.code.getAttribute("aria-describedby") },
+      });
+      this.code.hidden = true;
+      this.root.dataset.editor = "codemirror";
+      if (hadFocus) this.editor.focus();
     }
 
     build(code) {
       const uid = `rf-${this.id}`;
       this.root = el("div", { class: "rf-cell", role: "group", "aria-label": `${this.label} code cell`,
-        "data-language-id": String(this.languageId), "data-state": "idle" });
+        "data-language-id": String(this.languageId), "data-state": "idle", "data-editor": "textarea" });
       if (this.source.id) { this.root.id = this.source.id; }
       this.runButton = el("button", { type: "button", class: "rf-run", text: this.tests.length ? "Run tests" : "Run",
         title: "Run (Ctrl+Enter)", "aria-describedby": `${uid}-status` });
@@ -377,7 +417,7 @@
 
       this.runButton.addEventListener("click", () => this.run());
       this.root.addEventListener("keydown", (e) => {
-        if (e.key === "Enter" && (e.ctrlKey || e.metaKey)) { e.preventDefault(); this.run(); }
+        if (e.key === "Enter" && (e.ctrlKey || e.metaKey) && !e.defaultPrevented) { e.preventDefault(); this.run(); }
       });
       let escaped = false;
       this.code.addEventListener("keydown", (e) => {
@@ -487,7 +527,7 @@
 
     // -- running
     body(extra) {
-      const body = { source_code: this.code.value, ...this.limits };
+      const body = { source_code: this.getCode(), ...this.limits };
       if (this.kernelSpec) body.kernel = this.kernelSpec; else body.language_id = this.languageId;
       if (this.args) body.command_line_arguments = this.args;
       return Object.assign(body, extra);
