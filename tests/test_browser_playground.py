@@ -65,13 +65,19 @@ def wait_for_languages(page) -> None:
                            timeout=30_000)
 
 
+def set_code(page, code: str) -> None:
+    """Puts code in the editor: CodeMirror 6 once it has loaded from the server, else the plain textarea."""
+    page.wait_for_function("window.playgroundEditor && window.playgroundEditor.settled", timeout=30_000)
+    page.evaluate("code => window.playgroundEditor.setValue(code)", code)
+
+
 def run_program(page, code: str, language_label: str | None = None, language_value: str | None = None) -> None:
     wait_for_languages(page)
     if language_value:
         page.select_option("#language", value=language_value)
     elif language_label:
         page.select_option("#language", label=language_label)
-    page.fill("#code", code)
+    set_code(page, code)
     page.evaluate(RECORDER)
     page.click("#run")
     page.wait_for_selector("#status[data-final='true']", timeout=60_000)
@@ -110,6 +116,31 @@ def test_playground_served_by_the_server_streams_output(browser, live_server, tm
         if not DOC_SCREENSHOT.exists() or os.environ.get("RUNFLARE_UPDATE_SCREENSHOTS"):
             DOC_SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
             page.screenshot(path=str(DOC_SCREENSHOT))
+    finally:
+        page.close()
+
+
+def test_playground_edits_in_codemirror(browser, live_server) -> None:
+    """The playground's editor is CodeMirror 6 from /runflare-editor.js: highlighted, typed into from the
+    keyboard, Tab indents, Ctrl+Enter runs."""
+    page = browser.new_page()
+    try:
+        page.goto(live_server.url + "/")
+        wait_for_languages(page)
+        page.select_option("#language", label=python_label(page))
+        page.wait_for_selector("#code-editor .cm-content", timeout=30_000)
+        assert not page.is_visible("#code")  # the fallback textarea is hidden
+        assert page.locator("#code-editor .cm-content span").count() > 0  # the sample is highlighted
+        page.focus("#code-editor .cm-content")
+        page.keyboard.press("Control+a")
+        page.keyboard.press("Delete")
+        page.keyboard.type("for w in ['typed', 'here']:\n")
+        page.keyboard.type("print(w)")  # indented by the editor after the colon
+        assert page.evaluate("window.playgroundEditor.getValue()") == "for w in ['typed', 'here']:\n    print(w)"
+        page.keyboard.press("Control+Enter")
+        page.wait_for_selector("#status[data-final='true']", timeout=60_000)
+        assert page.text_content("#status") == "Accepted"
+        assert page.text_content("#output").splitlines() == ["typed", "here"]
     finally:
         page.close()
 
@@ -194,7 +225,7 @@ def test_playground_resumes_after_a_dropped_connection(browser, live_server, tmp
         page.goto(proxy.url + "/")
         wait_for_languages(page)
         page.select_option("#language", label=python_label(page))
-        page.fill("#code", PROGRAM)
+        set_code(page, PROGRAM)
         page.click("#run")
         page.wait_for_function("document.getElementById('output').textContent.includes('line 1')", timeout=60_000)
         assert page.get_attribute("#status", "data-final") == "false"
@@ -237,7 +268,7 @@ def test_playground_interactive_input(browser, live_server, tmp_path) -> None:
         page.goto(live_server.url + "/")
         wait_for_languages(page)
         page.select_option("#language", label=python_label(page))
-        page.fill("#code", "name = input()\nprint('hi', name, flush=True)\nprint(input().upper())\n")
+        set_code(page, "name = input()\nprint('hi', name, flush=True)\nprint(input().upper())\n")
         page.check("#interactive")
         page.click("#run")
         page.wait_for_selector("#stdin-line", state="visible")
