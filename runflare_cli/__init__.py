@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 
-SERVER_COMMANDS = ("serve", "languages", "install-kernels")
+SERVER_COMMANDS = ("serve", "languages", "install-kernels", "kernels")
 
 CLIENT_ONLY_HELP = """usage: runflare COMMAND ...
 

@@ -1,4 +1,5 @@
-"""`runflare serve`, `runflare run FILE`, `runflare languages`, `runflare install-kernels`."""
+"""`runflare serve`, `runflare run FILE`, `runflare languages`, `runflare install-kernels`,
+`runflare kernels install [--sandboxed NAME]`."""
 
 from __future__ import annotations
 
@@ -72,7 +73,56 @@ def build_parser() -> argparse.ArgumentParser:
     where = install.add_mutually_exclusive_group()
     where.add_argument("--prefix", help="install under PREFIX/share/jupyter/kernels instead")
     where.add_argument("--user", action="store_true", help="install into the user's Jupyter data directory instead")
+
+    kernels = sub.add_parser("kernels", help="install kernelspecs: Run-Flare's own, or sandboxed copies of any")
+    kernels_sub = kernels.add_subparsers(dest="kernels_command", metavar="ACTION")
+    kinstall = kernels_sub.add_parser(
+        "install", help="install kernelspecs (default: as install-kernels; --sandboxed NAME: a sandboxed copy)",
+        description="Without --sandboxed: the Run-Flare, bash and Deno kernelspecs, as `runflare install-kernels`. "
+                    "With --sandboxed NAME: a copy of the installed kernelspec NAME, called NAME-sandboxed and "
+                    "shown as '<display name> (sandboxed)', that JupyterLab, Notebook 7, nbclient or any "
+                    "KernelManager start inside the Run-Flare sandbox with limits (the runflare-sandbox kernel "
+                    f"provisioner), with no Run-Flare server running. Into sys.prefix ({sys.prefix}) by default.")
+    kinstall.add_argument("--sandboxed", action="append", metavar="NAME", default=[],
+                          help="the installed kernelspec to copy, e.g. python3 (repeatable)")
+    kinstall.add_argument("--name", help="the sandboxed copy's name (default NAME-sandboxed; one --sandboxed only)")
+    kinstall.add_argument("--memory-limit", type=int, metavar="KB", help="the kernel's memory limit in KB")
+    kinstall.add_argument("--max-processes", type=int, dest="max_processes_and_or_threads", metavar="N",
+                          help="processes and threads the kernel may have")
+    kinstall.add_argument("--max-file-size", type=int, metavar="KB", help="largest file the kernel may write, in KB")
+    kinstall.add_argument("--cpu-time-limit", type=float, metavar="S", help="CPU seconds per process (0: none)")
+    kwhere = kinstall.add_mutually_exclusive_group()
+    kwhere.add_argument("--prefix", help="install under PREFIX/share/jupyter/kernels instead")
+    kwhere.add_argument("--user", action="store_true", help="install into the user's Jupyter data directory instead")
     return parser
+
+
+def install_kernels(args: argparse.Namespace) -> int:
+    """`runflare install-kernels` and `runflare kernels install`."""
+    where = {"user": args.user, "prefix": args.prefix}
+    sandboxed = getattr(args, "sandboxed", [])
+    if not sandboxed:
+        from .engine.kernel_runs import install_kernelspecs as install_third_party
+        from .kernels.install import install_kernelspecs as install_runflare
+
+        for line in [*install_runflare(**where), *install_third_party(**where)]:
+            print(line)
+        return 0
+    from .engine.provisioner import install_sandboxed
+
+    if args.name and len(sandboxed) > 1:
+        print("runflare: --name goes with a single --sandboxed NAME", file=sys.stderr)
+        return 2
+    config = {key: getattr(args, key) for key in ("memory_limit", "max_processes_and_or_threads", "max_file_size",
+                                                  "cpu_time_limit") if getattr(args, key) is not None}
+    for name in sandboxed:
+        try:
+            print(install_sandboxed(name, new_name=args.name, config=config, **where))
+        except KeyError:
+            print(f"runflare: no kernelspec named {name!r} is installed (see `jupyter kernelspec list`)",
+                  file=sys.stderr)
+            return 2
+    return 0
 
 
 def settings_from(args: argparse.Namespace) -> Settings:
@@ -122,14 +172,8 @@ def main(argv: list[str] | None = None) -> int:
         for lang in detect_languages():
             print(f"{lang.id:>5}  {lang.name}")
         return 0
-    if args.command == "install-kernels":
-        from .engine.kernel_runs import install_kernelspecs as install_third_party
-        from .kernels.install import install_kernelspecs as install_runflare
-
-        where = {"user": args.user, "prefix": args.prefix}
-        for line in [*install_runflare(**where), *install_third_party(**where)]:
-            print(line)
-        return 0
+    if args.command == "install-kernels" or (args.command == "kernels" and args.kernels_command == "install"):
+        return install_kernels(args)
     parser.print_help()
     return 2
 
