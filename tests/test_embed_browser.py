@@ -312,3 +312,114 @@ def test_interactive_cell_from_the_keyboard_only(browser, pages: PageServer, cor
         assert not page.is_visible("#cell .rf-input input")
     finally:
         page.close()
+
+
+OPTIONS_PAGE = """<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>options</title>
+<script src="{server}/embed.js" defer></script></head><body>
+<pre id="opts" data-runflare="python" data-stdin="3&#10;4&#10;" data-args="alpha beta" data-readonly
+     data-expected="7 alpha beta">
+    import sys
+    a, b = int(input()), int(input())
+    print(a + b, *sys.argv[1:])
+</pre>
+<pre id="tle" data-runflare="71" data-cpu-time-limit="1" data-wall-time-limit="3">while True: pass</pre>
+<pre id="rich" data-runflare="python" data-kernel>
+from IPython.display import HTML, display
+display(HTML('&lt;b id="x"&gt;bold&lt;/b&gt;&lt;script&gt;parent.document.title = "pwned"&lt;/script&gt;'))
+print('ok')
+</pre>
+<div id="api-slot"></div>
+</body></html>"""
+
+
+def test_cell_options_kernel_html_and_js_api(browser, pages: PageServer, cors_server: LiveServer) -> None:
+    (pages.root / "options.html").write_text(OPTIONS_PAGE.replace("{server}", cors_server.url))
+    page = browser.new_page()
+    try:
+        page.goto(pages.url + "/options.html")
+        page.wait_for_function("document.querySelectorAll('.rf-cell[data-editor=codemirror]').length === 3",
+                               timeout=WAIT_MS)
+        # Read-only: typing changes nothing. Common indentation of the <pre> was removed.
+        code = page.evaluate("RunFlare.get('#opts').getCode()")
+        assert code.startswith("import sys\na, b")
+        page.focus("#opts .cm-content")
+        page.keyboard.type("zzz")
+        assert page.evaluate("RunFlare.get('#opts').getCode()") == code
+        # A cell made from script, with a test case, followed through its events.
+        page.evaluate("""() => {
+          const cell = RunFlare.cell(document.createElement('pre'), {language: 'python', code: 'print(input()[::-1])',
+            tests: [{input: 'abc\\n', expected: 'cba\\n'}], label: 'Reverse'});
+          cell.root.id = 'api';
+          document.getElementById('api-slot').append(cell.root);
+          cell.root.addEventListener('runflare:done', (e) => { window.__apiDone = [e.detail.passed, e.detail.total]; });
+        }""")
+        page.evaluate("RunFlare.runAll()")
+        for cell_id in ("opts", "tle", "rich", "api"):
+            wait_final(page, cell_id)
+        # stdin, arguments and an expected output
+        assert page.text_content("#opts .rf-status") == "Accepted"
+        assert stdout_of(page, "opts") == "7 alpha beta\n"
+        # limits
+        assert page.text_content("#tle .rf-status") == "Time Limit Exceeded"
+        assert page.get_attribute("#tle .rf-status", "data-kind") == "error"
+        # a kernel run's HTML renders in a sandboxed frame, never in the page
+        frame = page.wait_for_selector("#rich .rf-displays iframe")
+        assert frame.get_attribute("sandbox") == ""
+        assert '<b id="x">bold</b>' in frame.get_attribute("srcdoc")
+        assert page.locator("#x").count() == 0 and page.title() == "options"
+        assert stdout_of(page, "rich") == "ok\n"
+        # the JS API's cell
+        assert page.text_content("#api .rf-lang") == "Reverse"
+        assert page.text_content("#api .rf-summary") == "1/1 passed"
+        assert page.evaluate("window.__apiDone") == [1, 1]
+    finally:
+        page.close()
+
+
+def test_cell_polls_when_the_socket_cannot_open(browser, pages: PageServer, cors_server: LiveServer) -> None:
+    from test_examples import Proxy
+
+    proxy = Proxy(cors_server.port, refuse_ws=True)
+    (pages.root / "poll.html").write_text(cell_page(proxy.url, 'data-runflare="python"', LINES))
+    page = browser.new_page()
+    try:
+        page.goto(pages.url + "/poll.html")
+        page.wait_for_selector("#cell.rf-cell", timeout=WAIT_MS)
+        page.click("#cell .rf-run")
+        wait_final(page, "cell")
+        assert page.text_content("#cell .rf-status") == "Accepted"
+        assert stdout_of(page, "cell").splitlines() == [f"line {i}" for i in range(1, 6)]
+        assert "polling" in page.text_content("#cell .rf-output")
+        assert proxy.ws_requests == 3
+        assert page.text_content("#cell .rf-stat-memory").endswith(" KB")
+    finally:
+        page.close()
+        proxy.close()
+
+
+def test_cell_with_a_token_on_a_server_with_auth(browser, pages: PageServer, tmp_path_factory) -> None:
+    server = start_server(tmp_path_factory.mktemp("embed-auth"), "--auth-token", "s3cret",
+                          env={"RUNFLARE_CORS_ORIGINS": json.dumps([pages.url])})
+    try:
+        body = (f'<script src="{server.url}/embed.js" defer></script>'
+                '<pre id="with" data-runflare="python" data-token="s3cret">print("in", flush=True)</pre>'
+                '<pre id="without" data-runflare="python">print("never")</pre>')
+        (pages.root / "auth.html").write_text(f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
+                                              f'<title>auth</title></head><body>{body}</body></html>')
+        page = browser.new_page()
+        try:
+            page.goto(pages.url + "/auth.html")
+            page.wait_for_function("document.querySelectorAll('.rf-cell').length === 2", timeout=WAIT_MS)
+            page.click("#with .rf-run")
+            page.click("#without .rf-run")
+            wait_final(page, "with")
+            wait_final(page, "without")
+            assert page.text_content("#with .rf-status") == "Accepted"  # header for REST, query for the socket
+            assert stdout_of(page, "with") == "in\n"
+            assert "polling" not in page.text_content("#with .rf-output")
+            assert page.text_content("#without .rf-status") == "Not submitted"
+            assert "HTTP 401" in page.text_content("#without .rf-output")
+        finally:
+            page.close()
+    finally:
+        server.stop()
