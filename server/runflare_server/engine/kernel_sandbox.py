@@ -163,18 +163,22 @@ def _private_ancestor(path: str) -> str | None:
     return None
 
 
-def _reachable_script(paths: Iterable[str]) -> str:
-    """Shell lines (run as root in the sandbox's mount namespace) that make ``paths`` reachable by the slot
-    uid without changing the host: each is bound aside, an empty tmpfs covers its private ancestor (which
-    also hides the rest of that dir), and the tree is bound back at its own path."""
-    trees = [(p, a) for p in paths if p not in policy.SYSTEM_DIRS and (a := _private_ancestor(p))]
+def _reachable_script(paths: Iterable[str], cover_private: bool = True) -> str:
+    """Shell lines (run as root in the sandbox's mount namespace) for a private ``/tmp`` that keeps the
+    trees the kernel needs: each tree below ``/tmp`` (a venv) or, with ``cover_private``, below a dir the
+    slot uid cannot traverse (``/root``) is bound aside, a fresh tmpfs covers ``/tmp`` and each private
+    ancestor (hiding the rest of it), and the tree is bound back at its own path. Nothing on the host
+    changes."""
+    trees = [(p, a) for p in paths if p not in policy.SYSTEM_DIRS
+             and (a := "/tmp" if _under(p, "/tmp") else _private_ancestor(p) if cover_private else None)]
     if not trees:
-        return ""
+        return "mount -t tmpfs tmpfs /tmp; "
     view = shlex.quote(str(policy.VIEW_DIR))
     lines = [f"mkdir -p {view}; mount -t tmpfs -o mode=0755 tmpfs {view}; "]
     for n, (p, _) in enumerate(trees):
         lines.append(f"mkdir {view}/{n}; mount --rbind {shlex.quote(p)} {view}/{n}; ")
-    for a in sorted({a for _, a in trees}):
+    lines.append("mount -t tmpfs tmpfs /tmp; ")
+    for a in sorted({a for _, a in trees} - {"/tmp"}):
         lines.append(f"mount -t tmpfs -o mode=0755 tmpfs {shlex.quote(a)}; ")
     for n, (p, _) in enumerate(trees):
         lines.append(f"mkdir -p {shlex.quote(p)}; mount --rbind {view}/{n} {shlex.quote(p)}; ")
@@ -194,8 +198,7 @@ def unshare_argv(argv: list[str], conn_dir: Path, *, network: bool, env: dict[st
         f"mount -t tmpfs -o size={WORK_TMPFS_BYTES} tmpfs {SANDBOX_WORK}; "
         f"mount --bind {conn_dir} {SANDBOX_CONN}; "
         f"mount -t tmpfs -o ro tmpfs {conn_dir.parent}; "  # other kernels' connection dirs
-        "mount -t tmpfs tmpfs /tmp; "
-        + (_reachable_script(readonly_paths(argv)) if drop else "") +
+        + _reachable_script(readonly_paths(argv), cover_private=bool(drop)) +
         "mount -o remount,bind,ro / 2>/dev/null || true; "
         f'cd {SANDBOX_WORK}; exec {drop} env -i "$@"'
     )
@@ -440,7 +443,13 @@ def kernel(kid, uid):
     os.close(w)
     mount("none", "/", None, REC | PRIVATE)
     proc_view()
+    keep = [(p, os.open(p, os.O_PATH)) for p in policy["under_tmp"]]  # trees (a venv) below /tmp
     mount("tmpfs", "/tmp", "tmpfs", NOSUID | NODEV, "mode=1777")
+    for p, fd in keep:
+        os.makedirs(p, exist_ok=True)
+        mount("/proc/self/fd/%d" % fd, p, None, BIND | REC)
+        mount("none", p, None, REMOUNT | BIND | RDONLY | NOSUID | NODEV)
+        os.close(fd)
     mount("tmpfs", "/sandbox", "tmpfs", NOSUID | NODEV, "size=%d,mode=1777" % work_bytes)
     mount("/run/kernels/k-" + kid, "/run/kernel", None, BIND)
     mount("tmpfs", "/run/kernels", "tmpfs", RDONLY | NOSUID | NODEV, "size=4k")
@@ -505,5 +514,6 @@ def zygote_argv(runtime_dir: Path, env: dict[str, str]) -> list[str]:
             "--bind", f"{view}/{len(extra)}", "/run/kernels"]
     for k, v in env.items():
         cmd += ["--setenv", k, v]
-    view = {"bpf": seccomp.bpf().hex(), "readonly": list(policy.READONLY_PROC), "masked": list(policy.MASKED_PROC)}
+    view = {"bpf": seccomp.bpf().hex(), "readonly": list(policy.READONLY_PROC), "masked": list(policy.MASKED_PROC),
+            "under_tmp": [p for p in extra if _under(p, "/tmp")]}
     return [*cmd, "--", sys.executable, "-c", ZYGOTE_SOURCE, str(WORK_TMPFS_BYTES), json.dumps(view)]
