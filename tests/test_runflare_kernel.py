@@ -105,7 +105,7 @@ class EngineMetadataTests(unittest.TestCase):
         self.assertGreater(rf["memory"], 0)
         types = [m["msg_type"] for m in iopub]
         self.assertIn("runflare_stage", types)
-        self.assertEqual([m["content"]["text"] for m in iopub if m["msg_type"] == "stream"], ["in|a|b c\n"])
+        self.assertEqual("".join(m["content"]["text"] for m in iopub if m["msg_type"] == "stream"), "in|a|b c\n")
 
     def test_limits_in_metadata(self):
         reply, _ = self.execute("while True: pass", language_id=71,
