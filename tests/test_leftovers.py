@@ -1,6 +1,6 @@
 """Nothing outlives a run: what a SIGKILLed server left on disk is swept when a server starts again.
 
-A real server runs a program run and a kernel run that sleep; it is killed with SIGKILL mid-run. Its
+A real server runs a program run and a kernel run that wait for stdin; it is killed with SIGKILL mid-run. Its
 program-run pool dir (where run dirs with the submission's source live, unless the kernel keeps them on a
 private tmpfs), the program-run kernels' ipc dir (sockets and connection files) and the kernel-run runtime
 dir (connection files) are still there; a new server on the same data dir removes them at start, and
@@ -12,14 +12,15 @@ from __future__ import annotations
 import json
 import os
 import signal
-import time
 import uuid
 from pathlib import Path
 
 import psutil
 import pytest
-from conftest import start_server
+from conftest import start_server, wait_until
 from http_client import get, post
+from websockets.exceptions import ConnectionClosed
+from websockets.sync.client import connect
 
 from runflare_server.engine import scratch
 
@@ -58,14 +59,15 @@ def status(api: str, token: str) -> int:
     return get(f"{api}/submissions/{token}").json["status"]["id"]
 
 
-def wait_for(predicate, what: str, timeout: float = 60):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
+def finish_with_a_line(server, token: str, line: str) -> None:
+    """Send a waiting interactive run its line (and EOF) over the WebSocket; return once the server closes the
+    socket, which it does when the run is over."""
+    url = server.url.replace("http://", "ws://") + f"/api/v1/submissions/{token}/ws"
+    with connect(url) as ws:
+        ws.send(json.dumps({"type": "stdin", "data": line + "\n", "eof": True}))
+        with pytest.raises(ConnectionClosed):
+            while True:
+                ws.recv(timeout=60)
 
 
 def connection_files_naming(ipc_dir: Path) -> list[Path]:
@@ -84,17 +86,21 @@ def test_sigkilled_server_leaves_nothing_after_restart(tmp_path) -> None:
     marker = f"leftover-marker-{uuid.uuid4().hex}"
     server = start_server(tmp_path, "--workers", "2", env=ENV)
     first = server.process.pid
+    # both runs wait for a line of stdin that the test sends only to the next server: they are certainly
+    # mid-run when this one is killed
+    waiting = {"interactive": True, "wall_time_limit": 20}
     program = post(f"{server.api}/submissions", {
-        "source_code": f"# {marker}\nimport time\ntime.sleep(6)\nprint('done')", "language_id": 71}).json["token"]
+        "source_code": f"# {marker}\nprint(input())", "language_id": 71, **waiting}).json["token"]
     kernel = post(f"{server.api}/submissions", {
-        "source_code": "import time\ntime.sleep(6)\nprint('done')", "language_id": 1071}).json["token"]
-    wait_for(lambda: status(server.api, program) == 2 and status(server.api, kernel) == 2, "both runs started")
+        "source_code": "print(input())", "language_id": 1071, **waiting}).json["token"]
+    wait_until(lambda: status(server.api, program) == 2 and status(server.api, kernel) == 2,
+               message="both runs started")
 
     left = dirs_of(first)
     assert {"pool", "ipc", "kernels"} <= set(left), left
 
     sources = files_holding(marker)  # none when the kernel keeps run dirs on its private tmpfs
-    wait_for(lambda: list(left["kernels"].glob("k-*/connection.json")), "a kernel's connection file")
+    wait_until(lambda: list(left["kernels"].glob("k-*/connection.json")), message="a kernel's connection file")
 
     children = psutil.Process(first).children(recursive=True)
     os.kill(first, signal.SIGKILL)  # no clean-up of any kind
@@ -122,7 +128,8 @@ def test_sigkilled_server_leaves_nothing_after_restart(tmp_path) -> None:
         assert {"ipc", "kernels"} <= set(mine), mine
         # the re-queued runs complete on the new server, in its own (untouched) dirs
         for token in (program, kernel):
-            wait_for(lambda t=token: status(again.api, t) >= 3, "the re-queued run")
+            finish_with_a_line(again, token, "done")
+            wait_until(lambda t=token: status(again.api, t) >= 3, message="the re-queued run")
             assert get(f"{again.api}/submissions/{token}").json["stdout"] == "done\n"
         assert all(path.is_dir() for path in dirs_of(again.process.pid).values())
     finally:
