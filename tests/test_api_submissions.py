@@ -4,22 +4,20 @@ from __future__ import annotations
 
 import base64
 import re
-import time
 
+from conftest import wait_until
 from http_client import get, post
 
 HELLO = {"source_code": 'print("Hello!")', "language_id": 71}
 ISO = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 
 
-def wait_done(api: str, token: str, timeout: float = 60) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+def wait_done(api: str, token: str) -> dict:
+    def finished() -> dict | None:
         sub = get(f"{api}/submissions/{token}?fields=*").json
-        if sub["status"]["id"] > 2:
-            return sub
-        time.sleep(0.1)
-    raise AssertionError(f"{token} did not finish")
+        return sub if sub["status"]["id"] > 2 else None
+
+    return wait_until(finished, interval=0.1, message=f"{token} finished")
 
 
 def test_hello_wait_true(live_server):
