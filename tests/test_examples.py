@@ -13,7 +13,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -338,7 +337,7 @@ def test_typescript_client_shows_rich_displays(live_server, tmp_path) -> None:
 @pytest.fixture(scope="module")
 def auth_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator:
     """A server that wants X-Auth-Token on every route (conftest's start_server polls /health without one)."""
-    from conftest import LiveServer, free_port
+    from conftest import LiveServer, free_port, wait_until
 
     data_dir = tmp_path_factory.mktemp("auth-server")
     port = free_port()
@@ -347,18 +346,22 @@ def auth_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator:
                              str(port), "--data-dir", str(data_dir)], stdout=log, stderr=subprocess.STDOUT,
                             env={**os.environ, "RUNFLARE_AUTH_TOKENS": '["s3cret"]'}, start_new_session=True)
     server = LiveServer(f"http://127.0.0.1:{port}", port, data_dir, proc)
-    deadline = time.monotonic() + 60
-    while True:
-        req = urllib.request.Request(server.api + "/health", headers={"X-Auth-Token": "s3cret"})
+    def answering() -> bool:
+        if proc.poll() is not None:
+            raise AssertionError("auth server exited: " + (data_dir / "server.log").read_text()[-2000:])
         try:
-            with urllib.request.urlopen(req, timeout=2):
-                break
+            with urllib.request.urlopen(urllib.request.Request(server.api + "/health",
+                                                               headers={"X-Auth-Token": "s3cret"}), timeout=2):
+                return True
         except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                server.stop()
-                log.close()
-                pytest.fail("auth server did not start: " + (data_dir / "server.log").read_text()[-2000:])
-            time.sleep(0.2)
+            return False
+
+    try:
+        wait_until(answering, interval=0.2, message="the auth server answers /health")
+    except BaseException:
+        server.stop()
+        log.close()
+        raise
     yield server
     server.stop()
     log.close()
