@@ -5,15 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import socket
-import subprocess
-import sys
 import threading
-import time
-import urllib.error
-import urllib.request
 
 import pytest
-from conftest import LiveServer, free_port
+from conftest import free_port, start_server
 
 from runflare_nb import AsyncClient, Client, NotFound, ServerUnreachable, ValidationError
 from runflare_nb.errors import AuthError, UnknownLanguage
@@ -287,30 +282,10 @@ def test_async_client_polls_when_the_socket_is_refused(live_server, python_id: i
 
 @pytest.fixture(scope="module")
 def auth_server(tmp_path_factory):
-    """A second real server with auth on (started here: the shared helper waits for a 200 health)."""
-    data_dir = tmp_path_factory.mktemp("auth-server")
-    port = free_port()
-    log = open(data_dir / "server.log", "ab")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "runflare_server", "serve", "--host", "127.0.0.1", "--port", str(port),
-         "--data-dir", str(data_dir), "--auth-token", "s3cret"],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    server = LiveServer(f"http://127.0.0.1:{port}", port, data_dir, proc)
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None and time.monotonic() < deadline, (data_dir / "server.log").read_text()[-2000:]
-            try:
-                urllib.request.urlopen(server.api + "/health", timeout=2)
-                break
-            except urllib.error.HTTPError:
-                break  # answering (401): up
-            except OSError:
-                time.sleep(0.2)
-        yield server
-    finally:
-        server.stop()
-        log.close()
+    """A second real server with auth on (the shared helper sends the token with its /health probe)."""
+    server = start_server(tmp_path_factory.mktemp("auth-server"), "--auth-token", "s3cret")
+    yield server
+    server.stop()
 
 
 def test_auth_token_header(auth_server, python_id: int) -> None:
