@@ -10,12 +10,11 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import free_port
+from conftest import free_port, wait_until
 
 CHROMIUM = "/usr/bin/chromium"
 NOTEBOOK = Path(__file__).resolve().parent.parent / "notebooks" / "getting-started.ipynb"
@@ -45,14 +44,16 @@ def jupyter_lab(live_server, tmp_path_factory):
         cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            assert proc.poll() is None and time.monotonic() < deadline, (root / "lab.log").read_text()[-3000:]
+        def answering() -> bool:
+            if proc.poll() is not None:
+                raise AssertionError("JupyterLab exited: " + (root / "lab.log").read_text()[-3000:])
             try:
-                urllib.request.urlopen(f"{url}/api/status?token={token}", timeout=2)
-                break
+                urllib.request.urlopen(f"{url}/api/status?token={token}", timeout=2).close()
+                return True
             except OSError:
-                time.sleep(0.3)
+                return False
+
+        wait_until(answering, timeout=90, interval=0.3, message="JupyterLab answers /api/status")
         yield url, token, root
     finally:
         try:  # shuts every kernel down, then the server
