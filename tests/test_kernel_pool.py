@@ -15,7 +15,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import own_descendants
+from conftest import own_descendants, wait_until
 
 from runflare_server.engine import kernel_sandbox as sb
 from runflare_server.engine.kernel_pool import (
@@ -154,12 +154,32 @@ def test_cold_pool_starts_concurrent_kernels(loop: asyncio.AbstractEventLoop, mo
 
 
 def test_stop_kills_idle_and_starting_kernels(loop: asyncio.AbstractEventLoop, mode: str, tmp_path: Path) -> None:
-    pool = KernelPool(load_spec("python3"), 3, mode, tmp_path)
+    # One pool holds an idle (ready) kernel. The other's kernels never get ready (they hang at start) and start
+    # one at a time: at the stop one is certainly mid-start, with its process running, and one is waiting
+    # for its turn to start.
+    warm = KernelPool(load_spec("python3"), 1, mode, tmp_path)
+    hung = KernelPool(fake_spec("hang", "import time; time.sleep(600)"), 2, mode, tmp_path,
+                      start_timeout=600, starts=asyncio.Semaphore(1))
+
+    def hung_kernel_running() -> bool:
+        for p in own_descendants():
+            try:
+                if "time.sleep(600)" in " ".join(p.cmdline()):
+                    return True
+            except psutil.Error:
+                continue
+        return False
 
     async def go() -> None:
-        await pool.start()
-        await asyncio.sleep(0.3)  # some ready or starting, some not started yet
-        await pool.stop()
+        await warm.start()
+        assert await warm.wait_full(60)
+        await hung.start()
+        deadline = time.monotonic() + 60  # only a bound for a broken run
+        while not hung_kernel_running():
+            assert time.monotonic() < deadline, "the hanging kernel's process never started"
+            await asyncio.sleep(0.05)
+        assert warm.health()["ready"] == 1 and hung.health()["ready"] == 0 and hung.health()["starting"] == 2
+        await asyncio.gather(warm.stop(), hung.stop())
 
     loop.run_until_complete(go())
     assert descendants() == []
@@ -189,10 +209,8 @@ def test_kernels_die_with_the_server(tmp_path: Path, mode: str, fork: bool) -> N
         assert len(pids) >= 4
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(10)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and any(map(running, pids)):
-            time.sleep(0.1)
-        assert [p for p in pids if running(p)] == []
+        wait_until(lambda: not any(map(running, pids)), interval=0.1,
+                   message="the kernels died with the process that started them")
     finally:
         if proc.poll() is None:
             proc.kill()
