@@ -35,6 +35,14 @@ def wait_until(predicate: Callable[[], T], timeout: float = 60, interval: float 
         time.sleep(interval)
 
 
+def skip_or_fail(why: str) -> None:
+    """Skip on a developer's machine that lacks a tool; in CI (which installs everything) fail instead:
+    a sandbox test must never turn green because bwrap, cgroups or a kernel went missing."""
+    if os.environ.get("CI"):
+        pytest.fail(f"CI must have this: {why}")
+    pytest.skip(why)
+
+
 def free_port() -> int:
     """A TCP port free on 127.0.0.1 right now."""
     with socket.socket() as s:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import own_descendants, wait_until
+from conftest import own_descendants, skip_or_fail, wait_until
 
 from runflare_server.engine.interface import Limits, RunRequest, RunResult
 from runflare_server.engine.kernel_pool import installed_kernelspecs
@@ -246,7 +246,7 @@ def test_child_outliving_the_run_is_killed(check: Engine) -> None:
 
 def test_bash_infinite_loop_and_orphans(check: Engine) -> None:
     if "bash" not in check.engine.kernelspecs():
-        pytest.skip("bash_kernel is not installed (pip install bash_kernel)")
+        skip_or_fail("bash_kernel is not installed (pip install bash_kernel)")
     result = check.run("while :; do :; done", language_id=1046, limits=FAST)
     assert result.outcome == "time_limit"
     marker = f"{time.time_ns() % 10**9}"
@@ -258,7 +258,7 @@ def test_bash_infinite_loop_and_orphans(check: Engine) -> None:
 
 def test_bash_no_network_and_read_only(check: Engine, host_loopback: tuple[socket.socket, socket.socket]) -> None:
     if "bash" not in check.engine.kernelspecs():
-        pytest.skip("bash_kernel is not installed (pip install bash_kernel)")
+        skip_or_fail("bash_kernel is not installed (pip install bash_kernel)")
     tcp, _ = host_loopback
     code = (f"err=$( (exec 3<>/dev/tcp/127.0.0.1/{tcp.getsockname()[1]}) 2>&1 ) && echo open || echo blocked: ${{err##*: }}\n"
             "echo interfaces $(tail -n +3 /proc/net/dev | cut -d: -f1)\n"
@@ -270,7 +270,7 @@ def test_bash_no_network_and_read_only(check: Engine, host_loopback: tuple[socke
 
 def test_deno_no_network_and_infinite_loop(check: Engine, host_loopback: tuple[socket.socket, socket.socket]) -> None:
     if "deno" not in check.engine.kernelspecs():
-        pytest.skip("Deno kernelspec is not installed (pip install deno; deno jupyter --install)")
+        skip_or_fail("Deno kernelspec is not installed (pip install deno; deno jupyter --install)")
     tcp, _ = host_loopback
     code = ("const dev = Deno.readTextFileSync('/proc/net/dev').split('\\n').slice(2).filter(l => l.includes(':'));\n"
             "console.log('interfaces', dev.map(l => l.split(':')[0].trim()).join(','));\n"

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import own_descendants, wait_until
+from conftest import own_descendants, skip_or_fail, wait_until
 
 from runflare_server.engine import kernel_sandbox as sb
 from runflare_server.engine.kernel_pool import (
@@ -40,7 +40,7 @@ def loop() -> Iterator[asyncio.AbstractEventLoop]:
 def mode() -> str:
     m = sb.detect_mode("auto")
     if m == "unavailable":
-        pytest.skip("no sandbox (bwrap/unshare) on this host")
+        skip_or_fail("no sandbox (bwrap/unshare) on this host")
     return m
 
 
@@ -220,7 +220,7 @@ def test_kernels_die_with_the_server(tmp_path: Path, mode: str, fork: bool) -> N
 
 def test_fork_server_kernels_and_restart(loop: asyncio.AbstractEventLoop, mode: str, tmp_path: Path) -> None:
     if mode != "bwrap" or os.geteuid() != 0:
-        pytest.skip("the fork server needs bwrap and root")
+        skip_or_fail("the fork server needs bwrap and root")
     fs = ForkServer(tmp_path)
     pool = KernelPool(load_spec("python3"), 0, mode, tmp_path, fork_server=fs)
     assert pool.fork_server is fs
