@@ -10,13 +10,14 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
 import sys
 
 from common import post_json, report, server, timed
 from jupyter_client.manager import start_new_async_kernel
 
-from runflare_server.engine import sandbox
+from runflare_server.engine import policy, sandbox, seccomp
 
 
 def naive_bridge() -> None:
@@ -32,14 +33,25 @@ def naive_bridge() -> None:
     asyncio.run(once())
 
 
+_lease: policy.UidLease | None = None
+
+
 def floor() -> None:
+    """``python3 -c`` in the same sandbox a program run gets: a slot uid, the seccomp filter, the view."""
+    global _lease
+    if _lease is None and policy.per_slot_uids():
+        _lease = policy.UidLease.acquire()
+    uid = _lease.uid if _lease else None
     mode = sandbox.resolve_mode("auto")
-    work = sandbox.new_workdir()
+    work = sandbox.new_workdir(uid=uid)
+    fd = seccomp.bpf_fd()
     try:
-        argv = sandbox.wrap(["python3", "-c", 'print("hi")'], workdir=work, mode=mode, env=sandbox.sandbox_env())
-        out = subprocess.run(argv, capture_output=True, check=True).stdout
+        argv = sandbox.wrap(["python3", "-c", 'print("hi")'], workdir=work, mode=mode, env=sandbox.sandbox_env(),
+                            uid=uid, seccomp_fd=fd)
+        out = subprocess.run(argv, capture_output=True, check=True, pass_fds=(fd,)).stdout
         assert out == b"hi\n"
     finally:
+        os.close(fd)
         sandbox.remove_workdir(work)
 
 
