@@ -293,7 +293,11 @@ def rlimit_values(limits: Limits, use_cgroup: bool) -> dict[int, tuple[int, int]
 
 def rlimit_preexec(limits: Limits, cgroup: RunCgroup | None = None) -> Callable[[], None]:
     """A ``preexec_fn`` that joins ``cgroup`` (if any) and sets the run's rlimits in the child."""
-    values = rlimit_values(limits, cgroup is not None)
+    return child_setup(rlimit_values(limits, cgroup is not None), cgroup)
+
+
+def child_setup(values: dict[int, tuple[int, int]], cgroup: RunCgroup | None = None) -> Callable[[], None]:
+    """A ``preexec_fn`` that joins ``cgroup`` (if any), then sets these rlimits in the child."""
     procs = cgroup.procs_files() if cgroup else []
 
     def setup() -> None:

@@ -293,7 +293,7 @@ class SandboxedKernel:
             return sb.bwrap_argv(argv, self.dir, network=self.network, env=env, ro_extra=[self.spec.resource_dir],
                                  uid=uid, seccomp_fd=seccomp_fd), None
         if self.mode == "unshare":
-            return sb.unshare_argv(argv, self.dir, network=self.network, env=env, uid=uid), None
+            return sb.unshare_argv(argv, self.dir, env=env, uid=uid), None
         return argv, {**env, "HOME": str(self.dir / "work"), "IPYTHONDIR": str(self.dir / "work/.ipython")}
 
     async def start(self, timeout: float) -> None:

@@ -185,7 +185,7 @@ def _reachable_script(paths: Iterable[str], cover_private: bool = True) -> str:
     return "".join(lines)
 
 
-def unshare_argv(argv: list[str], conn_dir: Path, *, network: bool, env: dict[str, str],
+def unshare_argv(argv: list[str], conn_dir: Path, *, env: dict[str, str],
                  uid: int | None = None) -> list[str]:
     """Fallback when bubblewrap is missing: new namespaces, tmpfs over /tmp and the work dir.
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import grp
 import logging
 import os
@@ -30,7 +31,7 @@ from pathlib import Path
 from . import seccomp
 
 log = logging.getLogger(__name__)
-_SERVER_DIR = str(Path(__file__).resolve().parents[2])  # .../server: what imports runflare_server
+SERVER_DIR = str(Path(__file__).resolve().parents[2])  # .../server: what imports runflare_server
 
 UIDS_ENV = "RUNFLARE_SANDBOX_UIDS"  # "BASE:COUNT", the same name as the server setting sandbox_uids
 DEFAULT_UIDS = "1900000000:65536"  # far above real accounts (and above the usual /etc/subuid ranges)
@@ -175,7 +176,8 @@ def drop_to(uid: int) -> list[str]:
 # ---------------------------------------------------------------- the view
 
 
-def proc_view() -> list[str]:
+@functools.cache
+def proc_view() -> tuple[str, ...]:
     """bwrap arguments: a fresh /proc with runc's read-only and masked paths (those present here)."""
     args = ["--proc", "/proc"]
     for p in READONLY_PROC:
@@ -186,10 +188,11 @@ def proc_view() -> list[str]:
             args += ["--perms", "0555", "--tmpfs", p, "--remount-ro", p]
         elif os.path.exists(p):
             args += ["--ro-bind", "/dev/null", p]
-    return args
+    return tuple(args)
 
 
-def secret_masks() -> list[str]:
+@functools.cache
+def secret_masks() -> tuple[str, ...]:
     """bwrap arguments hiding the host's secrets under the read-only /etc."""
     args: list[str] = []
     for f in SECRET_FILES:
@@ -198,7 +201,7 @@ def secret_masks() -> list[str]:
     for d in SECRET_DIRS:
         if os.path.isdir(d):
             args += ["--tmpfs", d, "--remount-ro", d]
-    return args
+    return tuple(args)
 
 
 def _parents(path: str, made: set[str]) -> list[str]:
@@ -270,7 +273,7 @@ def bwrap_command(argv: list[str], *, uid: int | None, binds: list[str], env: Ma
     ``binds`` are the caller's own mounts (its work dir, its connection dir), ``seccomp_fd`` an
     inherited fd holding the filter (``seccomp.bpf_fd()``), ``uid`` the slot's uid (when root).
     With ``network`` the command is meant for ``network.wrap``: bubblewrap then starts as the slot uid
-    (see ``become``) in the user-mode network namespace, with its own unprivileged user namespace.
+    (see ``network_launch``) in the user-mode network namespace, with its own unprivileged user namespace.
     """
     if network and per_slot_uids() and not started_by_slot_uid:
         # as root, bwrap --unshare-all would map the sandbox's 0 to host 0 in the host's network: never
@@ -301,14 +304,7 @@ def network_launch(argv: list[str], *, uid: int, view_sources: list[str]) -> lis
 
 def launcher_env() -> dict[str, str]:
     """The environment of ``userns_launcher`` (outside every sandbox): a PATH and the server's code."""
-    return {"PATH": os.environ.get("PATH", "/usr/local/bin:/usr/bin:/bin"), "PYTHONPATH": _SERVER_DIR}
-
-
-def become(uid: int) -> None:
-    """In a child about to exec (a ``preexec_fn``): turn root into ``uid``, no groups, no capabilities."""
-    os.setgroups([])
-    os.setresgid(uid, uid, uid)
-    os.setresuid(uid, uid, uid)
+    return {"PATH": os.environ.get("PATH", "/usr/local/bin:/usr/bin:/bin"), "PYTHONPATH": SERVER_DIR}
 
 
 def check(mode: str = "auto") -> dict[str, object]:

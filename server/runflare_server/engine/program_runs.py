@@ -37,13 +37,12 @@ from typing import Any
 from jupyter_client.kernelspec import KernelSpec
 from jupyter_client.manager import AsyncKernelManager
 
-from . import cgroups, languages, sandbox, scratch
+from . import cgroups, languages, policy, sandbox, scratch
 from .bounded_client import BoundedKernelClient, message_bound
 from .incidents import has_host_detail, incident, shown_or_incident
 from .interface import Emit, LanguageInfo, RunRequest, RunResult
 
 log = logging.getLogger(__name__)
-_SERVER_DIR = str(Path(__file__).resolve().parents[2])  # .../server, so kernels import runflare_server
 REPLY_GRACE = 30.0  # seconds past the run's own limits before a kernel is declared stuck
 
 
@@ -249,7 +248,7 @@ class ProgramRuns:
 
     async def _start_kernel(self) -> _Kernel:
         env = {k: v for k, v in os.environ.items() if k != "JPY_PARENT_PID"}
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (_SERVER_DIR, env.get("PYTHONPATH")) if p)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (policy.SERVER_DIR, env.get("PYTHONPATH")) if p)
         env["RUNFLARE_SANDBOX"] = self.mode or self.sandbox_mode
         if not self.runs_dir:  # a private runs dir, removed on stop (even what a crashed kernel left)
             self.runs_dir = self._own_runs_dir = str(scratch.private_dir("pool", sandbox.runs_root()))

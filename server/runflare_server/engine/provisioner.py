@@ -242,21 +242,7 @@ class RunflareSandboxProvisioner(KernelProvisionerBase):
 
     def _child_setup(self, cgroup: cgroups.RunCgroup | None) -> Callable[[], None]:
         """A ``preexec_fn``: join the kernel's cgroup, then set its rlimits (bwrap's, inherited inside)."""
-        values = self.rlimits(cgroup is not None)
-        procs = cgroup.procs_files() if cgroup else []
-
-        def setup() -> None:
-            for f in procs:
-                fd = os.open(f, os.O_WRONLY)
-                try:
-                    os.write(fd, b"0")
-                finally:
-                    os.close(fd)
-            for res, limit in values.items():
-                with contextlib.suppress(ValueError, OSError):
-                    resource.setrlimit(res, limit)
-
-        return setup
+        return cgroups.child_setup(self.rlimits(cgroup is not None), cgroup)
 
     # ------------------------------------------------------------------ running
 
