@@ -45,6 +45,11 @@ NZEC, INTERNAL_ERROR, EXEC_FORMAT_ERROR = 11, 13, 14
 SIGNAL_STATUS = {11: 7, 25: 8, 8: 9, 6: 10}
 
 
+def is_final(status_id: int) -> bool:
+    """Whether a submission with this status is over (anything past In Queue and Processing)."""
+    return status_id not in (IN_QUEUE, PROCESSING)
+
+
 def normalize_output(text: str | None) -> str:
     """Judge0's comparison form: trailing whitespace stripped on each line and at the end."""
     return "\n".join(line.rstrip() for line in (text or "").split("\n")).rstrip()

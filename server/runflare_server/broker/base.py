@@ -1,40 +1,74 @@
-"""The broker interface: a work queue of tokens, an ordered event log per submission, interactive stdin."""
+"""The broker interface: a work queue, an ordered event stream per submission, and interactive stdin.
+
+Every method is async. Events are addressed by token and ``seq`` (1, 2, ... per submission); a backend
+shared by many processes (Redis) lets a WebSocket on any API node follow a run on any worker.
+"""
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 Event = dict[str, Any]
 
 
+class BrokerUnavailable(Exception):
+    """The broker cannot be reached right now (the API answers 503 with Retry-After; workers retry)."""
+
+
+@dataclass(frozen=True)
+class Job:
+    """A token taken from the queue. `attempt` counts deliveries, this one included (a run whose worker
+    died is delivered again); `receipt` is the backend's handle for `ack`."""
+
+    token: str
+    attempt: int = 1
+    receipt: str = ""
+
+
+class InputChannel(Protocol):
+    """The stdin of one running interactive submission, read by the worker that runs it."""
+
+    async def get(self) -> str | None:
+        """The next chunk the client typed; None at end of input."""
+
+    async def close(self) -> None: ...
+
+
 class Broker(Protocol):
+    kind: str  # "memory", "redis"
+
+    async def open(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def ping(self) -> bool: ...
+
     async def enqueue(self, token: str) -> None: ...
 
-    async def dequeue(self) -> str:
-        """The next queued token; waits while the queue is empty."""
+    async def dequeue(self) -> Job:
+        """The next job; waits while the queue is empty."""
 
-    async def ack(self, token: str) -> None:
-        """The token's run is over (its final state is stored)."""
+    async def ack(self, job: Job) -> None:
+        """The job is done: its final state is stored. Unacknowledged jobs of a dead worker come back."""
 
     async def depth(self) -> int:
-        """Tokens waiting in the queue."""
+        """Jobs waiting to be taken (across the whole cluster)."""
 
     async def publish(self, token: str, event: Event, final: bool = False) -> Event:
-        """Append an event to the token's log, stamping `seq`; `final` closes the log."""
+        """Append an event to the token's stream, stamping the next `seq`; `final` ends the stream."""
 
-    def has_log(self, token: str) -> bool: ...
+    async def has_log(self, token: str) -> bool:
+        """Whether the token has an event stream here (live, or finished and not yet expired)."""
+
+    async def last_seq(self, token: str) -> int: ...
 
     def subscribe(self, token: str, since: int = 0) -> AsyncIterator[Event]:
         """Events with seq > since, replayed then live, ending after the final one."""
 
-    def last_seq(self, token: str) -> int: ...
-
     async def send_input(self, token: str, chunk: str | None) -> bool:
-        """Feed an interactive run's stdin (None = end of input); False if the run is not reading."""
+        """Feed an interactive run's stdin (None = end of input); False if too much is waiting unread."""
 
-    def open_input(self, token: str) -> asyncio.Queue[str | None]:
-        """The queue a running interactive submission reads its stdin from."""
-
-    def close_input(self, token: str) -> None: ...
+    async def open_input(self, token: str) -> InputChannel:
+        """The channel the worker running `token` reads its stdin from."""

@@ -12,8 +12,9 @@ import json
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator
+from typing import Any
 
-from .base import Event
+from .base import Event, Job
 
 
 class LoggedEvent(dict):
@@ -50,11 +51,16 @@ class EventLog:
 
 
 class InputQueue(asyncio.Queue):
-    """An interactive run's pending stdin, counting the bytes it holds."""
+    """An interactive run's pending stdin, counting the bytes it holds (the broker's InputChannel)."""
 
-    def __init__(self) -> None:
+    def __init__(self, on_close: Any = None) -> None:
         super().__init__()
         self.pending = 0
+        self._on_close = on_close
+
+    async def close(self) -> None:
+        if self._on_close is not None:
+            self._on_close()
 
     def _put(self, item: str | None) -> None:
         self.pending += len(item or "")
@@ -67,7 +73,9 @@ class InputQueue(asyncio.Queue):
 
 
 class MemoryBroker:
-    """The embedded broker."""
+    """The embedded broker: one process's queue, logs and stdin."""
+
+    kind = "memory"
 
     def __init__(self, retention: float = 600.0, max_logs: int = 10_000, max_bytes: int = 256 << 20,
                  max_pending_input: int = 1 << 20):
@@ -80,13 +88,22 @@ class MemoryBroker:
         self._bytes = 0
         self._inputs: dict[str, InputQueue] = {}
 
+    async def open(self) -> None:
+        pass
+
+    async def close(self) -> None:
+        pass
+
+    async def ping(self) -> bool:
+        return True
+
     async def enqueue(self, token: str) -> None:
         self._queue.put_nowait(token)
 
-    async def dequeue(self) -> str:
-        return await self._queue.get()
+    async def dequeue(self) -> Job:
+        return Job(await self._queue.get())
 
-    async def ack(self, token: str) -> None:
+    async def ack(self, job: Job) -> None:
         self._queue.task_done()
 
     async def depth(self) -> int:
@@ -94,10 +111,10 @@ class MemoryBroker:
 
     async def publish(self, token: str, event: Event, final: bool = False) -> Event:
         log = self._logs.get(token)
-        if log is None or (log.closed_at is not None and not final):
-            if log is not None:
-                self._bytes -= log.size
-            log = self._logs[token] = EventLog()  # a re-queued run starts a new story
+        if log is None:
+            log = self._logs[token] = EventLog()
+        elif log.closed_at is not None and not final:
+            log.closed_at = None  # a re-queued run goes on with the same story, seq still rising
         before = log.size
         logged = log.append(event, final)
         self._bytes += log.size - before
@@ -105,10 +122,10 @@ class MemoryBroker:
             self._evict()
         return logged
 
-    def has_log(self, token: str) -> bool:
+    async def has_log(self, token: str) -> bool:
         return token in self._logs
 
-    def last_seq(self, token: str) -> int:
+    async def last_seq(self, token: str) -> int:
         log = self._logs.get(token)
         return len(log.events) if log else 0
 
@@ -127,17 +144,20 @@ class MemoryBroker:
             await log.changed()
 
     async def send_input(self, token: str, chunk: str | None) -> bool:
-        queue = self.open_input(token)  # input sent before the run starts waits for it
+        queue = self._input(token)  # input sent before the run starts waits for it
         if chunk and queue.pending + len(chunk) > self.max_pending_input:
             return False
         queue.put_nowait(chunk)
         return True
 
-    def open_input(self, token: str) -> InputQueue:
-        return self._inputs.setdefault(token, InputQueue())
+    async def open_input(self, token: str) -> InputQueue:
+        return self._input(token)
 
-    def close_input(self, token: str) -> None:
-        self._inputs.pop(token, None)
+    def _input(self, token: str) -> InputQueue:
+        queue = self._inputs.get(token)
+        if queue is None:
+            queue = self._inputs[token] = InputQueue(lambda: self._inputs.pop(token, None))
+        return queue
 
     def _evict(self) -> None:
         """Drop finished logs, oldest first: the expired ones, and more while over a budget."""
