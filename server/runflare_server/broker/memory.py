@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -87,6 +87,7 @@ class MemoryBroker:
         self._logs: OrderedDict[str, EventLog] = OrderedDict()
         self._bytes = 0
         self._inputs: dict[str, InputQueue] = {}
+        self._tracked: Counter[str] = Counter()  # queued or taken, not yet acknowledged
 
     async def open(self) -> None:
         pass
@@ -98,13 +99,25 @@ class MemoryBroker:
         return True
 
     async def enqueue(self, token: str) -> None:
+        self._tracked[token] += 1
         self._queue.put_nowait(token)
 
     async def dequeue(self) -> Job:
         return Job(await self._queue.get())
 
     async def ack(self, job: Job) -> None:
+        self._tracked[job.token] -= 1
+        if self._tracked[job.token] <= 0:
+            del self._tracked[job.token]
         self._queue.task_done()
+
+    async def tracked(self) -> set[str]:
+        """Tokens queued or taken and not yet acknowledged."""
+        return set(self._tracked)
+
+    async def try_lock(self, name: str, ttl: float) -> bool:
+        """One process: nobody else can hold it."""
+        return True
 
     async def depth(self) -> int:
         return self._queue.qsize()
