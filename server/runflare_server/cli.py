@@ -37,7 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"runflare {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    serve = sub.add_parser("serve", help="start the server (embedded SQLite store and in-process queue)",
+    serve = sub.add_parser("serve", help="start the server (embedded SQLite and in-process queue by default; "
+                           "PostgreSQL and Redis to scale out)",
                            epilog=settings_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
     serve.add_argument("--host", help="address to listen on (default 127.0.0.1, env RUNFLARE_HOST)")
     serve.add_argument("--port", type=int, help="port to listen on (default 8787, env RUNFLARE_PORT)")
@@ -47,7 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
                             "both only when named)")
     serve.add_argument("--workers", type=int, help="concurrent runs (default: number of CPUs)")
     serve.add_argument("--role", choices=["all", "api", "worker"],
-                       help="what this process does (default all; api and worker need the Redis broker, not built yet)")
+                       help="what this process does: all (default), api (HTTP and WebSocket) or worker (runs "
+                            "submissions); api and worker share --store postgresql://... and --broker redis://...")
+    serve.add_argument("--store", help="sqlite:///PATH (default: DATA_DIR/runflare.sqlite3) or postgresql://USER@HOST/DB")
+    serve.add_argument("--broker", help="memory (default, one process) or redis://HOST:PORT/DB (shared)")
     serve.add_argument("--auth-token", action="append", dest="auth_tokens", metavar="TOKEN",
                        help="require X-Auth-Token on /api/v1 (repeatable)")
     serve.add_argument("--authz-user", action="append", dest="authz_users", metavar="TOKEN",

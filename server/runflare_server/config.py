@@ -24,6 +24,14 @@ class Settings(BaseSettings):
     port: int = 8787
     data_dir: Path = Field(default_factory=default_data_dir)
     role: Literal["all", "api", "worker"] = "all"
+    # Where submissions live and how work and events travel. Defaults: SQLite in data_dir, the in-process
+    # queue. Scale-out: postgresql://... and redis://..., shared by every api and worker process.
+    store: str = ""  # sqlite:///PATH or postgresql://USER@HOST/DB; empty: data_dir/runflare.sqlite3
+    broker: str = "memory"  # memory or redis://HOST:PORT/DB
+    broker_prefix: str = "runflare"  # Redis key prefix (one cluster per prefix)
+    visibility_timeout: float = 30.0  # a job held this long by a silent (dead) worker goes to another
+    max_attempts: int = 3  # a submission whose runs keep killing their worker ends as Internal Error
+    reconcile_interval: float = 10.0  # how often workers look for accepted work the broker lost
     sandbox: Literal["auto", "bwrap", "unshare", "none"] = "auto"
     workers: int = 0  # concurrent runs; 0 = number of CPUs
     kernel_pool: dict[str, int] = Field(default_factory=lambda: {"python3": 2})
@@ -96,6 +104,10 @@ class Settings(BaseSettings):
     @property
     def db_path(self) -> Path:
         return self.data_dir / "runflare.sqlite3"
+
+    @property
+    def store_url(self) -> str:
+        return self.store or str(self.db_path)
 
     def config_info(self) -> dict[str, Any]:
         """Every Judge0 /config_info key with this server's effective value."""

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import asyncio
-import time
-import uuid
+import logging
 from typing import Any
 
 from . import events
 from .broker import Broker
 from .config import Settings
 from .models import SubmissionRules
-from .statuses import IN_QUEUE
+from .statuses import is_final
 from .store import Store
+from .submission import Submission, new_submission
+
+log = logging.getLogger(__name__)
 
 
 class QueueFull(Exception):
@@ -31,13 +33,13 @@ class Submissions:
     async def create_many(self, bodies: list[Any], base64_encoded: bool) -> list[dict[str, Any]]:
         """Validate each body; store the valid ones durably, then queue them. Returns {"token"} or field errors."""
         answers: list[dict[str, Any]] = []
-        new: list[dict[str, Any]] = []
+        new: list[Submission] = []
         for body in bodies:
             data, errors = self.rules.validate(body, base64_encoded)
             if errors:
                 answers.append(errors)
                 continue
-            sub = self._new(data)  # type: ignore[arg-type]
+            sub = new_submission(data)  # type: ignore[arg-type]
             new.append(sub)
             answers.append({"token": sub["token"]})
         if new:
@@ -45,29 +47,27 @@ class Submissions:
                 raise QueueFull()
             await self.store.create(new)
             for sub in new:
-                await self.broker.publish(sub["token"], events.status_update(sub["token"], sub))
-                await self.broker.publish(sub["token"], events.progress(sub["token"], "queued"))
-                await self.broker.enqueue(sub["token"])
+                await self._announce(sub)
         return answers
 
-    def _new(self, data: dict[str, Any]) -> dict[str, Any]:
-        return {
-            **data,
-            "token": str(uuid.uuid4()),
-            "status_id": IN_QUEUE,
-            "created_at": time.time(),
-            "finished_at": None,
-            "stdout": None, "stderr": None, "compile_output": None, "message": None,
-            "exit_code": None, "exit_signal": None, "time": None, "wall_time": None, "memory": None,
-            "outputs": [],
-            "session": {"kind": "kernel" if data.get("kernel") or (data.get("language_id") or 0) >= 1000
-                        else "program"},
-        }
+    async def _announce(self, sub: Submission) -> None:
+        """Open the submission's event stream and queue it. The row is already durable: if the broker fails
+        now, the workers' reconciler queues it later, so the client still gets its token."""
+        token = sub["token"]
+        try:
+            await self.broker.publish(token, events.status_update(token, sub))
+            await self.broker.publish(token, events.progress(token, "queued"))
+            await self.broker.enqueue(token)
+        except Exception:
+            log.warning("could not queue %s now; the reconciler will", token, exc_info=True)
 
-    async def get(self, token: str) -> dict[str, Any] | None:
+    async def get(self, token: str) -> Submission | None:
         return await self.store.get(token)
 
-    async def wait(self, token: str, timeout: float) -> dict[str, Any] | None:
+    async def get_many(self, tokens: list[str]) -> list[Submission | None]:
+        return await self.store.get_many(tokens)
+
+    async def wait(self, token: str, timeout: float) -> Submission | None:
         """The submission once finished, or as it is when `timeout` runs out. Follows the event log."""
         async def final() -> None:
             async for event in self.broker.subscribe(token):
@@ -75,7 +75,7 @@ class Submissions:
                     return
 
         sub = await self.store.get(token)
-        if sub is not None and sub["status_id"] <= 2 and self.broker.has_log(token):
+        if sub is not None and not is_final(sub["status_id"]) and await self.broker.has_log(token):
             try:
                 await asyncio.wait_for(final(), timeout)
             except asyncio.TimeoutError:
@@ -95,5 +95,5 @@ class Submissions:
         }
         return subs, meta
 
-    async def delete(self, token: str) -> dict[str, Any] | None:
+    async def delete(self, token: str) -> Submission | None:
         return await self.store.delete(token)

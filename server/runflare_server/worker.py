@@ -5,22 +5,28 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import random
 import time
 from typing import Any
 
 from . import events
 from .broker import Broker
+from .broker.base import BrokerUnavailable, InputChannel, Job
 from .callbacks import Callbacks
 from .config import Settings
 from .engine.incidents import incident
 from .engine.interface import Engine, Event, Limits, RunRequest, RunResult
-from .statuses import ACCEPTED, IN_QUEUE, PROCESSING, status_of
+from .statuses import ACCEPTED, IN_QUEUE, PROCESSING, is_final, status_of
 from .store import Store
+from .store.base import StoreUnavailable
+from .submission import Submission
+
+TRANSIENT = (StoreUnavailable, BrokerUnavailable)
 
 log = logging.getLogger(__name__)
 
 
-def limits_of(sub: dict[str, Any], settings: Settings) -> Limits:
+def limits_of(sub: Submission, settings: Settings) -> Limits:
     return Limits(
         cpu_time_limit=float(sub["cpu_time_limit"]),
         cpu_extra_time=float(sub["cpu_extra_time"]),
@@ -66,7 +72,7 @@ class Worker:
     """Runs up to `concurrency` submissions at once."""
 
     def __init__(self, settings: Settings, store: Store, broker: Broker, engine: Engine,
-                 callbacks: Callbacks, render_callback: Any, concurrency: int):
+                 callbacks: Callbacks, render_callback: Any, concurrency: int, metrics: Any = None):
         self.settings = settings
         self.store = store
         self.broker = broker
@@ -74,26 +80,60 @@ class Worker:
         self.callbacks = callbacks
         self.render_callback = render_callback
         self.concurrency = concurrency
+        self.metrics = metrics  # a ServiceMetrics, told of each finished run
         self._loops: list[asyncio.Task] = []
         self._running: dict[str, asyncio.Task] = {}
+        self._untracked: dict[str, float] = {}  # token -> when reconcile first found it untracked
         self._stopping = False
 
     async def recover(self) -> int:
-        """Re-queue what a previous process left queued or running."""
-        tokens = await self.store.unfinished()
-        for token in tokens:
+        """At start: queue again what is unfinished in the store and not in the queue (a previous process
+        left it queued or running, or the broker lost it)."""
+        return await self.reconcile(grace=0.0)
+
+    async def reconcile(self, grace: float) -> int:
+        """Queue again the unfinished submissions the broker does not track (queued, or held by a live
+        worker) once they have been untracked for `grace` seconds: a broker that lost its data (a Redis
+        restart) loses nothing accepted. One worker of the cluster reconciles at a time."""
+        if not await self.broker.try_lock("reconcile", max(grace, 5.0)):
+            return 0
+        tracked = await self.broker.tracked() | set(self._running)
+        now = time.monotonic()
+        unfinished = set(await self.store.unfinished())
+        self._untracked = {t: since for t, since in self._untracked.items() if t in unfinished}
+        requeued = 0
+        for token in sorted(unfinished - tracked):
+            first_seen = self._untracked.setdefault(token, now)
+            if now - first_seen < grace:
+                continue
             sub = await self.store.get(token)
-            if sub and sub["status_id"] != IN_QUEUE:
-                sub["status_id"] = IN_QUEUE
-                await self.store.update(token, {"status_id": IN_QUEUE})
-            await self.broker.publish(token, events.status_update(token, sub or {"status_id": IN_QUEUE}))
+            if sub is None or is_final(sub["status_id"]):
+                continue
+            if sub["status_id"] != IN_QUEUE:
+                sub = await self.store.update(token, {"status_id": IN_QUEUE}) or sub
+            await self.broker.publish(token, events.status_update(token, sub))
             await self.broker.enqueue(token)
-        if tokens:
-            log.info("re-queued %d unfinished submissions", len(tokens))
-        return len(tokens)
+            self._untracked.pop(token, None)
+            requeued += 1
+        if requeued:
+            log.info("re-queued %d unfinished submissions", requeued)
+        return requeued
+
+    async def _reconcile_loop(self) -> None:
+        interval = self.settings.reconcile_interval
+        while not self._stopping:
+            await asyncio.sleep(interval)
+            try:
+                await self.reconcile(grace=self.settings.visibility_timeout)
+            except TRANSIENT as exc:
+                log.warning("reconcile skipped: %s", exc)
+            except Exception:
+                log.exception("reconcile failed")
 
     def start(self) -> None:
         self._loops = [asyncio.create_task(self._loop()) for _ in range(self.concurrency)]
+        if self.broker.kind != "memory":  # an in-process queue cannot lose what this process holds
+            self._loops.append(asyncio.create_task(self._reconcile_loop()))
 
     @property
     def busy(self) -> int:
@@ -112,49 +152,89 @@ class Worker:
         await asyncio.gather(*self._loops, return_exceptions=True)
 
     async def _loop(self) -> None:
+        backoff = Backoff()
         while not self._stopping:
-            token = await self.broker.dequeue()
-            if self._stopping:
-                await self.broker.enqueue(token)
-                return
-            self._running[token] = asyncio.current_task()  # type: ignore[assignment]
             try:
-                await self.process(token)
+                job = await self.broker.dequeue()
+            except TRANSIENT as exc:
+                log.warning("queue unavailable: %s", exc)
+                await backoff.sleep()
+                continue
+            backoff.reset()
+            if self._stopping:
+                await self.broker.enqueue(job.token)
+                await self.broker.ack(job)
+                return
+            self._running[job.token] = asyncio.current_task()  # type: ignore[assignment]
+            try:
+                await self._handle(job)
+            finally:
+                self._running.pop(job.token, None)
+
+    async def _handle(self, job: Job) -> None:
+        """Run the job and acknowledge it once its final state is stored. While the store or the broker is
+        down the job stays held (not acknowledged) and is retried; it is never dropped."""
+        backoff = Backoff()
+        while True:
+            try:
+                if job.attempt > self.settings.max_attempts:
+                    await self._fail(job.token, f"gave up after {job.attempt - 1} attempts: each run stopped "
+                                                "the worker that ran it")
+                else:
+                    await self.process(job.token)
+                break
             except asyncio.CancelledError:
                 raise
+            except TRANSIENT as exc:
+                log.warning("%s: %s; retrying", job.token, exc)
+                await backoff.sleep()
             except Exception as exc:
-                message = incident(log, "internal error in the worker", exc=exc, detail=token)
+                message = incident(log, "internal error in the worker", exc=exc, detail=job.token)
                 try:
-                    await self._fail(token, message)
+                    await self._fail(job.token, message)
                 except Exception:
-                    log.exception("could not record the failure of %s", token)
-            finally:
-                self._running.pop(token, None)
-                await self.broker.ack(token)
+                    log.exception("could not record the failure of %s", job.token)
+                break
+        while True:
+            try:
+                await self.broker.ack(job)
+                return
+            except TRANSIENT:
+                await backoff.sleep()
 
     async def process(self, token: str) -> None:
         sub = await self.store.get(token)
-        if sub is None or sub["status_id"] not in (IN_QUEUE, PROCESSING):
+        if sub is None or is_final(sub["status_id"]):
             return
+        taken_at = time.monotonic()
         started = {"status_id": PROCESSING}
         await self.store.update(token, started)
-        sub.update(started)
-        await self.broker.publish(token, events.status_update(token, sub))
+        sub.update(started)  # type: ignore[typeddict-item]
+        await self._publish(token, events.status_update(token, sub))
 
         results: list[RunResult] = []
-        stdin_queue = self.broker.open_input(token) if sub.get("interactive") else None
+        stdin: InputChannel | None = await self.broker.open_input(token) if sub.get("interactive") else None
         try:
             for run in range(int(sub.get("number_of_runs") or 1)):
-                result = await self._run_once(sub, stdin_queue, live=run == 0)
+                result = await self._run_once(sub, stdin, live=run == 0)
                 results.append(result)
                 if status_of(result, sub.get("expected_output")) != ACCEPTED:
                     break
         finally:
-            if stdin_queue is not None:
-                self.broker.close_input(token)
+            if stdin is not None:
+                await stdin.close()
         await self._finish(token, sub, combine(results))
+        if self.metrics is not None:
+            self.metrics.run_finished(sub, time.monotonic() - taken_at)
 
-    async def _run_once(self, sub: dict[str, Any], stdin_queue: asyncio.Queue | None, live: bool) -> RunResult:
+    async def _publish(self, token: str, event: Event, final: bool = False) -> None:
+        """Events are live news: when the broker is down they are dropped (the store keeps the result)."""
+        try:
+            await self.broker.publish(token, event, final=final)
+        except BrokerUnavailable as exc:
+            log.warning("event for %s dropped: %s", token, exc)
+
+    async def _run_once(self, sub: Submission, stdin_queue: InputChannel | None, live: bool) -> RunResult:
         """One run. Only the first of number_of_runs streams its output (the others would repeat it)."""
         token = sub["token"]
         request = RunRequest(
@@ -186,7 +266,7 @@ class Worker:
                                          display={"data": event["data"], "metadata": event.get("metadata", {})})
             else:
                 return
-            await self.broker.publish(token, message)
+            await self._publish(token, message)
 
         try:
             return await self.engine.run(request, emit)
@@ -195,7 +275,7 @@ class Worker:
         except Exception as exc:  # the details go to the log only (under the incident id)
             return RunResult(outcome="internal", message=incident(log, "engine failure", exc=exc, detail=token))
 
-    async def _finish(self, token: str, sub: dict[str, Any], result: RunResult) -> None:
+    async def _finish(self, token: str, sub: Submission, result: RunResult) -> None:
         outputs, kept = [], 0
         for output in result.outputs:
             kept += len(json.dumps(output))
@@ -210,10 +290,17 @@ class Worker:
             "time": result.time, "wall_time": result.wall_time, "memory": result.memory,
             "outputs": outputs, "finished_at": time.time(),
         }
-        await self.store.update(token, changes)
-        sub.update(changes)
-        await self.broker.publish(token, events.progress(token, "finished"))
-        await self.broker.publish(token, events.status_update(token, sub), final=True)
+        backoff = Backoff()
+        while True:  # the run is done: only its result is retried, never the run
+            try:
+                await self.store.update(token, changes)
+                break
+            except StoreUnavailable as exc:
+                log.warning("result of %s not stored yet: %s; retrying", token, exc)
+                await backoff.sleep()
+        sub.update(changes)  # type: ignore[typeddict-item]
+        await self._publish(token, events.progress(token, "finished"))
+        await self._publish(token, events.status_update(token, sub), final=True)
         if sub.get("callback_url"):
             try:
                 self.callbacks.send(sub["callback_url"], self.render_callback(sub))
@@ -222,6 +309,20 @@ class Worker:
 
     async def _fail(self, token: str, message: str) -> None:
         sub = await self.store.get(token)
-        if sub is None or sub["status_id"] > PROCESSING:
+        if sub is None or is_final(sub["status_id"]):
             return
         await self._finish(token, sub, RunResult(outcome="internal", message=message))
+
+
+class Backoff:
+    """Exponential backoff with jitter for retrying a store or broker that is down: 0.1 s up to 5 s."""
+
+    def __init__(self, first: float = 0.1, cap: float = 5.0):
+        self.first, self.cap, self.delay = first, cap, first
+
+    def reset(self) -> None:
+        self.delay = self.first
+
+    async def sleep(self) -> None:
+        await asyncio.sleep(self.delay * random.uniform(0.5, 1.0))
+        self.delay = min(self.cap, self.delay * 2)

@@ -16,6 +16,7 @@ from .reference import (
     HealthHandler,
     LanguageHandler,
     LanguagesHandler,
+    MetricsHandler,
     StatusesHandler,
 )
 from .submissions import BatchHandler, SubmissionHandler, SubmissionsHandler
@@ -78,6 +79,7 @@ ROUTES: list[tuple[str, str, type]] = [
     ("/api/v1/config_info", r"/api/v1/config_info/?", ConfigInfoHandler),
     ("/api/v1/health", r"/api/v1/health/?", HealthHandler),
     ("/api/v1/openapi.json", r"/api/v1/openapi.json", OpenApiHandler),
+    ("/metrics", r"/metrics", MetricsHandler),
 ]
 
 

@@ -9,10 +9,13 @@ from typing import Any
 
 from tornado import web
 
+from ..broker.base import BrokerUnavailable
 from ..service import Service
+from ..store.base import StoreUnavailable
 
 MAINTENANCE_RETRY_AFTER = 60  # seconds a client waits before retrying in maintenance mode
 QUEUE_FULL_RETRY_AFTER = 5  # seconds a client waits before retrying when the queue is full
+UNAVAILABLE_RETRY_AFTER = 2  # seconds a client waits when the store or the broker is briefly down
 
 
 class ApiError(Exception):
@@ -23,6 +26,18 @@ class ApiError(Exception):
         self.status = status
         self.body = body
         self.headers = headers or {}
+
+
+def unavailable(exc: Exception) -> ApiError | None:
+    """503 with Retry-After for a store or broker that is briefly down; None for any other failure."""
+    if isinstance(exc, StoreUnavailable):
+        what = "the store"
+    elif isinstance(exc, BrokerUnavailable):
+        what = "the queue"
+    else:
+        return None
+    return ApiError(503, {"error": f"{what} is unavailable; retry shortly"},
+                    {"Retry-After": str(UNAVAILABLE_RETRY_AFTER)})
 
 
 def allowed_origin(origins: list[str], origin: str | None) -> str | None:
@@ -164,6 +179,8 @@ class BaseHandler(web.RequestHandler):
         self.finish(json.dumps(body))
 
     def _handle_request_exception(self, e: BaseException) -> None:
+        if isinstance(e, Exception):
+            e = unavailable(e) or e
         if isinstance(e, ApiError):
             if self._finished:
                 return

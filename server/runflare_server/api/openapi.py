@@ -140,7 +140,11 @@ def build_openapi(service: Service, routes: list[tuple[str, str, type]]) -> dict
             responses = op["responses"]
             responses.setdefault("401", {"description": "missing or wrong X-Auth-Token (empty body)"})
             if method in ("post", "delete"):
-                responses.setdefault("503", body(ERROR, "maintenance mode, or the queue is full", RETRY_AFTER))
+                responses.setdefault("503", body(ERROR, "maintenance mode, the queue is full, or the store or "
+                                                        "the queue is briefly unavailable", RETRY_AFTER))
+            else:
+                responses.setdefault("503", body(ERROR, "the store or the queue is briefly unavailable",
+                                                 RETRY_AFTER))
             responses.setdefault("413", body(ERROR, "body larger than max_body_size"))
             op.setdefault("security", [{"authToken": []}] if service.settings.auth_tokens else [{}, {"authToken": []}])
         paths[path[len("/api/v1"):]] = ops

@@ -1,4 +1,4 @@
-"""Reference routes: languages, statuses, about, config_info, health."""
+"""Reference routes: languages, statuses, about, config_info, health, metrics."""
 
 from __future__ import annotations
 
@@ -52,3 +52,14 @@ class HealthHandler(BaseHandler):
     async def get(self) -> None:
         health = await self.service.health()
         self.send(health, 200 if health["status"] == "ok" else 503)
+
+
+class MetricsHandler(BaseHandler):
+    """Prometheus metrics (text exposition format), behind the same X-Auth-Token as the API."""
+
+    async def get(self) -> None:
+        from prometheus_client import CONTENT_TYPE_LATEST
+
+        body = await self.service.metrics.render()
+        self.set_header("Content-Type", CONTENT_TYPE_LATEST)
+        self.finish(body)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..models import NotUtf8, parse_fields, render
+from ..statuses import is_final
 from ..submissions import QueueFull
 from .base import QUEUE_FULL_RETRY_AFTER, ApiError, BaseHandler
 
@@ -56,7 +57,7 @@ class SubmissionsHandler(SubmissionHandlerBase):
         if not wait:
             return self.send(answer, 201)
         sub = self.lookup(await self.service.submissions.wait(answer["token"], self.service.settings.wait_cap_seconds))
-        if sub["status_id"] <= 2:
+        if not is_final(sub["status_id"]):
             return self.send(self.view(sub, ["token", "status"]), 201)
         self.send(self.view(sub, fields), 201)
 
@@ -82,7 +83,7 @@ class SubmissionHandler(SubmissionHandlerBase):
         if not self.service.settings.enable_submission_delete:
             raise ApiError(400, {"error": "delete not allowed"})
         sub = self.lookup(await self.service.submissions.get(token))
-        if sub["status_id"] <= 2:
+        if not is_final(sub["status_id"]):
             raise ApiError(400, {"error": "submission cannot be deleted because it is queued or running"})
         await self.service.submissions.delete(token)
         self.send(self.view(sub, fields))
@@ -116,5 +117,5 @@ class BatchHandler(SubmissionHandlerBase):
         if len(tokens) > settings.max_submission_batch_size:
             raise ApiError(400, {"error": "number of tokens in a batch should be less than or equal to "
                                           f"{settings.max_submission_batch_size}"})
-        subs = await self.service.submissions.store.get_many([t.strip(" ") for t in tokens])
+        subs = await self.service.submissions.get_many([t.strip(" ") for t in tokens])
         self.send({"submissions": [self.view(sub, fields) if sub else None for sub in subs]})

@@ -11,7 +11,8 @@ from typing import Any
 from tornado import websocket
 
 from .. import events
-from .base import INTEGER, ApiError, allowed_origin, check_auth, raw_query
+from ..statuses import is_final
+from .base import INTEGER, ApiError, allowed_origin, check_auth, raw_query, unavailable
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +58,18 @@ class SubmissionSocket(websocket.WebSocketHandler):
             return self.answer(exc.status, exc.body)
         except ValueError:
             return self.answer(400, {"error": "since must be an integer"})
-        self.sub = await self.service.submissions.get(token)
+        try:
+            self.sub = await self.service.submissions.get(token)
+            self.live = await self.service.broker.has_log(token)
+            if self.live and self.since > await self.service.broker.last_seq(token):
+                self.since = 0  # a seq from before the broker lost the story: it is numbered anew
+        except Exception as exc:
+            error = unavailable(exc)
+            if error is None:
+                raise
+            for name, value in error.headers.items():
+                self.set_header(name, value)
+            return self.answer(error.status, error.body)
         if self.sub is None:
             return self.answer(404, {"error": "Not Found"})
         upgrade = self.request.headers.get("Upgrade", "").lower() == "websocket"
@@ -75,16 +87,12 @@ class SubmissionSocket(websocket.WebSocketHandler):
 
     def open(self, token: str) -> None:
         self.settings_ = self.service.settings
-        broker = self.service.broker
-        if broker.has_log(token) and self.since > broker.last_seq(token):
-            self.since = 0  # a seq from before a restart: this process numbers the story anew
         self.sent_seq = self.since
         self.inbox: asyncio.Queue[dict[str, Any]] | None = None
         self.last_activity = time.monotonic()
         self.send_now(events.message("connected", token, message=f"Connected to submission {token}"))
         self.forwarder = asyncio.create_task(self.forward())
-        OPEN_SOCKETS.add(self)
-        ensure_idle_sweeper(self.settings_.ws_idle_timeout)
+        self.service.sockets.add(self)
 
     def send_now(self, message: dict[str, Any]) -> asyncio.Future | None:
         raw = getattr(message, "raw", None)  # events from the log come encoded once for every client
@@ -98,7 +106,7 @@ class SubmissionSocket(websocket.WebSocketHandler):
     async def forward(self) -> None:
         broker = self.service.broker
         try:
-            if not broker.has_log(self.token):
+            if not self.live:
                 await self.replay_from_store()
                 return
             async for event in broker.subscribe(self.token, self.since):
@@ -129,11 +137,11 @@ class SubmissionSocket(websocket.WebSocketHandler):
         run ends, follows with the next seq, so a client resuming with any `since` still gets it.
         """
         sub = await self.service.submissions.get(self.token)
-        if sub is not None and sub["status_id"] < 3:
+        if sub is not None and not is_final(sub["status_id"]):
             if self.since < 1:
                 self.sent_seq = 1
                 self.send_now({**events.status_update(self.token, sub), "seq": 1})
-            while sub is not None and sub["status_id"] < 3:
+            while sub is not None and not is_final(sub["status_id"]):
                 await asyncio.sleep(0.5)
                 sub = await self.service.submissions.get(self.token)
         if sub is not None:
@@ -162,7 +170,14 @@ class SubmissionSocket(websocket.WebSocketHandler):
     async def feed_stdin_loop(self) -> None:
         assert self.inbox is not None
         while True:
-            await self.feed_stdin(await self.inbox.get())
+            message = await self.inbox.get()
+            try:
+                await self.feed_stdin(message)
+            except Exception as exc:
+                if unavailable(exc) is None:
+                    log.exception("stdin for %s failed", self.token)
+                self.send_now(events.message("error", self.token, error="stdin not accepted",
+                                             details="the queue is unavailable; send it again shortly"))
 
     async def feed_stdin(self, message: dict[str, Any]) -> None:
         data, eof = message.get("data"), bool(message.get("eof"))
@@ -174,7 +189,7 @@ class SubmissionSocket(websocket.WebSocketHandler):
                                          details="create the submission with \"interactive\": true"))
             return
         sub = await self.service.submissions.get(self.token)
-        if sub is None or sub["status_id"] >= 3:
+        if sub is None or is_final(sub["status_id"]):
             self.send_now(events.message("error", self.token, error="stdin not accepted",
                                          details="the program has finished"))
             return
@@ -188,37 +203,10 @@ class SubmissionSocket(websocket.WebSocketHandler):
                                          details="too much input is waiting for the program to read it"))
 
     def on_close(self) -> None:
-        OPEN_SOCKETS.discard(self)
+        self.service.sockets.discard(self)
         for task in (getattr(self, "forwarder", None), getattr(self, "stdin_feeder", None)):
             if task is not None:
                 task.cancel()
-
-
-OPEN_SOCKETS: set[SubmissionSocket] = set()
-_sweeper: asyncio.Task | None = None
-
-
-def ensure_idle_sweeper(limit: float) -> None:
-    """One task for all sockets closes those silent (nothing sent or received) for longer than `limit`."""
-    global _sweeper
-    if _sweeper is None or _sweeper.done() or _sweeper.get_loop() is not asyncio.get_running_loop():
-        _sweeper = asyncio.create_task(_sweep_idle(limit))
-
-
-def close_all_sockets() -> None:
-    """Server shutdown: every open socket is closed with 1001 (going away); clients resume with since."""
-    for sock in list(OPEN_SOCKETS):
-        sock.close(1001, "server shutting down")
-    OPEN_SOCKETS.clear()
-
-
-async def _sweep_idle(limit: float) -> None:
-    while OPEN_SOCKETS:
-        await asyncio.sleep(min(limit / 2, 15.0))
-        now = time.monotonic()
-        for sock in [s for s in OPEN_SOCKETS if now - s.last_activity > limit]:
-            OPEN_SOCKETS.discard(sock)
-            sock.close(1000, "idle")
 
 
 def websocket_settings(settings: Any) -> dict[str, Any]:

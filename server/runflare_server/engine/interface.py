@@ -7,7 +7,6 @@ the submission's final state.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
@@ -30,6 +29,12 @@ class Limits:
     max_output_bytes: int = 1 << 20  # stdout + stderr kept per run; the rest is cut (message says so)
 
 
+class StdinSource(Protocol):
+    """An interactive run's stdin: an asyncio.Queue, or the broker's channel that crosses processes."""
+
+    async def get(self) -> str | None: ...
+
+
 @dataclass
 class RunRequest:
     """One run of one submission."""
@@ -44,8 +49,8 @@ class RunRequest:
     redirect_stderr_to_stdout: bool = False
     limits: Limits = field(default_factory=Limits)
     compile_limits: Limits | None = None  # the compile step's (the server's maxima); None: the engine's default
-    # Interactive runs: the worker puts str chunks here, and None for end of input.
-    stdin_queue: asyncio.Queue[str | None] | None = None
+    # Interactive runs: where the client's stdin arrives (str chunks, then None for end of input).
+    stdin_queue: StdinSource | None = None
 
 
 # Events the engine emits while a run goes on (the worker turns them into WebSocket messages):
