@@ -83,6 +83,11 @@ ROUTES: list[tuple[str, str, type]] = [
 ]
 
 
+WORKER_ROUTES = {HealthHandler, MetricsHandler}  # what a --role worker process serves
+
+
 def make_app(service: Service) -> web.Application:
-    return web.Application([(pattern, handler) for _, pattern, handler in ROUTES], service=service,
+    routes = [(pattern, handler) for _, pattern, handler in ROUTES
+              if service.settings.role != "worker" or handler in WORKER_ROUTES]
+    return web.Application(routes, service=service,
                            default_handler_class=NotFoundHandler, **websocket_settings(service.settings))
