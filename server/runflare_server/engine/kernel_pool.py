@@ -129,7 +129,7 @@ class ForkedProcess:
 
 
 class ForkServer:
-    """One sandboxed process with ipykernel imported that forks each new kernel (see ZYGOTE_SOURCE).
+    """One sandboxed process with ipykernel imported that forks each new kernel (the program in ``zygote``).
 
     It lives in a user namespace mapped onto a leased block of ``UIDS`` host uids: the zygote is the block's
     first uid, each kernel it forks gets one of the others for its lifetime (never host root, never shared)."""

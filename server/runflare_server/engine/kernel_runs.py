@@ -20,7 +20,7 @@ Semantics (documented for the API):
   processes by the run's cgroup (OOM kill → exit_signal 9, "memory limit exceeded"); file size,
   stack and core size as rlimits set on the kernel's processes when the run starts.
 - ipykernel kernels come from a fork server (ipykernel imported once, each kernel forked into fresh
-  namespaces, see kernel_sandbox.ZYGOTE_SOURCE) when bwrap is used as root; other kernelspecs, and
+  namespaces, see engine/zygote.py) when bwrap is used as root; other kernelspecs, and
   runs with enable_network, start a kernel under bwrap directly.
 - stdin: Python sees it whole (sys.stdin) and by input(); other kernels get input_request answers
   (Deno's prompt()), bash a here-document around the program. argv: sys.argv / bash "$@".

@@ -5,13 +5,16 @@ its cwd and HOME, gone with the sandbox), its connection dir (``/run/kernel``, t
 dir bound writable: ipc socket files live there), a fresh /tmp, /proc and /dev, no network
 (unless asked), its own PID/IPC/UTS namespaces, a new session, a clean environment and no
 capabilities. Kernels that only speak TCP (Deno) run behind a small ipc<->tcp bridge inside their
-sandbox; ipykernel can instead be forked from a fork server (ZYGOTE_SOURCE) that sets up the same
-isolation per kernel with unshare/mount.
+sandbox (``tcp_bridge``); ipykernel can instead be forked from a fork server (``zygote``) that sets up the
+same isolation per kernel with unshare/mount. Both are programs run inside the sandbox from their source
+text (``program_source``), never imported there.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import importlib.util
 import json
 import logging
 import os
@@ -305,51 +308,19 @@ def cgroup_mechanism() -> str:
     return cgroups.mechanism()
 
 
-# Runs inside the sandbox for kernels that only speak TCP (Deno): the kernel listens on the sandbox's
-# own loopback, and this relays each channel to the ipc socket files the server connects to.
-BRIDGE_SOURCE = r'''
-import json, subprocess, sys, zmq
-ipc = json.load(open(sys.argv[1]))
-tcp = dict(ipc, transport="tcp", ip="127.0.0.1", shell_port=45001, iopub_port=45002, stdin_port=45003,
-           control_port=45004, hb_port=45005)
-with open(sys.argv[2], "w") as f:
-    json.dump(tcp, f)
-kernel = subprocess.Popen(sys.argv[4:])
-ctx = zmq.Context()
-def url(info, ch):
-    if info["transport"] == "ipc":
-        return "ipc://%s-%d" % (info["ip"], info[ch + "_port"])
-    return "tcp://%s:%d" % (info["ip"], info[ch + "_port"])
-poller, pairs, client = zmq.Poller(), {}, {}
-def pair(ch, front_type, back_type):
-    front, back = ctx.socket(front_type), ctx.socket(back_type)
-    front.bind(url(ipc, ch))
-    back.connect(url(tcp, ch))
-    pairs[front], pairs[back] = (ch, back, "up"), (ch, front, "down")
-    poller.register(front, zmq.POLLIN)
-    poller.register(back, zmq.POLLIN)
-for ch in ("shell", "stdin", "control", "hb"):
-    pair(ch, zmq.ROUTER, zmq.DEALER)
-pair("iopub", zmq.XPUB, zmq.XSUB)
-# Some kernels (Deno) answer only their direct peer and drop routing frames, so the bridge
-# remembers the client's identity per channel (stdin goes to the shell's client).
-while kernel.poll() is None:
-    for sock, _ in poller.poll(200):
-        ch, other, way = pairs[sock]
-        frames = sock.recv_multipart()
-        if ch == "iopub":
-            other.send_multipart(frames)
-        elif way == "up":
-            client[ch] = frames[0]
-            other.send_multipart(frames[1:])
-        else:
-            ident = client.get(ch) or client.get("shell")
-            if ident is not None:
-                other.send_multipart([ident, *frames])
-sys.exit(kernel.returncode)
-'''
-
 TCP_ONLY_KERNELS = ("deno",)
+
+
+@functools.cache
+def program_source(name: str) -> str:
+    """The source text of an engine module that runs as a program inside a sandbox (``"zygote"``,
+    ``"tcp_bridge"``), read from its file on the host (it is not imported here). It is passed as
+    ``python -c``, so that the server's own tree is never bound into a sandbox."""
+    spec = importlib.util.find_spec(f"{__package__}.{name}")
+    path = Path(spec.origin if spec and spec.origin else name)
+    if path.suffix != ".py" or not path.is_file():
+        raise RuntimeError(f"{name}: no source file to run in the sandbox ({path})")
+    return path.read_text()
 
 
 def needs_bridge(argv: list[str]) -> bool:
@@ -359,136 +330,7 @@ def needs_bridge(argv: list[str]) -> bool:
 
 def bridged(argv: list[str], conn_file: str, tcp_conn_file: str) -> list[str]:
     """``argv`` (with ``{connection_file}`` already replaced by ``tcp_conn_file``) behind the bridge."""
-    return [sys.executable, "-c", BRIDGE_SOURCE, conn_file, tcp_conn_file, "--", *argv]
-
-
-# The fork server ("zygote") for ipykernel. bwrap (as root, no user namespace, no capabilities) gives it the
-# policy's system view; it then enters a user namespace whose ids the server maps to a leased block of
-# unprivileged host uids (its own uid 0 is the block's first), imports ipykernel once, and forks each kernel:
-# fresh mount/net/ipc/uts/pid namespaces, its own /proc with runc's read-only and masked paths, /tmp,
-# /sandbox and connection dir, the other kernels' dirs hidden, then the kernel's own uid from the block, an
-# empty bounding set, no_new_privs and the seccomp filter, and only then the kernel.
-# Protocol: it writes "userns\n" and waits for "mapped\n"; then "ready\n". Commands on stdin:
-# "<kernel id> <uid in the namespace>\n"; answers on stdout: "<kernel id> <pid in the zygote's namespace>\n".
-ZYGOTE_SOURCE = r"""
-import ctypes, json, os, random, signal, sys
-libc = ctypes.CDLL(None, use_errno=True)
-NEWNS, NEWUTS, NEWIPC, NEWNET, NEWPID = 0x20000, 0x4000000, 0x8000000, 0x40000000, 0x20000000
-RDONLY, NOSUID, NODEV, NOEXEC, REMOUNT, BIND, REC, PRIVATE = 1, 2, 4, 8, 32, 4096, 16384, 1 << 18
-work_bytes, policy = int(sys.argv[1]), json.loads(sys.argv[2])
-bpf = bytes.fromhex(policy["bpf"])
-def check(r, what):
-    if r != 0:
-        e = ctypes.get_errno()
-        raise OSError(e, "%s: %s" % (what, os.strerror(e)))
-def mount(src, dst, fstype, flags, data=None):
-    check(libc.mount(src.encode(), dst.encode(), fstype.encode() if fstype else None, flags,
-                     data.encode() if data else None), "mount " + dst)
-class CapHeader(ctypes.Structure):
-    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
-class CapData(ctypes.Structure):
-    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
-class SockFprog(ctypes.Structure):
-    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_char_p)]
-def proc_view():
-    mount("proc", "/proc", "proc", NOSUID | NODEV | NOEXEC)
-    for p in policy["readonly"]:
-        if os.path.exists(p):
-            mount(p, p, None, BIND | REC)
-            mount("none", p, None, REMOUNT | BIND | RDONLY | NOSUID | NODEV | NOEXEC)
-    for p in policy["masked"]:
-        if os.path.isdir(p):
-            mount("tmpfs", p, "tmpfs", RDONLY | NOSUID | NODEV | NOEXEC, "size=4k")
-        elif os.path.exists(p):
-            mount("/dev/null", p, None, BIND)
-def drop(uid):
-    for cap in range(64):
-        if libc.prctl(24, cap, 0, 0, 0) != 0 and ctypes.get_errno() != 22:  # PR_CAPBSET_DROP; EINVAL: no such cap
-            check(-1, "drop capability %d from the bounding set" % cap)
-    os.setgroups([])
-    os.setresgid(uid, uid, uid)
-    os.setresuid(uid, uid, uid)  # from uid 0 to another: permitted and effective capabilities go
-    check(libc.capset(ctypes.byref(CapHeader(0x20080522, 0)), (CapData * 2)()), "capset")  # inheritable too
-    check(libc.prctl(38, 1, 0, 0, 0), "no_new_privs")  # PR_SET_NO_NEW_PRIVS
-    prog = SockFprog(len(bpf) // 8, bpf)
-    check(libc.prctl(22, 2, ctypes.byref(prog), 0, 0), "seccomp")  # PR_SET_SECCOMP, SECCOMP_MODE_FILTER
-    status = open("/proc/self/status").read()
-    for field in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"):
-        if "%s:\t0000000000000000" % field not in status:
-            raise OSError("capabilities left after the drop: " + field)
-def kernel(kid, uid):
-    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-    os.setsid()
-    # opened before the kernel hides /run/kernels: a file the kernel can neither see nor forge
-    status_fd = os.open("/run/kernels/status-" + kid, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    check(libc.unshare(NEWNS | NEWNET | NEWIPC | NEWUTS | NEWPID), "unshare")
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid:  # outside the new pid namespace: waits for its init, records the kernel's exact status
-        os.close(w)
-        os.waitpid(pid, 0)
-        report = os.read(r, 64).decode().split()
-        code = {"exit": 1, "signal": -1}.get(report[0], 0) * int(report[1]) if len(report) == 2 else -9
-        os.write(status_fd, str(code).encode())
-        os._exit(code if 0 <= code < 256 else 128 + (-code % 128))
-    os.close(r)
-    os.close(status_fd)
-    child = os.fork()
-    if child:  # PID 1 of the namespace: a tiny init, so the kernel's own signals act as they would anywhere
-        while True:
-            p, st = os.waitpid(-1, 0)
-            if p == child:
-                os.write(w, (b"signal %d" % os.WTERMSIG(st)) if os.WIFSIGNALED(st) else (b"exit %d" % os.WEXITSTATUS(st)))
-                os._exit(0)
-    os.close(w)
-    mount("none", "/", None, REC | PRIVATE)
-    proc_view()
-    keep = [(p, os.open(p, os.O_PATH)) for p in policy["under_tmp"]]  # trees (a venv) below /tmp
-    mount("tmpfs", "/tmp", "tmpfs", NOSUID | NODEV, "mode=1777")
-    for p, fd in keep:
-        os.makedirs(p, exist_ok=True)
-        mount("/proc/self/fd/%d" % fd, p, None, BIND | REC)
-        mount("none", p, None, REMOUNT | BIND | RDONLY | NOSUID | NODEV)
-        os.close(fd)
-    mount("tmpfs", "/sandbox", "tmpfs", NOSUID | NODEV, "size=%d,mode=1777" % work_bytes)
-    mount("/run/kernels/k-" + kid, "/run/kernel", None, BIND)
-    mount("tmpfs", "/run/kernels", "tmpfs", RDONLY | NOSUID | NODEV, "size=4k")
-    mount("tmpfs", "/dev/shm", "tmpfs", NOSUID | NODEV, "size=64m,mode=1777")
-    # the zygote's / and /dev are shared with every kernel it forks: read-only in this kernel's namespace
-    mount("none", "/dev", None, REMOUNT | BIND | RDONLY | NOSUID)
-    mount("none", "/", None, REMOUNT | BIND | RDONLY | NOSUID | NODEV)
-    drop(uid)
-    with open("/run/kernel/launch.json") as f:
-        launch = json.load(f)
-    fd = os.open("/run/kernel/kernel.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-    null = os.open("/dev/null", os.O_RDONLY)
-    os.dup2(null, 0), os.dup2(fd, 1), os.dup2(fd, 2)
-    os.closerange(3, 65536)
-    os.chdir("/sandbox")
-    os.environ.clear()
-    os.environ.update(launch["env"])
-    random.seed()
-    sys.argv = launch["argv"]
-    ipykernel.kernelapp.IPKernelApp.launch_instance(argv=launch["argv"][1:])
-    os._exit(0)
-import ipykernel.kernelapp, ipykernel.ipkernel, ipykernel.zmqshell  # the expensive part, once
-signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # children are reaped by the system
-sys.stdout.write("ready\n")
-sys.stdout.flush()
-for line in sys.stdin:
-    kid, uid = line.split()
-    pid = os.fork()
-    if pid == 0:
-        try:
-            kernel(kid, int(uid))
-        except BaseException:
-            import traceback
-            traceback.print_exc()
-        finally:
-            os._exit(70)
-    sys.stdout.write("%s %d\n" % (kid, pid))
-    sys.stdout.flush()
-"""
+    return [sys.executable, "-c", program_source("tcp_bridge"), conn_file, tcp_conn_file, "--", *argv]
 
 
 def forkable(argv: list[str]) -> bool:
@@ -516,4 +358,4 @@ def zygote_argv(runtime_dir: Path, env: dict[str, str]) -> list[str]:
         cmd += ["--setenv", k, v]
     view = {"bpf": seccomp.bpf().hex(), "readonly": list(policy.READONLY_PROC), "masked": list(policy.MASKED_PROC),
             "under_tmp": [p for p in extra if _under(p, "/tmp")]}
-    return [*cmd, "--", sys.executable, "-c", ZYGOTE_SOURCE, str(WORK_TMPFS_BYTES), json.dumps(view)]
+    return [*cmd, "--", sys.executable, "-c", program_source("zygote"), str(WORK_TMPFS_BYTES), json.dumps(view)]

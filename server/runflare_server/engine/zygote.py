@@ -1,0 +1,241 @@
+"""The ipykernel fork server ("zygote"): a program that runs INSIDE the sandbox, never imported by the server.
+
+The server starts it as ``python -c <this file's text> WORK_BYTES POLICY_JSON`` (see
+``kernel_sandbox.zygote_argv``), so nothing of the server's tree is bound into the sandbox: this module
+imports only the standard library and ipykernel, and must stay that way (a test checks it).
+
+bwrap (as root of a user namespace the server maps onto a leased block of unprivileged host uids, no
+capabilities of the host) gives it the policy's system view. It imports ipykernel once and forks each
+kernel: fresh mount/net/ipc/uts/pid namespaces, its own /proc with runc's read-only and masked paths, /tmp,
+/sandbox and connection dir, the other kernels' dirs hidden, then the kernel's own uid from the block, an
+empty bounding set, no_new_privs and the seccomp filter, and only then the kernel.
+
+Protocol: "ready\\n" on stdout once ipykernel is imported. Commands on stdin, one per line:
+``<kernel id> <uid in the namespace>``; answers on stdout: ``<kernel id> <pid in the zygote's namespace>``.
+Each kernel's exact exit status (``-N`` for a signal) goes to ``/run/kernels/status-<kernel id>``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import random
+import signal
+import sys
+from typing import Any
+
+CLONE_NEWNS, CLONE_NEWUTS, CLONE_NEWIPC, CLONE_NEWNET, CLONE_NEWPID = 0x20000, 0x4000000, 0x8000000, 0x40000000, 0x20000000
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = (
+    1, 2, 4, 8, 32, 4096, 16384, 1 << 18)
+PR_SET_SECCOMP, PR_CAPBSET_DROP, PR_SET_NO_NEW_PRIVS = 22, 24, 38
+SECCOMP_MODE_FILTER = 2
+LINUX_CAPABILITY_VERSION_3 = 0x20080522
+EINVAL = 22
+CAP_FIELDS = ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb")
+RUNTIME_DIR = "/run/kernels"  # every kernel's connection dir (k-<id>) and status file (status-<id>)
+KERNEL_DIR = "/run/kernel"  # the one connection dir a kernel sees
+WORK_DIR = "/sandbox"
+SETUP_FAILED = 70  # a forked child's status when the kernel's set-up raised
+
+libc = ctypes.CDLL(None, use_errno=True)
+
+
+class CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class CapData(ctypes.Structure):
+    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
+
+
+class SockFprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_char_p)]
+
+
+# ------------------------------------------------------------------ pure parts (unit-tested on the host)
+
+def parse_command(line: str) -> tuple[str, int]:
+    """A fork command ``"<kernel id> <uid>"``; raises ValueError on anything else."""
+    kid, uid = line.split()
+    if not kid.isalnum():
+        raise ValueError(f"bad kernel id {kid!r}")
+    return kid, int(uid)
+
+
+def report_of(status: int) -> bytes:
+    """What the namespace's init tells the waiter about the kernel's ``waitpid`` status."""
+    if os.WIFSIGNALED(status):
+        return b"signal %d" % os.WTERMSIG(status)
+    return b"exit %d" % os.WEXITSTATUS(status)
+
+
+def exit_code(report: str) -> int:
+    """The exact status of a report from the init: the exit status, ``-N`` for signal N, ``-9`` when the
+    init died without reporting (the namespace was killed)."""
+    words = report.split()
+    if len(words) != 2:
+        return -9
+    return {"exit": 1, "signal": -1}.get(words[0], 0) * int(words[1])
+
+
+def exit_byte(code: int) -> int:
+    """The waiter's own exit status for an exact status (a signal N folds into 128 + N)."""
+    return code if 0 <= code < 256 else 128 + (-code % 128)
+
+
+def capabilities_left(status: str) -> list[str]:
+    """The capability sets of a ``/proc/self/status`` text that are not empty."""
+    return [f for f in CAP_FIELDS if f"{f}:\t0000000000000000" not in status]
+
+
+# ------------------------------------------------------------------ system calls
+
+def check(result: int, what: str) -> None:
+    """Raise OSError with errno when a libc call failed."""
+    if result != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}")
+
+
+def mount(src: str, dst: str, fstype: str | None, flags: int, data: str | None = None) -> None:
+    check(libc.mount(src.encode(), dst.encode(), fstype.encode() if fstype else None, flags,
+                     data.encode() if data else None), "mount " + dst)
+
+
+def proc_view(readonly: list[str], masked: list[str]) -> None:
+    """A fresh /proc with runc's read-only and masked paths."""
+    mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+    for p in readonly:
+        if os.path.exists(p):
+            mount(p, p, None, MS_BIND | MS_REC)
+            mount("none", p, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC)
+    for p in masked:
+        if os.path.isdir(p):
+            mount("tmpfs", p, "tmpfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC, "size=4k")
+        elif os.path.exists(p):
+            mount("/dev/null", p, None, MS_BIND)
+
+
+def drop(uid: int, bpf: bytes) -> None:
+    """Become ``uid`` with no capabilities in any set, no_new_privs and the seccomp filter; verified."""
+    for cap in range(64):
+        if libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) != 0 and ctypes.get_errno() != EINVAL:  # EINVAL: no such cap
+            check(-1, "drop capability %d from the bounding set" % cap)
+    os.setgroups([])
+    os.setresgid(uid, uid, uid)
+    os.setresuid(uid, uid, uid)  # from uid 0 to another: permitted and effective capabilities go
+    check(libc.capset(ctypes.byref(CapHeader(LINUX_CAPABILITY_VERSION_3, 0)), (CapData * 2)()),
+          "capset")  # inheritable too
+    check(libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "no_new_privs")
+    prog = SockFprog(len(bpf) // 8, bpf)
+    check(libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.byref(prog), 0, 0), "seccomp")
+    with open("/proc/self/status") as f:
+        left = capabilities_left(f.read())
+    if left:
+        raise OSError("capabilities left after the drop: " + left[0])
+
+
+# ------------------------------------------------------------------ one kernel
+
+def kernel(kid: str, uid: int, work_bytes: int, policy: dict[str, Any]) -> None:
+    """In a forked child: new namespaces, an init, the kernel's own view, its uid, then ipykernel."""
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    os.setsid()
+    # opened before the kernel hides /run/kernels: a file the kernel can neither see nor forge
+    status_fd = os.open(f"{RUNTIME_DIR}/status-{kid}", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    check(libc.unshare(CLONE_NEWNS | CLONE_NEWNET | CLONE_NEWIPC | CLONE_NEWUTS | CLONE_NEWPID), "unshare")
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid:  # outside the new pid namespace: waits for its init, records the kernel's exact status
+        os.close(w)
+        os.waitpid(pid, 0)
+        code = exit_code(os.read(r, 64).decode())
+        os.write(status_fd, str(code).encode())
+        os._exit(exit_byte(code))
+    os.close(r)
+    os.close(status_fd)
+    child = os.fork()
+    if child:  # PID 1 of the namespace: a tiny init, so the kernel's own signals act as they would anywhere
+        while True:
+            p, st = os.waitpid(-1, 0)
+            if p == child:
+                os.write(w, report_of(st))
+                os._exit(0)
+    os.close(w)
+    view(kid, work_bytes, policy)
+    drop(uid, bytes.fromhex(policy["bpf"]))
+    exec_kernel()
+
+
+def view(kid: str, work_bytes: int, policy: dict[str, Any]) -> None:
+    """The kernel's mount namespace: its /proc, /tmp, /sandbox, connection dir, /dev/shm; the rest read-only."""
+    mount("none", "/", None, MS_REC | MS_PRIVATE)
+    proc_view(policy["readonly"], policy["masked"])
+    keep = [(p, os.open(p, os.O_PATH)) for p in policy["under_tmp"]]  # trees (a venv) below /tmp
+    mount("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777")
+    for p, fd in keep:
+        os.makedirs(p, exist_ok=True)
+        mount("/proc/self/fd/%d" % fd, p, None, MS_BIND | MS_REC)
+        mount("none", p, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV)
+        os.close(fd)
+    mount("tmpfs", WORK_DIR, "tmpfs", MS_NOSUID | MS_NODEV, "size=%d,mode=1777" % work_bytes)
+    mount(f"{RUNTIME_DIR}/k-{kid}", KERNEL_DIR, None, MS_BIND)
+    mount("tmpfs", RUNTIME_DIR, "tmpfs", MS_RDONLY | MS_NOSUID | MS_NODEV, "size=4k")
+    mount("tmpfs", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV, "size=64m,mode=1777")
+    # the zygote's / and /dev are shared with every kernel it forks: read-only in this kernel's namespace
+    mount("none", "/dev", None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID)
+    mount("none", "/", None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV)
+
+
+def exec_kernel() -> None:
+    """Run ipykernel (already imported) with the kernel's own launch.json: argv, env, fds, cwd."""
+    from ipykernel.kernelapp import IPKernelApp
+
+    with open(f"{KERNEL_DIR}/launch.json") as f:
+        launch = json.load(f)
+    fd = os.open(f"{KERNEL_DIR}/kernel.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    null = os.open("/dev/null", os.O_RDONLY)
+    os.dup2(null, 0)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.closerange(3, 65536)
+    os.chdir(WORK_DIR)
+    os.environ.clear()
+    os.environ.update(launch["env"])
+    random.seed()
+    sys.argv = launch["argv"]
+    IPKernelApp.launch_instance(argv=launch["argv"][1:])
+    os._exit(0)
+
+
+# ------------------------------------------------------------------ the server loop
+
+def main(argv: list[str]) -> None:
+    """``WORK_BYTES POLICY_JSON``: import ipykernel once, then fork a kernel per command on stdin."""
+    work_bytes, policy = int(argv[0]), json.loads(argv[1])
+    import ipykernel.ipkernel  # noqa: F401 - the expensive part, once
+    import ipykernel.kernelapp  # noqa: F401
+    import ipykernel.zmqshell  # noqa: F401
+
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # children are reaped by the system
+    sys.stdout.write("ready\n")
+    sys.stdout.flush()
+    for line in sys.stdin:
+        kid, uid = parse_command(line)
+        pid = os.fork()
+        if pid == 0:
+            try:
+                kernel(kid, uid, work_bytes, policy)
+            except BaseException:
+                import traceback
+
+                traceback.print_exc()
+            finally:
+                os._exit(SETUP_FAILED)
+        sys.stdout.write("%s %d\n" % (kid, pid))
+        sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,173 @@
+"""The programs that run inside a sandbox (the ipykernel fork server, the ipc<->tcp bridge): self-contained
+source passed as ``python -c`` (nothing of the server's tree), and their pure parts."""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import skip_or_fail, wait_until
+from jupyter_client.blocking import BlockingKernelClient
+
+from runflare_server.engine import kernel_sandbox as sb
+from runflare_server.engine import tcp_bridge, zygote
+
+ALLOWED_IMPORTS = {"zygote": {"ipykernel"}, "tcp_bridge": {"zmq"}}
+
+
+@pytest.mark.parametrize("name", sorted(ALLOWED_IMPORTS))
+def test_program_imports_nothing_of_the_server(name: str) -> None:
+    tree = ast.parse(sb.program_source(name))
+    imported = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            assert node.level == 0, f"{name}: relative import {ast.unparse(node)}"
+            imported.add(node.module.split(".")[0])
+        elif isinstance(node, ast.Import):
+            imported |= {a.name.split(".")[0] for a in node.names}
+    assert imported - ALLOWED_IMPORTS[name] <= set(sys.stdlib_module_names), imported
+    assert "runflare_server" not in imported
+
+
+@pytest.mark.parametrize("name", sorted(ALLOWED_IMPORTS))
+def test_program_source_is_the_module_file(name: str) -> None:
+    module = {"zygote": zygote, "tcp_bridge": tcp_bridge}[name]
+    assert sb.program_source(name) == Path(module.__file__).read_text()
+    # as `python -c` runs it: no package, no __file__; defining it starts nothing
+    namespace: dict = {"__name__": "not_main"}
+    exec(compile(sb.program_source(name), "<string>", "exec"), namespace)
+    assert callable(namespace["main"])
+
+
+def test_launch_lines_carry_the_source_not_a_path() -> None:
+    argv = sb.bridged(["deno", "jupyter", "--kernel", "--conn", "/run/kernel/t.json"], "/run/kernel/c.json",
+                      "/run/kernel/t.json")
+    assert argv[:3] == [sys.executable, "-c", sb.program_source("tcp_bridge")]
+    assert argv[3:6] == ["/run/kernel/c.json", "/run/kernel/t.json", "--"]
+    assert not any("runflare_server" in a for a in argv[3:])
+
+
+def test_program_source_refuses_a_missing_module() -> None:
+    with pytest.raises(RuntimeError, match="no source file"):
+        sb.program_source("no_such_program")
+
+
+# ------------------------------------------------------------------ zygote
+
+
+def test_parse_command() -> None:
+    assert zygote.parse_command("a1b2c3 7\n") == ("a1b2c3", 7)
+    for bad in ("", "a1b2", "a1 b2", "a/b 3", "../x 3", "a 1 2"):
+        with pytest.raises(ValueError):
+            zygote.parse_command(bad)
+
+
+def _status_of(code: str) -> int:
+    pid = os.fork()
+    if pid == 0:
+        if code == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        os._exit(int(code))
+    return os.waitpid(pid, 0)[1]
+
+
+@pytest.mark.parametrize(("child", "report", "exact", "byte"), [
+    ("0", b"exit 0", 0, 0), ("3", b"exit 3", 3, 3), ("255", b"exit 255", 255, 255),
+    ("kill", b"signal 9", -9, 137)])
+def test_exit_status_reports(child: str, report: bytes, exact: int, byte: int) -> None:
+    assert zygote.report_of(_status_of(child)) == report
+    assert zygote.exit_code(report.decode()) == exact
+    assert zygote.exit_byte(exact) == byte
+
+
+def test_exit_status_without_a_report_is_a_kill() -> None:
+    assert zygote.exit_code("") == -9  # the init died before it could write (the namespace was killed)
+    assert zygote.exit_code("exit") == -9
+    assert zygote.exit_code("other 5") == 0
+    assert zygote.exit_byte(-15) == 143
+
+
+def test_capabilities_left() -> None:
+    empty = "".join(f"{f}:\t0000000000000000\n" for f in zygote.CAP_FIELDS)
+    assert zygote.capabilities_left(empty) == []
+    assert zygote.capabilities_left(empty.replace("CapBnd:\t0000000000000000", "CapBnd:\t000001ffffffffff")) \
+        == ["CapBnd"]
+    assert zygote.capabilities_left("") == list(zygote.CAP_FIELDS)
+
+
+def test_check_raises_with_errno() -> None:
+    with pytest.raises(OSError) as e:
+        zygote.check(zygote.libc.rmdir(b"/nonexistent/dir"), "rmdir")
+    assert e.value.errno == 2
+
+
+# ------------------------------------------------------------------ bridge
+
+
+def test_tcp_info_and_urls() -> None:
+    ipc = {"transport": "ipc", "ip": "/run/kernel/k", "shell_port": 1, "iopub_port": 2, "stdin_port": 3,
+           "control_port": 4, "hb_port": 5, "key": "s3cret", "signature_scheme": "hmac-sha256"}
+    tcp = tcp_bridge.tcp_info(ipc)
+    assert tcp["key"] == "s3cret" and tcp["transport"] == "tcp" and tcp["ip"] == "127.0.0.1"
+    assert {tcp[f"{c}_port"] for c in tcp_bridge.TCP_PORTS} == set(tcp_bridge.TCP_PORTS.values())
+    assert ipc["transport"] == "ipc"  # not changed
+    assert tcp_bridge.url(ipc, "stdin") == "ipc:///run/kernel/k-3"
+    assert tcp_bridge.url(tcp, "shell") == "tcp://127.0.0.1:45001"
+
+
+def test_router_remembers_the_client_per_channel() -> None:
+    r = tcp_bridge.Router()
+    assert r.route("shell", "down", [b"reply"]) is None  # no client yet: dropped
+    assert r.route("iopub", "down", [b"topic", b"msg"]) == [b"topic", b"msg"]
+    assert r.route("iopub", "up", [b"\x01sub"]) == [b"\x01sub"]
+    assert r.route("shell", "up", [b"client-a", b"req"]) == [b"req"]
+    assert r.route("shell", "down", [b"rep"]) == [b"client-a", b"rep"]
+    assert r.route("stdin", "down", [b"input_request"]) == [b"client-a", b"input_request"]  # the shell's client
+    assert r.route("stdin", "up", [b"client-b", b"input_reply"]) == [b"input_reply"]
+    assert r.route("stdin", "down", [b"x"]) == [b"client-b", b"x"]
+    assert r.route("control", "down", [b"x"]) == [b"client-a", b"x"]
+
+
+def test_bridge_relays_a_tcp_kernel_to_ipc_sockets(tmp_path: Path) -> None:
+    """A real ipykernel speaking only TCP, in its own network namespace, reached through the bridge's ipc
+    socket files; the bridge exits with the kernel's status."""
+    if not shutil.which("bwrap"):
+        skip_or_fail("bwrap is needed for a private network namespace")
+    ipc = {"transport": "ipc", "ip": str(tmp_path / "k"), "shell_port": 1, "iopub_port": 2, "stdin_port": 3,
+           "control_port": 4, "hb_port": 5, "key": "0123456789abcdef", "signature_scheme": "hmac-sha256"}
+    (tmp_path / "c.json").write_text(json.dumps(ipc))
+    tcp_file = str(tmp_path / "t.json")
+    kernel = [sys.executable, "-m", "ipykernel_launcher", "-f", tcp_file, "--IPKernelApp.quiet=True"]
+    cmd = ["bwrap", "--dev-bind", "/", "/", "--unshare-net", "--die-with-parent",
+           *sb.bridged(kernel, str(tmp_path / "c.json"), tcp_file)]
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            env={k: v for k, v in os.environ.items() if k != "JPY_PARENT_PID"},
+                            start_new_session=True)
+    kc = BlockingKernelClient()
+    outputs: list[dict] = []
+    try:
+        kc.load_connection_info(ipc)
+        kc.start_channels()
+        kc.wait_for_ready(timeout=60)
+        assert json.loads(Path(tcp_file).read_text())["transport"] == "tcp"
+        reply = kc.execute_interactive("import sys; print(6 * 7); sys.stdout.flush()", timeout=30,
+                                       output_hook=outputs.append)
+        assert reply["content"]["status"] == "ok"
+        assert "42\n" in "".join(m["content"].get("text", "") for m in outputs if m["msg_type"] == "stream")
+        kc.execute("import os; os._exit(3)")
+        wait_until(lambda: proc.poll() is not None, message="the bridge exits with its kernel")
+        assert proc.returncode == 3
+    finally:
+        kc.stop_channels()
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        proc.stderr.close()
+
