@@ -72,3 +72,10 @@ class Broker(Protocol):
 
     async def open_input(self, token: str) -> InputChannel:
         """The channel the worker running `token` reads its stdin from."""
+
+    async def tracked(self) -> set[str]:
+        """Tokens queued or taken and not yet acked, by any worker (what a worker recovering after the
+        broker lost its data must not queue again)."""
+
+    async def try_lock(self, name: str, ttl: float) -> bool:
+        """Take the cluster-wide lock `name` for `ttl` seconds unless someone holds it (one reconciler)."""

@@ -1,0 +1,517 @@
+"""The shared broker on Redis: every API and worker process of a cluster sees one queue, one event stream
+per submission and one stdin per interactive run.
+
+- Queue: the stream ``{prefix}:queue`` read by the consumer group ``workers``; each broker instance is one
+  consumer. An entry stays pending while its worker runs it (a heartbeat keeps it fresh) and is deleted on
+  ack, so the stream holds exactly the queued and the held jobs. A dead worker's entries go idle and are
+  claimed again by another worker after ``visibility_timeout``.
+- Events: the stream ``{prefix}:events:{token}`` whose entry ids are ``{seq}-0``; each entry holds the
+  event's JSON (seq included), handed to every subscriber as is. One reader task per broker instance
+  follows all the streams its local subscribers watch, so N subscribers of one token cost one read.
+- Stdin: the list ``{prefix}:stdin:{token}``, its unread size capped cluster-wide by a counter.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import contextlib
+import json
+import logging
+import os
+import secrets
+import socket
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from .base import BrokerUnavailable, Event, Job
+from .memory import LoggedEvent
+
+log = logging.getLogger(__name__)
+
+GROUP = "workers"
+BLOCK = 1.0  # seconds a blocking read waits before looking around (cancellation, reclaim, new streams)
+TIMEOUT = 2.0  # seconds a command may take before Redis counts as unreachable
+LIVE_TTL = 86_400  # seconds an unfinished event log or stdin outlives its last write (a lost run)
+BATCH = 1000
+
+# KEYS: events stream, seq counter. ARGV: event JSON without seq, final flag, maxlen, ttl ms final, live.
+PUBLISH = """
+local seq = redis.call('INCR', KEYS[2])
+local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
+if last[1] then
+  local previous = tonumber(string.match(last[1][1], '^(%d+)'))
+  if previous >= seq then
+    seq = previous + 1
+    redis.call('SET', KEYS[2], seq)
+  end
+end
+local body = ARGV[1]
+local sep = ', '
+if body == '{}' then sep = '' end
+local raw = string.sub(body, 1, -2) .. sep .. '"seq": ' .. seq .. '}'
+local ttl = ARGV[5]
+if ARGV[2] == '1' then
+  redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], seq .. '-0', 'e', raw, 'f', '1')
+  ttl = ARGV[4]
+else
+  redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], seq .. '-0', 'e', raw)
+end
+redis.call('PEXPIRE', KEYS[1], ttl)
+redis.call('PEXPIRE', KEYS[2], ttl)
+return raw
+"""
+
+# KEYS: queue. ARGV: group, consumer, min idle ms. Claims the first entry idle that long (scanning the
+# whole pending list, XAUTOCLAIM alone looks at a few entries per call): {id, fields, deliveries} or nil.
+RECLAIM = """
+local cursor = '0-0'
+repeat
+  local r = redis.call('XAUTOCLAIM', KEYS[1], ARGV[1], ARGV[2], ARGV[3], cursor, 'COUNT', 1)
+  cursor = r[1]
+  local entry = r[2][1]
+  if entry then
+    local p = redis.call('XPENDING', KEYS[1], ARGV[1], entry[1], entry[1], 1)
+    return {entry[1], entry[2], p[1][4]}
+  end
+until cursor == '0-0'
+return false
+"""
+
+# KEYS: queue. ARGV: group, consumer, ids. Resets the idle time of the ids this consumer still holds
+# (JUSTID: the delivery count stays); an id another consumer took is left alone.
+HEARTBEAT = """
+local mine = {}
+for i = 3, #ARGV do
+  local p = redis.pcall('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1, ARGV[2])
+  if type(p) == 'table' and p[1] then table.insert(mine, ARGV[i]) end
+end
+local count = #mine
+if count > 0 then
+  table.insert(mine, 'JUSTID')
+  redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, unpack(mine))
+end
+return count
+"""
+
+# KEYS: queue. ARGV: group. Entries not yet delivered = all entries - pending (acked ones are deleted).
+DEPTH = """
+local n = redis.call('XLEN', KEYS[1])
+local p = redis.pcall('XPENDING', KEYS[1], ARGV[1])
+if type(p) == 'table' and p[1] then return n - p[1] end
+return n
+"""
+
+# KEYS: stdin list, pending counter. ARGV: item, its length, cap, ttl ms. 0 when over the cap.
+SEND_INPUT = """
+local size = tonumber(ARGV[2])
+if size > 0 then
+  local pending = tonumber(redis.call('GET', KEYS[2]) or '0')
+  if pending + size > tonumber(ARGV[3]) then return 0 end
+  redis.call('INCRBY', KEYS[2], size)
+end
+redis.call('RPUSH', KEYS[1], ARGV[1])
+redis.call('PEXPIRE', KEYS[1], ARGV[4])
+redis.call('PEXPIRE', KEYS[2], ARGV[4])
+return 1
+"""
+
+
+class StoredEvent(LoggedEvent):
+    """An event read back from Redis: its stored JSON is its `raw`, byte for byte."""
+
+    __slots__ = ()
+
+    def __init__(self, raw: str):
+        dict.__init__(self, json.loads(raw))
+        self.raw = raw
+
+
+@contextlib.contextmanager
+def unavailable() -> Iterator[None]:
+    """Turn Redis's connection failures into BrokerUnavailable."""
+    try:
+        yield
+    except (RedisConnectionError, RedisTimeoutError, OSError, asyncio.TimeoutError) as exc:
+        raise BrokerUnavailable(f"redis: {exc}") from exc
+
+
+def is_nogroup(exc: ResponseError) -> bool:
+    return str(exc).startswith("NOGROUP")
+
+
+class Follow:
+    """One token's events as this process knows them, shared by all its local subscribers."""
+
+    def __init__(self, token: str, keep: int) -> None:
+        self.token = token
+        self.keep = keep
+        self.events: list[StoredEvent] = []
+        self.seqs: list[int] = []
+        self.base = 0  # absolute index of events[0] (older ones were dropped to bound memory)
+        self.last_id = "0-0"
+        self.final = False
+        self.failed: BrokerUnavailable | None = None
+        self.refs = 0
+        self.loaded: asyncio.Future[None] | None = None
+        self.ready = False  # the stream so far is read: the shared reader goes on from last_id
+        self._changed = asyncio.Event()
+
+    @property
+    def live(self) -> bool:
+        return self.ready and not self.final and self.failed is None
+
+    def extend(self, entries: list[tuple[str, dict[str, str]]]) -> None:
+        for entry_id, fields in entries:
+            seq = int(entry_id.split("-", 1)[0])
+            if self.seqs and seq <= self.seqs[-1]:
+                continue
+            self.events.append(StoredEvent(fields["e"]))
+            self.seqs.append(seq)
+            self.last_id = entry_id
+            self.final = fields.get("f") == "1"
+        if len(self.events) > self.keep:
+            drop = len(self.events) - self.keep
+            del self.events[:drop], self.seqs[:drop]
+            self.base += drop
+        self.notify()
+
+    def fail(self, exc: BrokerUnavailable) -> None:
+        self.failed = exc
+        self.notify()
+
+    def notify(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    def start(self, since: int) -> int:
+        """The absolute index of the first event with seq > since."""
+        return self.base + bisect.bisect_right(self.seqs, since)
+
+    async def changed(self) -> None:
+        await self._changed.wait()
+
+
+class RedisInputChannel:
+    """The stdin of one interactive run, read by its worker (BLPOP, any node may send)."""
+
+    def __init__(self, broker: RedisBroker, token: str) -> None:
+        self._broker = broker
+        self._list = broker._key("stdin", token)
+        self._pending = broker._key("stdin-pending", token)
+
+    async def get(self) -> str | None:
+        """The next chunk sent (waiting for one); None at end of input."""
+        client = self._broker._blocking
+        while True:
+            with unavailable():
+                popped = await client.blpop([self._list], timeout=BLOCK)
+            if popped is None:
+                continue
+            item = popped[1]
+            if item.startswith("e"):
+                return None
+            chunk = item[1:]
+            if chunk:
+                with unavailable():
+                    await self._broker._redis.decrby(self._pending, len(chunk))
+            return chunk
+
+    async def close(self) -> None:
+        """Forget what nobody will read."""
+        with unavailable():
+            await self._broker._redis.delete(self._list, self._pending)
+
+
+class RedisBroker:
+    """The broker shared by all processes of a cluster through one Redis (keys under `prefix`)."""
+
+    kind = "redis"
+
+    def __init__(self, url: str, prefix: str = "runflare", visibility_timeout: float = 30.0,
+                 retention: float = 600.0, max_events: int = 10_000, max_pending_input: int = 1 << 20):
+        self.url = url
+        self.prefix = prefix
+        self.visibility_timeout = visibility_timeout
+        self.retention = retention
+        self.max_events = max_events
+        self.max_pending_input = max_pending_input
+        self.consumer = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
+        self._queue = self._key("queue")
+        options: dict[str, Any] = {
+            "decode_responses": True, "socket_connect_timeout": TIMEOUT,
+            "client_name": f"{prefix}:{self.consumer}",  # CLIENT LIST tells which process holds what
+            "retry": Retry(NoBackoff(), 1, (RedisConnectionError,)),  # once: a pooled socket Redis dropped
+        }
+        self._redis = aioredis.from_url(url, socket_timeout=TIMEOUT, **options)
+        # Blocking reads (dequeue, stdin, the event reader) wait up to BLOCK on their own sockets.
+        self._blocking = aioredis.from_url(url, socket_timeout=BLOCK + TIMEOUT, **options)
+        self._publish = self._redis.register_script(PUBLISH)
+        self._reclaim = self._redis.register_script(RECLAIM)
+        self._heartbeat_script = self._redis.register_script(HEARTBEAT)
+        self._depth = self._redis.register_script(DEPTH)
+        self._send_input = self._redis.register_script(SEND_INPUT)
+        self._held: set[str] = set()  # entry ids taken by this instance, not yet acked
+        self._follows: dict[str, Follow] = {}
+        self._wake = asyncio.Event()  # the set of followed streams grew
+        self._tasks: list[asyncio.Task] = []
+        self._reader: asyncio.Task | None = None
+
+    def _key(self, *parts: str) -> str:
+        return ":".join((self.prefix, *parts))
+
+    # lifecycle
+
+    async def open(self) -> None:
+        """Create the consumer group and start the heartbeat; BrokerUnavailable if Redis is down (the
+        broker still works once it is back)."""
+        if not self._tasks:
+            self._tasks.append(asyncio.create_task(self._heartbeat_loop()))
+        with unavailable():
+            await self._ensure_group()
+
+    async def close(self) -> None:
+        """Stop the background tasks (held jobs are no longer kept alive) and close the connections."""
+        tasks = [*self._tasks, *([self._reader] if self._reader else [])]
+        self._tasks, self._reader = [], None
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        for follow in list(self._follows.values()):
+            follow.fail(BrokerUnavailable("broker closed"))
+        self._follows.clear()
+        if not self._held:
+            with contextlib.suppress(RedisError, OSError):
+                pending = await self._redis.xpending_range(self._queue, GROUP, "-", "+", 1, self.consumer)
+                if not pending:
+                    await self._redis.xgroup_delconsumer(self._queue, GROUP, self.consumer)
+        self._held.clear()
+        await self._redis.aclose()
+        await self._blocking.aclose()
+
+    async def ping(self) -> bool:
+        try:
+            return bool(await self._redis.ping())
+        except (RedisError, OSError):
+            return False
+
+    async def _ensure_group(self) -> None:
+        try:
+            await self._redis.xgroup_create(self._queue, GROUP, id="0", mkstream=True)
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    # queue
+
+    async def enqueue(self, token: str) -> None:
+        with unavailable():
+            await self._redis.xadd(self._queue, {"token": token})
+
+    async def dequeue(self) -> Job:
+        """The next job: one a dead worker left (idle past the visibility timeout), else a new one."""
+        while True:
+            with unavailable():
+                try:
+                    job = await self._take_stale() or await self._take_new()
+                except ResponseError as exc:
+                    if not is_nogroup(exc):
+                        raise
+                    await self._ensure_group()  # Redis lost its data (a restart)
+                    continue
+            if job is not None:
+                self._held.add(job.receipt)
+                return job
+
+    async def _take_stale(self) -> Job | None:
+        idle = max(1, int(self.visibility_timeout * 1000))
+        found = await self._reclaim(keys=[self._queue], args=[GROUP, self.consumer, idle])
+        if not found:
+            return None
+        entry_id, fields, deliveries = found
+        token = dict(zip(fields[::2], fields[1::2], strict=True))["token"]
+        return Job(token, int(deliveries), entry_id)
+
+    async def _take_new(self) -> Job | None:
+        read = await self._blocking.xreadgroup(GROUP, self.consumer, {self._queue: ">"}, count=1,
+                                               block=int(BLOCK * 1000))
+        for _stream, entries in read or []:
+            for entry_id, fields in entries:
+                return Job(fields["token"], 1, entry_id)
+        return None
+
+    async def ack(self, job: Job) -> None:
+        """The job is done: forget its entry and stop keeping it alive."""
+        self._held.discard(job.receipt)
+        with unavailable():
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.xack(self._queue, GROUP, job.receipt)
+                pipe.xdel(self._queue, job.receipt)
+                await pipe.execute()
+
+    async def depth(self) -> int:
+        with unavailable():
+            return int(await self._depth(keys=[self._queue], args=[GROUP]))
+
+    async def tracked(self) -> set[str]:
+        """Tokens queued or held by any worker of the cluster."""
+        tokens: set[str] = set()
+        start = "-"
+        with unavailable():
+            while True:
+                entries = await self._redis.xrange(self._queue, start, "+", count=BATCH)
+                tokens.update(fields["token"] for _id, fields in entries)
+                if len(entries) < BATCH:
+                    return tokens
+                start = "(" + entries[-1][0]
+
+    async def try_lock(self, name: str, ttl: float) -> bool:
+        """Whether this instance got the cluster-wide lock `name` for `ttl` seconds."""
+        with unavailable():
+            return bool(await self._redis.set(self._key("lock", name), self.consumer, nx=True,
+                                              px=max(1, int(ttl * 1000))))
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.visibility_timeout / 3)
+            if not self._held:
+                continue
+            try:
+                await self._heartbeat_script(keys=[self._queue], args=[GROUP, self.consumer, *self._held])
+            except (RedisError, OSError) as exc:
+                log.warning("heartbeat of held jobs failed: %s", exc)
+
+    # events
+
+    async def publish(self, token: str, event: Event, final: bool = False) -> Event:
+        body = json.dumps({k: v for k, v in event.items() if k != "seq"})
+        args = [body, "1" if final else "0", self.max_events, max(1, int(self.retention * 1000)),
+                LIVE_TTL * 1000]
+        with unavailable():
+            raw = await self._publish(keys=[self._key("events", token), self._key("seq", token)], args=args)
+        return StoredEvent(raw)
+
+    async def has_log(self, token: str) -> bool:
+        with unavailable():
+            return bool(await self._redis.exists(self._key("events", token)))
+
+    async def last_seq(self, token: str) -> int:
+        with unavailable():
+            return int(await self._redis.get(self._key("seq", token)) or 0)
+
+    async def subscribe(self, token: str, since: int = 0) -> AsyncIterator[Event]:
+        """Events with seq > since: replayed from this process's copy, then live from the shared reader."""
+        follow = await self._follow(token)
+        try:
+            cursor = follow.start(since)
+            while True:
+                while cursor < follow.base + len(follow.events):
+                    index = max(cursor, follow.base)
+                    cursor = index + 1
+                    if follow.seqs[index - follow.base] > since:  # since may be ahead of what was read
+                        yield follow.events[index - follow.base]
+                if follow.final:
+                    return
+                if follow.failed is not None:
+                    raise follow.failed
+                if not follow.events:
+                    return  # no such log
+                await follow.changed()
+        finally:
+            self._unfollow(follow)
+
+    async def _follow(self, token: str) -> Follow:
+        follow = self._follows.get(token)
+        if follow is None or follow.final:  # a finished log may be re-opened: read it afresh
+            follow = self._follows[token] = Follow(token, self.max_events)
+            follow.loaded = asyncio.ensure_future(self._load(follow))
+        follow.refs += 1
+        try:
+            await asyncio.shield(follow.loaded)
+        except BaseException:
+            self._unfollow(follow)
+            raise
+        return follow
+
+    def _unfollow(self, follow: Follow) -> None:
+        follow.refs -= 1
+        if follow.refs <= 0 and self._follows.get(follow.token) is follow:
+            del self._follows[follow.token]
+
+    async def _load(self, follow: Follow) -> None:
+        """Read the stream so far; the reader follows it from there on."""
+        key = self._key("events", follow.token)
+        start = "-"
+        try:
+            with unavailable():
+                while True:
+                    entries = await self._redis.xrange(key, start, "+", count=BATCH)
+                    follow.extend(entries)
+                    if len(entries) < BATCH:
+                        break
+                    start = "(" + entries[-1][0]
+        except BaseException:
+            if self._follows.get(follow.token) is follow:
+                del self._follows[follow.token]
+            raise
+        follow.ready = True
+        if follow.events and not follow.final:
+            self._wake.set()
+            if self._reader is None or self._reader.done():
+                self._reader = asyncio.create_task(self._read_loop())
+
+    async def _read_loop(self) -> None:
+        """The one blocking reader of this process: XREAD over every live followed stream, restarted when
+        a stream is added."""
+        while True:
+            self._wake.clear()
+            live = {self._key("events", t): f for t, f in self._follows.items() if f.live}
+            if not live:
+                await self._wake.wait()
+                continue
+            read = asyncio.ensure_future(self._blocking.xread({k: f.last_id for k, f in live.items()},
+                                                              count=BATCH, block=int(BLOCK * 1000)))
+            woken = asyncio.ensure_future(self._wake.wait())
+            try:
+                await asyncio.wait({read, woken}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for task in (read, woken):
+                    if not task.done():
+                        task.cancel()
+                        with contextlib.suppress(asyncio.CancelledError, Exception):
+                            await task
+            if read.cancelled():
+                continue
+            try:
+                result = read.result()
+            except (RedisError, OSError, asyncio.TimeoutError) as exc:
+                log.warning("event reader: %s", exc)
+                for follow in live.values():
+                    follow.fail(BrokerUnavailable(f"redis: {exc}"))
+                    if self._follows.get(follow.token) is follow:
+                        del self._follows[follow.token]
+                await asyncio.sleep(BLOCK / 2)
+                continue
+            for key, entries in result or []:
+                live[key].extend(entries)
+
+    # stdin
+
+    async def send_input(self, token: str, chunk: str | None) -> bool:
+        item = "e" if chunk is None else "d" + chunk
+        keys = [self._key("stdin", token), self._key("stdin-pending", token)]
+        args = [item, len(chunk or ""), self.max_pending_input, LIVE_TTL * 1000]
+        with unavailable():
+            return bool(await self._send_input(keys=keys, args=args))
+
+    async def open_input(self, token: str) -> RedisInputChannel:
+        return RedisInputChannel(self, token)

@@ -1,0 +1,363 @@
+"""The broker contract on both backends (in-process and the real Redis at 127.0.0.1:6379), and what only
+the shared broker does: two RedisBroker instances on one prefix stand for two processes of a cluster."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import pytest
+from conftest import skip_or_fail
+
+from runflare_server.broker import MemoryBroker
+from runflare_server.broker.base import BrokerUnavailable
+
+REDIS_URL = "redis://127.0.0.1:6379/0"
+BOUND = 30  # seconds a broken broker may hang a test before it fails (never a measurement)
+
+
+class Backend:
+    """Makes brokers of one kind; for Redis they share a prefix unique to the test."""
+
+    def __init__(self, kind: str, prefix: str) -> None:
+        self.kind = kind
+        self.prefix = prefix
+
+    def make(self, **options: Any) -> Any:
+        if self.kind == "memory":
+            return MemoryBroker(**options)
+        from runflare_server.broker.redis import RedisBroker
+
+        return RedisBroker(REDIS_URL, prefix=self.prefix, **options)
+
+    @asynccontextmanager
+    async def broker(self, **options: Any) -> AsyncIterator[Any]:
+        broker = self.make(**options)
+        await broker.open()
+        try:
+            yield broker
+        finally:
+            await broker.close()
+
+
+def redis_client() -> Any:
+    try:
+        import redis
+    except ImportError:
+        skip_or_fail("the redis package is not installed (pip install runflare[scale])")
+    client = redis.Redis.from_url(REDIS_URL, socket_timeout=5)
+    try:
+        client.ping()
+    except redis.RedisError as exc:
+        skip_or_fail(f"no Redis at {REDIS_URL}: {exc}")
+    return client
+
+
+@pytest.fixture
+def redis_prefix() -> Iterator[str]:
+    client = redis_client()
+    prefix = f"test-broker-{secrets.token_hex(6)}"
+    yield prefix
+    for key in client.scan_iter(f"{prefix}:*"):
+        client.delete(key)
+    client.close()
+
+
+@pytest.fixture(params=["memory", "redis"])
+def backend(request: pytest.FixtureRequest) -> Iterator[Backend]:
+    if request.param == "memory":
+        yield Backend("memory", "")
+    else:
+        yield Backend("redis", request.getfixturevalue("redis_prefix"))
+
+
+@pytest.fixture
+def shared(redis_prefix: str) -> Backend:
+    return Backend("redis", redis_prefix)
+
+
+async def bounded(awaitable: Any) -> Any:
+    return await asyncio.wait_for(awaitable, BOUND)
+
+
+async def collect(broker: Any, token: str, since: int = 0) -> list[dict]:
+    return [event async for event in broker.subscribe(token, since)]
+
+
+async def started(task: asyncio.Task, got: list, count: int) -> None:
+    """Wait until a subscriber task has received `count` events."""
+    while len(got) < count:
+        assert not task.done(), task
+        await asyncio.sleep(0.01)
+
+
+# The contract, on both backends
+
+
+async def test_queue_is_fifo_and_depth_counts_waiting_jobs(backend: Backend):
+    async with backend.broker() as broker:
+        assert await broker.depth() == 0
+        for token in ("a", "b", "c"):
+            await broker.enqueue(token)
+        assert await broker.depth() == 3
+        first = await bounded(broker.dequeue())
+        assert (first.token, first.attempt) == ("a", 1)
+        assert await broker.depth() == 2
+        jobs = [first, await bounded(broker.dequeue()), await bounded(broker.dequeue())]
+        assert [j.token for j in jobs] == ["a", "b", "c"]
+        assert await broker.depth() == 0
+        for job in jobs:
+            await broker.ack(job)
+        assert await broker.depth() == 0
+
+
+async def test_dequeue_waits_for_an_enqueue(backend: Backend):
+    async with backend.broker() as broker:
+        waiting = asyncio.ensure_future(broker.dequeue())
+        await asyncio.sleep(0.05)
+        assert not waiting.done()
+        await broker.enqueue("late")
+        job = await bounded(waiting)
+        assert job.token == "late"
+        await broker.ack(job)
+
+
+async def test_dequeue_can_be_cancelled(backend: Backend):
+    async with backend.broker() as broker:
+        waiting = asyncio.ensure_future(broker.dequeue())
+        await asyncio.sleep(0.05)
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await bounded(waiting)
+        await broker.enqueue("next")
+        job = await bounded(broker.dequeue())
+        assert job.token == "next"
+
+
+async def test_tracked_is_queued_and_held_jobs(backend: Backend):
+    async with backend.broker() as broker:
+        assert await broker.tracked() == set()
+        await broker.enqueue("a")
+        await broker.enqueue("b")
+        job = await bounded(broker.dequeue())
+        assert await broker.tracked() == {"a", "b"}
+        await broker.ack(job)
+        assert await broker.tracked() == {"b"}
+        await broker.ack(await bounded(broker.dequeue()))
+        assert await broker.tracked() == set()
+        assert await broker.try_lock("reconcile", 5.0)
+
+
+async def test_publish_stamps_seq_and_encodes_once(backend: Backend):
+    async with backend.broker() as broker:
+        assert not await broker.has_log("t")
+        assert await broker.last_seq("t") == 0
+        stamped = [await broker.publish("t", {"type": "status", "n": n, "text": "é\n"}) for n in range(3)]
+        assert [e["seq"] for e in stamped] == [1, 2, 3]
+        for n, event in enumerate(stamped):
+            assert event == {"type": "status", "n": n, "text": "é\n", "seq": n + 1}
+            assert json.loads(event.raw) == event
+        assert await broker.has_log("t")
+        assert await broker.last_seq("t") == 3
+        assert not await broker.has_log("other")
+
+
+async def test_subscribe_replays_from_since_then_follows_live_and_ends_after_final(backend: Backend):
+    async with backend.broker() as broker:
+        for n in (1, 2):
+            await broker.publish("t", {"n": n})
+        got: list[dict] = []
+
+        async def follow() -> None:
+            async for event in broker.subscribe("t", since=1):
+                got.append(event)
+
+        task = asyncio.ensure_future(follow())
+        await bounded(started(task, got, 1))
+        await broker.publish("t", {"n": 3})
+        await broker.publish("t", {"n": 4}, final=True)
+        await bounded(task)
+        assert [(e["seq"], e["n"]) for e in got] == [(2, 2), (3, 3), (4, 4)]
+        assert [e.raw for e in got] == [json.dumps(e) for e in got]
+        # a finished log replays and ends at once
+        assert [e["seq"] for e in await bounded(collect(broker, "t"))] == [1, 2, 3, 4]
+        assert await bounded(collect(broker, "t", since=4)) == []
+        assert await bounded(collect(broker, "missing")) == []
+
+
+async def test_many_subscribers_of_one_run_each_get_every_event_in_order(backend: Backend):
+    async with backend.broker() as broker:
+        await broker.publish("t", {"n": 0})
+        tasks = [asyncio.ensure_future(collect(broker, "t", since=i % 3)) for i in range(100)]
+        await asyncio.sleep(0.05)
+        for n in range(1, 30):
+            await broker.publish("t", {"n": n})
+            if n % 7 == 0:
+                await asyncio.sleep(0.01)
+        await broker.publish("t", {"n": 30}, final=True)
+        results = await bounded(asyncio.gather(*tasks))
+        for i, events in enumerate(results):
+            assert [e["seq"] for e in events] == list(range(i % 3 + 1, 32))
+            assert [e["n"] for e in events] == list(range(i % 3, 31))
+        assert len({e.raw for events in results for e in events}) == 31  # one text per event
+
+
+async def test_a_reopened_log_continues_its_seq(backend: Backend):
+    async with backend.broker() as broker:
+        await broker.publish("t", {"status": "queued"})
+        await broker.publish("t", {"status": "finished"}, final=True)
+        assert (await broker.publish("t", {"status": "queued again"}))["seq"] == 3
+        assert await broker.last_seq("t") == 3
+        following = asyncio.ensure_future(collect(broker, "t", since=2))
+        await asyncio.sleep(0.05)
+        assert not following.done()  # the log is live again
+        await broker.publish("t", {"status": "finished again"}, final=True)
+        assert [e["seq"] for e in await bounded(following)] == [3, 4]
+
+
+async def test_stdin_in_order_with_eof_and_a_cap_on_unread_input(backend: Backend):
+    async with backend.broker(max_pending_input=10) as broker:
+        assert await broker.send_input("t", "abc")  # sent before the run opens it: it waits
+        assert await broker.send_input("t", "defg")
+        assert not await broker.send_input("t", "12345")  # 7 unread + 5 > 10
+        channel = await broker.open_input("t")
+        assert await bounded(channel.get()) == "abc"
+        assert await broker.send_input("t", "12345")  # 4 + 5
+        assert await broker.send_input("t", "")
+        assert await broker.send_input("t", None)
+        assert [await bounded(channel.get()) for _ in range(4)] == ["defg", "12345", "", None]
+        await channel.close()
+
+
+# Only the shared broker: two instances on one prefix are two processes of a cluster
+
+
+async def test_an_event_published_on_one_node_reaches_a_subscriber_on_another(shared: Backend):
+    async with shared.broker() as a, shared.broker() as b:
+        await a.publish("t", {"n": 1})
+        got: list[dict] = []
+
+        async def follow() -> None:
+            async for event in b.subscribe("t"):
+                got.append(event)
+
+        task = asyncio.ensure_future(follow())
+        await bounded(started(task, got, 1))
+        published = [await a.publish("t", {"n": 2}), await a.publish("t", {"n": 3}, final=True)]
+        await bounded(task)
+        assert [e["seq"] for e in got] == [1, 2, 3]
+        assert [e.raw for e in got[1:]] == [e.raw for e in published]
+        assert await b.has_log("t") and await b.last_seq("t") == 3
+
+
+async def test_local_subscribers_of_one_run_share_one_redis_reader(shared: Backend):
+    client = redis_client()
+    async with shared.broker() as a, shared.broker() as b:
+        await a.publish("t", {"n": 0})
+        tasks = [asyncio.ensure_future(collect(b, "t")) for _ in range(100)]
+        for n in range(1, 10):
+            await a.publish("t", {"n": n})
+        connections = [c for c in client.client_list() if c["name"] == f"{shared.prefix}:{b.consumer}"]
+        assert 1 <= len(connections) <= 3  # commands, the one event reader (and one being replaced)
+        await a.publish("t", {"n": 10}, final=True)
+        for events in await bounded(asyncio.gather(*tasks)):
+            assert [e["n"] for e in events] == list(range(11))
+    client.close()
+
+
+async def test_stdin_sent_on_one_node_is_read_by_the_worker_on_another(shared: Backend):
+    async with shared.broker(max_pending_input=5) as a, shared.broker(max_pending_input=5) as b:
+        channel = await b.open_input("t")
+        reading = asyncio.ensure_future(channel.get())
+        assert await a.send_input("t", "12")
+        assert await bounded(reading) == "12"
+        assert await a.send_input("t", "345")
+        assert not await b.send_input("t", "6789")  # the cap is cluster-wide
+        assert await a.send_input("t", None)
+        assert [await bounded(channel.get()) for _ in range(2)] == ["345", None]
+        await channel.close()
+
+
+async def test_a_job_left_by_a_dead_worker_is_delivered_again(shared: Backend):
+    async with shared.broker(visibility_timeout=1.0) as b:
+        a = shared.make(visibility_timeout=1.0)
+        await a.open()
+        await a.enqueue("t")
+        taken = await bounded(a.dequeue())
+        assert taken.attempt == 1
+        await a.close()  # killed before its ack: nothing keeps the job alive any more
+        again = await bounded(b.dequeue())
+        assert (again.token, again.attempt, again.receipt) == ("t", 2, taken.receipt)
+        await b.ack(again)
+        assert await b.tracked() == set() and await b.depth() == 0
+
+
+async def test_a_job_held_by_a_live_worker_is_not_taken_past_the_timeout(shared: Backend):
+    async with shared.broker(visibility_timeout=1.0) as b:
+        a = shared.make(visibility_timeout=1.0)
+        await a.open()
+        await a.enqueue("long run")
+        held = await bounded(a.dequeue())
+        waiting = asyncio.ensure_future(b.dequeue())
+        await asyncio.sleep(3.0)  # three visibility timeouts with the worker alive
+        assert not waiting.done()
+        assert await b.tracked() == {"long run"}
+        await a.close()  # now it dies
+        again = await bounded(waiting)
+        assert (again.token, again.attempt, again.receipt) == ("long run", 2, held.receipt)
+        await b.ack(again)
+
+
+async def test_depth_and_tracked_count_across_nodes(shared: Backend):
+    async with shared.broker() as a, shared.broker() as b:
+        for token in ("x", "y", "z"):
+            await a.enqueue(token)
+        assert await b.depth() == 3
+        job = await bounded(b.dequeue())
+        assert job.token == "x"
+        assert await a.depth() == 2
+        assert await a.tracked() == {"x", "y", "z"}
+        await b.ack(job)
+        assert await a.tracked() == {"y", "z"}
+
+
+async def test_one_node_holds_a_lock_at_a_time(shared: Backend):
+    async with shared.broker() as a, shared.broker() as b:
+        assert await a.try_lock("reconcile", 30.0)
+        assert not await b.try_lock("reconcile", 30.0)
+        assert await b.try_lock("other", 30.0)
+
+
+async def test_the_queue_works_again_after_redis_lost_its_data(shared: Backend):
+    client = redis_client()
+    async with shared.broker() as broker:
+        await broker.enqueue("before")
+        await broker.publish("t", {"n": 1})
+        for key in client.scan_iter(f"{shared.prefix}:*"):  # what a Redis restart without disk does
+            client.delete(key)
+        assert await broker.tracked() == set() and await broker.depth() == 0
+        await broker.enqueue("after")
+        job = await bounded(broker.dequeue())  # the consumer group is created again
+        assert job.token == "after"
+        await broker.ack(job)
+        assert (await broker.publish("t", {"n": 1}))["seq"] == 1
+    client.close()
+
+
+async def test_an_unreachable_redis_raises_promptly(redis_prefix: str):
+    from runflare_server.broker.redis import RedisBroker
+
+    broker = RedisBroker("redis://127.0.0.1:1/0", prefix=redis_prefix)
+    with pytest.raises(BrokerUnavailable):
+        await bounded(broker.open())
+    assert not await bounded(broker.ping())
+    for call in (broker.enqueue("t"), broker.dequeue(), broker.depth(), broker.tracked(),
+                 broker.publish("t", {}), broker.has_log("t"), broker.last_seq("t"),
+                 broker.send_input("t", "x"), collect(broker, "t")):
+        with pytest.raises(BrokerUnavailable):
+            await bounded(call)
+    await bounded(broker.close())
