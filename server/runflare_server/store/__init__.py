@@ -1,13 +1,22 @@
-"""Where submissions live: SQLite (embedded default); PostgreSQL implements the same interface."""
+"""Where submissions live: SQLite (embedded default) or PostgreSQL (scale-out), behind one interface."""
 
-from .base import Store
+from __future__ import annotations
+
+from .base import Store, StoreUnavailable
 from .sqlite import SQLiteStore
 
-__all__ = ["Store", "SQLiteStore", "open_store"]
+__all__ = ["SQLiteStore", "Store", "StoreUnavailable", "open_store"]
 
 
 def open_store(url_or_path: str) -> Store:
-    """A store for a path (SQLite) or a postgresql:// URL."""
+    """A store, not yet opened, for a path or `sqlite:///ABS/PATH` (SQLite) or a `postgresql://` or
+    `postgres://` URL (PostgreSQL; needs the `scale` extra)."""
     if url_or_path.startswith(("postgresql://", "postgres://")):
-        raise NotImplementedError("the PostgreSQL store is not built yet")
+        try:
+            from .postgres import PostgresStore
+        except ImportError as e:
+            raise ImportError(f"a PostgreSQL store needs psycopg: pip install 'runflare[scale]' ({e})") from e
+        return PostgresStore(url_or_path)
+    if url_or_path.startswith("sqlite://"):
+        return SQLiteStore(url_or_path.removeprefix("sqlite://"))
     return SQLiteStore(url_or_path)
