@@ -255,3 +255,23 @@ def test_no_free_kernel_is_an_internal_error(tmp_path):
         assert starved.message == "no Run-Flare kernel became free within 1 s"
         assert held.outcome == "exited" and held.stdout == "got x\n", held
         assert pr.run(req("print('next')"))[0].stdout == "next\n"
+
+
+def test_kernels_are_the_engines_own_spec_through_a_public_spec_manager(pool, tmp_path, monkeypatch):
+    from jupyter_client.kernelspec import KernelSpec, NoSuchKernel
+
+    from runflare_server.engine.kernelspecs import StaticKernelSpecManager
+
+    for k in pool.engine._all:
+        assert k.km.kernel_spec.argv[1:3] == ["-m", "runflare_server.kernels"]
+        assert k.km.kernel_spec.language == "runflare"
+    # a spec of the same name installed on the host is never the one started
+    fake = tmp_path / "kernels" / "runflare"
+    fake.mkdir(parents=True)
+    (fake / "kernel.json").write_text('{"argv": ["false"], "display_name": "x", "language": "x"}')
+    monkeypatch.setenv("JUPYTER_PATH", str(tmp_path))
+    specs = StaticKernelSpecManager({"runflare": KernelSpec(argv=["true"], display_name="R", language="r")})
+    assert specs.get_kernel_spec("runflare").argv == ["true"]
+    assert set(specs.find_kernel_specs()) == {"runflare"} == set(specs.get_all_specs())
+    with pytest.raises(NoSuchKernel):
+        specs.get_kernel_spec("python3")

@@ -41,9 +41,19 @@ from . import cgroups, languages, policy, sandbox, scratch
 from .bounded_client import BoundedKernelClient, message_bound
 from .incidents import has_host_detail, incident, shown_or_incident
 from .interface import Emit, LanguageInfo, RunRequest, RunResult
+from .kernelspecs import StaticKernelSpecManager
 
 log = logging.getLogger(__name__)
 REPLY_GRACE = 30.0  # seconds past the run's own limits before a kernel is declared stuck
+KERNEL_NAME = "runflare"
+
+
+def _kernel_specs() -> StaticKernelSpecManager:
+    """The one kernelspec program runs start: the Run-Flare kernel of this interpreter (never an installed
+    spec of that name)."""
+    spec = KernelSpec(argv=[sys.executable, "-m", "runflare_server.kernels", "-f", "{connection_file}"],
+                      display_name="Run-Flare", language="runflare", env={})
+    return StaticKernelSpecManager({KERNEL_NAME: spec})
 
 
 @dataclasses.dataclass(eq=False)
@@ -260,9 +270,8 @@ class ProgramRuns:
             self._ipc_dir = str(scratch.private_dir("ipc", Path(tempfile.gettempdir())))
         name = os.path.join(self._ipc_dir, uuid.uuid4().hex[:12])
         km = AsyncKernelManager(transport="ipc", ip=name, connection_file=name + ".json",
-                                client_factory=BoundedKernelClient)
-        km._kernel_spec = KernelSpec(argv=[sys.executable, "-m", "runflare_server.kernels", "-f", "{connection_file}"],
-                                     display_name="Run-Flare", language="runflare", env={})
+                                client_factory=BoundedKernelClient, kernel_name=KERNEL_NAME,
+                                kernel_spec_manager=_kernel_specs())
         await km.start_kernel(env=env)
         kc = km.client(max_message_bytes=self.max_message_bytes)
         try:
