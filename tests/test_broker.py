@@ -361,3 +361,40 @@ async def test_an_unreachable_redis_raises_promptly(redis_prefix: str):
         with pytest.raises(BrokerUnavailable):
             await bounded(call)
     await bounded(broker.close())
+
+
+async def test_a_followed_stream_that_vanishes_ends_its_subscribers_with_unavailable(shared: Backend):
+    client = redis_client()
+    async with shared.broker() as a, shared.broker() as b:
+        await a.publish("t", {"n": 1})
+        got: list[dict] = []
+
+        async def follow() -> None:
+            async for event in b.subscribe("t"):
+                got.append(event)
+
+        task = asyncio.ensure_future(follow())
+        await bounded(started(task, got, 1))
+        client.delete(f"{shared.prefix}:events:t", f"{shared.prefix}:seq:t")  # Redis lost its data
+        with pytest.raises(BrokerUnavailable):
+            await bounded(task)
+    client.close()
+
+
+async def test_a_node_whose_connections_were_dropped_works_again(shared: Backend):
+    client = redis_client()
+    async with shared.broker() as a, shared.broker() as b:
+        await a.enqueue("t")
+        await a.publish("t", {"n": 1})
+        for connection in client.client_list():  # as when Redis restarts
+            if connection["name"] == f"{shared.prefix}:{b.consumer}":
+                client.client_kill_filter(_id=connection["id"])
+        assert await b.ping()
+        job = await bounded(b.dequeue())
+        assert job.token == "t"
+        await b.ack(job)
+        assert await b.last_seq("t") == 1
+        following = asyncio.ensure_future(collect(b, "t"))
+        await a.publish("t", {"n": 2}, final=True)
+        assert [e["n"] for e in await bounded(following)] == [1, 2]
+    client.close()

@@ -21,7 +21,7 @@ import logging
 import os
 import secrets
 import socket
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterable, Iterator
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -286,9 +286,7 @@ class RedisBroker:
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
-        for follow in list(self._follows.values()):
-            follow.fail(BrokerUnavailable("broker closed"))
-        self._follows.clear()
+        self._fail(list(self._follows.values()), BrokerUnavailable("broker closed"))
         if not self._held:
             with contextlib.suppress(RedisError, OSError):
                 pending = await self._redis.xpending_range(self._queue, GROUP, "-", "+", 1, self.consumer)
@@ -350,13 +348,14 @@ class RedisBroker:
         return None
 
     async def ack(self, job: Job) -> None:
-        """The job is done: forget its entry and stop keeping it alive."""
-        self._held.discard(job.receipt)
+        """The job is done: forget its entry and stop keeping it alive (kept alive until this succeeds:
+        retry on BrokerUnavailable)."""
         with unavailable():
             async with self._redis.pipeline(transaction=True) as pipe:
                 pipe.xack(self._queue, GROUP, job.receipt)
                 pipe.xdel(self._queue, job.receipt)
                 await pipe.execute()
+        self._held.discard(job.receipt)
 
     async def depth(self) -> int:
         with unavailable():
@@ -478,31 +477,53 @@ class RedisBroker:
             if not live:
                 await self._wake.wait()
                 continue
-            read = asyncio.ensure_future(self._blocking.xread({k: f.last_id for k, f in live.items()},
-                                                              count=BATCH, block=int(BLOCK * 1000)))
-            woken = asyncio.ensure_future(self._wake.wait())
             try:
-                await asyncio.wait({read, woken}, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                for task in (read, woken):
-                    if not task.done():
-                        task.cancel()
-                        with contextlib.suppress(asyncio.CancelledError, Exception):
-                            await task
-            if read.cancelled():
-                continue
-            try:
-                result = read.result()
+                await self._read_once(live)
             except (RedisError, OSError, asyncio.TimeoutError) as exc:
                 log.warning("event reader: %s", exc)
-                for follow in live.values():
-                    follow.fail(BrokerUnavailable(f"redis: {exc}"))
-                    if self._follows.get(follow.token) is follow:
-                        del self._follows[follow.token]
+                self._fail(live.values(), BrokerUnavailable(f"redis: {exc}"))
                 await asyncio.sleep(BLOCK / 2)
-                continue
-            for key, entries in result or []:
-                live[key].extend(entries)
+            except Exception as exc:
+                log.exception("event reader failed")
+                self._fail(live.values(), BrokerUnavailable(f"event reader: {exc!r}"))
+                await asyncio.sleep(BLOCK / 2)
+
+    async def _read_once(self, live: dict[str, Follow]) -> None:
+        """One XREAD of the live streams, given up (no harm: nothing is consumed) if a stream is added."""
+        read = asyncio.ensure_future(self._blocking.xread({k: f.last_id for k, f in live.items()},
+                                                          count=BATCH, block=int(BLOCK * 1000)))
+        woken = asyncio.ensure_future(self._wake.wait())
+        try:
+            await asyncio.wait({read, woken}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (read, woken):
+                if not task.done():
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, Exception):
+                        await task
+        if read.cancelled():
+            return
+        result = read.result()
+        if not result:
+            await self._drop_lost(live)
+        for key, entries in result or []:
+            live[key].extend(entries)
+
+    async def _drop_lost(self, live: dict[str, Follow]) -> None:
+        """In a quiet moment: fail the followers of live streams that vanished (Redis lost its data; a
+        re-run would start again at seq 1, below where they wait)."""
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for key in live:
+                pipe.exists(key)
+            exists = await pipe.execute()
+        lost = [follow for follow, found in zip(live.values(), exists, strict=True) if not found]
+        self._fail(lost, BrokerUnavailable("the event stream was lost (Redis restarted?)"))
+
+    def _fail(self, follows: Iterable[Follow], exc: BrokerUnavailable) -> None:
+        for follow in follows:
+            follow.fail(exc)
+            if self._follows.get(follow.token) is follow:
+                del self._follows[follow.token]
 
     # stdin
 
