@@ -92,8 +92,8 @@ class PostgresStore:
         async def select_one(conn: psycopg.AsyncConnection) -> bool:
             return await (await conn.execute("SELECT 1")).fetchone() == (1,)
 
-        try:
-            return await self._run(select_one)
+        try:  # a health check answers within connect_timeout, even while the pool is reconnecting
+            return await asyncio.wait_for(self._run(select_one), self.connect_timeout)
         except Exception:
             return False
 
