@@ -398,3 +398,25 @@ async def test_a_node_whose_connections_were_dropped_works_again(shared: Backend
         await a.publish("t", {"n": 2}, final=True)
         assert [e["n"] for e in await bounded(following)] == [1, 2]
     client.close()
+
+
+async def test_every_job_of_dead_workers_comes_back_counting_attempts(shared: Backend):
+    tokens = [f"t{i}" for i in range(15)]  # more than XAUTOCLAIM would look at in one call
+    first = shared.make(visibility_timeout=1.0)
+    await first.open()
+    for token in tokens:
+        await first.enqueue(token)
+    assert {(await bounded(first.dequeue())).token for _ in tokens} == set(tokens)
+    await first.close()
+    second = shared.make(visibility_timeout=1.0)
+    await second.open()
+    again = [await bounded(second.dequeue()) for _ in tokens]
+    assert sorted(j.token for j in again) == sorted(tokens) and {j.attempt for j in again} == {2}
+    await second.ack(again[0])
+    await second.close()
+    async with shared.broker(visibility_timeout=1.0) as third:
+        last = [await bounded(third.dequeue()) for _ in tokens[1:]]
+        assert sorted(j.token for j in last) == sorted(tokens[1:]) and {j.attempt for j in last} == {3}
+        for job in last:
+            await third.ack(job)
+        assert await third.tracked() == set() and await third.depth() == 0

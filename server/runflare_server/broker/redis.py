@@ -69,19 +69,20 @@ redis.call('PEXPIRE', KEYS[2], ttl)
 return raw
 """
 
-# KEYS: queue. ARGV: group, consumer, min idle ms. Claims the first entry idle that long (scanning the
-# whole pending list, XAUTOCLAIM alone looks at a few entries per call): {id, fields, deliveries} or nil.
+# KEYS: queue. ARGV: group, consumer, min idle ms. Claims the oldest entry idle that long (its worker
+# died): {id, fields, deliveries} or false. XPENDING IDLE scans the whole pending list in one call
+# (XAUTOCLAIM looks at ten entries per call and needs a cursor walk); XCLAIM counts the delivery.
 RECLAIM = """
-local cursor = '0-0'
-repeat
-  local r = redis.call('XAUTOCLAIM', KEYS[1], ARGV[1], ARGV[2], ARGV[3], cursor, 'COUNT', 1)
-  cursor = r[1]
-  local entry = r[2][1]
-  if entry then
-    local p = redis.call('XPENDING', KEYS[1], ARGV[1], entry[1], entry[1], 1)
-    return {entry[1], entry[2], p[1][4]}
+for _ = 1, 10 do
+  local p = redis.call('XPENDING', KEYS[1], ARGV[1], 'IDLE', ARGV[3], '-', '+', 1)
+  if not p[1] then return false end
+  local id = p[1][1]
+  local claimed = redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], ARGV[3], id)
+  if claimed[1] then
+    local info = redis.call('XPENDING', KEYS[1], ARGV[1], id, id, 1)
+    return {id, claimed[1][2], info[1][4]}
   end
-until cursor == '0-0'
+end
 return false
 """
 
