@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
+import socket
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -269,6 +270,20 @@ async def test_local_subscribers_of_one_run_share_one_redis_reader(shared: Backe
     client.close()
 
 
+async def test_subscribers_joining_many_runs_while_they_stream_miss_nothing(shared: Backend):
+    tokens = [f"run{i}" for i in range(20)]
+    async with shared.broker() as a, shared.broker() as b:
+        tasks: list[tuple[int, asyncio.Future]] = []
+        for n in range(1, 11):
+            for token in tokens:
+                await a.publish(token, {"n": n}, final=n == 10)
+            for token in tokens[: 2 * n]:  # new streams join the shared reader while others flow
+                tasks.append((n - 1, asyncio.ensure_future(collect(b, token, since=n - 1))))
+            await asyncio.sleep(0.01)
+        for since, task in tasks:
+            assert [e["n"] for e in await bounded(task)] == list(range(since + 1, 11))
+
+
 async def test_stdin_sent_on_one_node_is_read_by_the_worker_on_another(shared: Backend):
     async with shared.broker(max_pending_input=5) as a, shared.broker(max_pending_input=5) as b:
         channel = await b.open_input("t")
@@ -296,6 +311,7 @@ async def test_a_job_left_by_a_dead_worker_is_delivered_again(shared: Backend):
         assert await b.tracked() == set() and await b.depth() == 0
 
 
+@pytest.mark.slow
 async def test_a_job_held_by_a_live_worker_is_not_taken_past_the_timeout(shared: Backend):
     async with shared.broker(visibility_timeout=1.0) as b:
         a = shared.make(visibility_timeout=1.0)
@@ -361,6 +377,22 @@ async def test_an_unreachable_redis_raises_promptly(redis_prefix: str):
         with pytest.raises(BrokerUnavailable):
             await bounded(call)
     await bounded(broker.close())
+
+
+@pytest.mark.slow
+async def test_a_redis_that_does_not_answer_raises_promptly(redis_prefix: str):
+    from runflare_server.broker.redis import RedisBroker
+
+    with socket.socket() as silent:  # accepts connections (the backlog) and never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(16)
+        broker = RedisBroker(f"redis://127.0.0.1:{silent.getsockname()[1]}/0", prefix=redis_prefix)
+        with pytest.raises(BrokerUnavailable):
+            await bounded(broker.open())
+        assert not await bounded(broker.ping())
+        with pytest.raises(BrokerUnavailable):
+            await bounded(broker.enqueue("t"))
+        await bounded(broker.close())
 
 
 async def test_a_followed_stream_that_vanishes_ends_its_subscribers_with_unavailable(shared: Backend):

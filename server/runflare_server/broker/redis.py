@@ -167,7 +167,7 @@ class Follow:
 
     @property
     def live(self) -> bool:
-        return self.ready and not self.final and self.failed is None
+        return self.ready and bool(self.events) and not self.final and self.failed is None
 
     def extend(self, entries: list[tuple[str, dict[str, str]]]) -> None:
         for entry_id, fields in entries:
@@ -431,9 +431,10 @@ class RedisBroker:
 
     async def _follow(self, token: str) -> Follow:
         follow = self._follows.get(token)
-        if follow is None or follow.final:  # a finished log may be re-opened: read it afresh
+        if follow is None:
             follow = self._follows[token] = Follow(token, self.max_events)
             follow.loaded = asyncio.ensure_future(self._load(follow))
+            follow.loaded.add_done_callback(lambda done: done.cancelled() or done.exception())  # retrieved
         follow.refs += 1
         try:
             await asyncio.shield(follow.loaded)
