@@ -31,15 +31,9 @@ from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
 
 from . import kernel_sandbox as sb
 from . import policy, seccomp
+from .adapters import KernelAdapter, adapter_for
 
 log = logging.getLogger(__name__)
-
-# Lean start-up flags per kernel implementation (module run by the kernelspec).
-LEAN_ARGS = {
-    "ipykernel_launcher": ["--HistoryManager.enabled=False", "--InteractiveShell.colors=NoColor",
-                           "--IPKernelApp.quiet=True"],
-}
-
 
 @dataclass
 class KernelSpecInfo:
@@ -51,6 +45,11 @@ class KernelSpecInfo:
     display_name: str
     resource_dir: str
     env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def adapter(self) -> KernelAdapter:
+        """This kernel family's behaviour (start-up flags, bridge, fork server, set-up cell...)."""
+        return adapter_for(self.argv, self.language)
 
 
 def installed_kernelspecs() -> dict[str, str]:
@@ -66,9 +65,7 @@ def load_spec(name: str) -> KernelSpecInfo:
         raise KeyError(name) from e
     argv = sb.resolve_argv(spec.argv)
     argv = [a.replace("{resource_dir}", spec.resource_dir) for a in argv]
-    for module, extra in LEAN_ARGS.items():
-        if module in argv:
-            argv += extra
+    argv += adapter_for(argv, spec.language).lean_args()
     return KernelSpecInfo(name, argv, spec.language, spec.display_name, spec.resource_dir, dict(spec.env or {}))
 
 
@@ -276,7 +273,7 @@ class SandboxedKernel:
     def _command(self, seccomp_fd: int) -> tuple[list[str], dict[str, str] | None]:
         conn_inside = sb.SANDBOX_CONN if self.mode in ("bwrap", "unshare") else str(self.dir)
         conn_file = f"{conn_inside}/connection.json"
-        if sb.needs_bridge(self.spec.argv):
+        if self.spec.adapter.tcp_only:
             tcp_file = f"{conn_inside}/connection-tcp.json"
             argv = sb.bridged([a.replace("{connection_file}", tcp_file) for a in self.spec.argv],
                               conn_file, tcp_file)
@@ -408,7 +405,7 @@ class KernelPool:
                  start_timeout: float = 30.0, starts: asyncio.Semaphore | None = None,
                  retries: int = 3, fork_server: ForkServer | None = None) -> None:
         self.spec = spec
-        self.fork_server = fork_server if sb.forkable(spec.argv) else None
+        self.fork_server = fork_server if spec.adapter.forkable else None
         self.size = size
         self.mode = mode
         self.runtime_dir = runtime_dir

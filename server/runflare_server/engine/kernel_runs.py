@@ -36,8 +36,6 @@ import logging
 import os
 import queue
 import re
-import secrets
-import shlex
 import shutil
 import signal
 import subprocess
@@ -92,34 +90,9 @@ def strip_ansi(text: str) -> str:
     return ANSI.sub("", text)
 
 
-def _run(argv: list[str]) -> str:
-    try:
-        out = subprocess.run(argv, capture_output=True, text=True, timeout=20)
-        return (out.stdout or out.stderr).strip()
-    except (OSError, subprocess.TimeoutExpired):
-        return ""
-
-
 def probe_version(spec: KernelSpecInfo, label: str) -> str:
     """A Judge0-style name with real versions, e.g. "Python 3 (IPython kernel 7.4.0, Python 3.11.7)"."""
-    argv0 = spec.argv[0] if spec.argv else ""
-    if "ipykernel_launcher" in spec.argv or "ipykernel" in spec.argv:
-        v = _run([argv0, "-c", "import sys, ipykernel; print(ipykernel.__version__, sys.version.split()[0])"])
-        parts = v.split()
-        if len(parts) == 2:
-            return f"{label} (IPython kernel {parts[0]}, Python {parts[1]})"
-    if os.path.basename(argv0).startswith("deno"):
-        lines = _run([argv0, "--version"]).splitlines()
-        vers = dict(line.split()[:2] for line in lines if len(line.split()) >= 2)
-        if "deno" in vers:
-            extra = f", TypeScript {vers['typescript']}" if label == "TypeScript" and "typescript" in vers else ""
-            return f"{label} (Deno kernel {vers['deno']}{extra})"
-    if "bash_kernel" in spec.argv:
-        bk = _run([argv0, "-c", "import bash_kernel; print(bash_kernel.__version__)"])
-        m = re.search(r"version (\d+\.\d+\.\d+)", _run(["bash", "--version"]))
-        if bk:
-            return f"{label} (bash_kernel {bk}, Bash {m.group(1) if m else '?'})"
-    return f"{label} ({spec.display_name})"
+    return spec.adapter.version_name(label, spec.display_name)
 
 
 def install_kernelspecs(user: bool = False, prefix: str | None = None) -> list[str]:
@@ -164,110 +137,6 @@ async def _emit(emit: Emit, event: Event) -> None:
     r = emit(event)
     if inspect.isawaitable(r):
         await r
-
-
-def python_preamble(request: RunRequest, source_file: str, interactive: bool) -> str:
-    """Silent set-up cell: sys.stdin (whole and via input()), sys.argv, __file__, quiet SystemExit."""
-    argv = [source_file, *shlex.split(request.command_line_arguments or "")]
-    data = request.stdin or ""
-    cap = request.limits.max_output_bytes
-    return f"""
-def _rf_setup(data, argv, interactive, cap):
-    import builtins, io, sys, warnings
-    warnings.filterwarnings("ignore", message="To exit: use")
-    kernel = get_ipython().kernel
-    if interactive:
-        ask = kernel.raw_input
-        class _Stdin(io.TextIOBase):
-            def readable(self):
-                return True
-            def readline(self, size=-1):
-                try:
-                    return ask("") + "\\n"
-                except EOFError:
-                    return ""
-            def read(self, size=-1):
-                return "".join(iter(self.readline, ""))
-        sys.stdin = _Stdin()
-    else:
-        sys.stdin = io.StringIO(data)
-        def _input(prompt=""):
-            if prompt:
-                print(prompt, end="", flush=True)
-            line = sys.stdin.readline()
-            if not line:
-                raise EOFError("EOF when reading a line")
-            return line[:-1] if line.endswith("\\n") else line
-        kernel.raw_input = _input
-        kernel.getpass = lambda prompt="Password: ", stream=None: _input(prompt)
-    sys.argv = argv
-    get_ipython().user_ns["__file__"] = argv[0]
-    # Output cap inside the kernel too: past it, writes stop here instead of piling up in the
-    # kernel's buffers (the server cuts at the cap and kills the kernel).
-    left = [cap + 1]
-    def capped(write, flush):
-        def w(text, *args, **kwargs):
-            if left[0] <= 0:
-                import time
-                while True:
-                    time.sleep(1)
-            text = text[: left[0]]
-            left[0] -= len(text)
-            n = write(text, *args, **kwargs)
-            if left[0] <= 0:
-                flush()
-            return n
-        return w
-    shell = get_ipython()
-    if hasattr(shell, "_tee"):
-        # IPython 9 re-patches stream.write around every cell (and keeps a copy of all output in memory
-        # for its history): the cap goes in at the same place, and nothing is kept (a kernel is used once)
-        import contextlib
-        @contextlib.contextmanager
-        def _tee(channel):
-            stream = getattr(sys, channel)
-            original = stream.write
-            stream.write = capped(original, stream.flush)
-            try:
-                yield
-            finally:
-                stream.write = original
-        shell._tee = _tee
-    else:
-        for s in (sys.stdout, sys.stderr):
-            s.write = capped(s.write, s.flush)
-_rf_setup({data!r}, {argv!r}, {interactive!r}, {cap!r})
-del _rf_setup
-"""
-
-
-def deno_preamble(request: RunRequest, interactive: bool) -> str:
-    """Silent set-up cell for Deno: Deno.args, and stdin readable whole (Deno.stdin) and by prompt()."""
-    args = json.dumps(shlex.split(request.command_line_arguments or ""))
-    setup = f"Object.defineProperty(Deno, 'args', {{ value: {args}, configurable: true }});"
-    if interactive:  # prompt() asks the client through input_request
-        return "{ " + setup + " }"
-    return "{ " + setup + """
-  const data = new TextEncoder().encode(%s);
-  let pos = 0;
-  const take = (p) => { const n = Math.min(p.length, data.length - pos); p.set(data.subarray(pos, pos + n)); pos += n; return n; };
-  const stdin = {
-    read(p) { return Promise.resolve(pos >= data.length ? null : take(p)); },
-    readSync(p) { return pos >= data.length ? null : take(p); },
-    get readable() { return new ReadableStream({ pull(c) { if (pos < data.length) { c.enqueue(data.slice(pos)); pos = data.length; } else { c.close(); } } }); },
-    isTerminal() { return false; }, close() {}, setRaw() {},
-  };
-  Object.defineProperty(Deno, "stdin", { value: stdin, configurable: true });
-  globalThis.prompt = (msg) => {
-    if (msg) { Deno.jupyter.broadcast("stream", { name: "stdout", text: msg + " " }); }
-    if (pos >= data.length) { return null; }
-    let j = data.indexOf(10, pos);
-    if (j < 0) { j = data.length; }
-    const line = new TextDecoder().decode(data.subarray(pos, j));
-    pos = Math.min(j + 1, data.length);
-    return line;
-  };
-}""" % json.dumps(request.stdin or "")
 
 
 class StdinFeeder:
@@ -390,8 +259,9 @@ class _Run:
                 self.exit_code = 1
                 await self._stream("stderr", v + "\n")
             return
-        if not ename and not content.get("traceback") and re.fullmatch(r"-?\d+", evalue.strip()):
-            self.exit_code = int(evalue) & 0xFF  # bash_kernel: the command's exit status
+        status = self.kernel.spec.adapter.exit_status(content)
+        if status is not None:  # bash_kernel: the command's exit status
+            self.exit_code = status
             return
         self.exit_code = 1
         tb = strip_ansi("\n".join(content.get("traceback") or [f"{ename}: {evalue}"]))
@@ -475,7 +345,7 @@ class _Run:
                 if channel == "iopub" and not self.killed:
                     await self._on_iopub(msg)
         self.wall = time.monotonic() - t0
-        if not self.killed and self.kernel.spec.language != "python":
+        if not self.killed and self.kernel.spec.adapter.drains_after_idle:
             await self._drain()  # e.g. Deno publishes console output after its idle status
         self.cpu = self.cpu_seconds()
         if self.stdin_task is not None:
@@ -667,14 +537,10 @@ class KernelRuns:
             cgroup = self._confine(kernel, request)
             lang = self._languages.get(request.language_id or -1)
             source_file = lang.source_file if lang and lang.source_file else "script"
-            preamble = None
-            if kernel.spec.language == "python":
-                preamble = python_preamble(request, source_file, request.stdin_queue is not None)
-            elif sb.needs_bridge(kernel.spec.argv):  # Deno
-                preamble = deno_preamble(request, request.stdin_queue is not None)
+            adapter = kernel.spec.adapter
             await _emit(emit, {"kind": "stage", "stage": "running", "message": "running"})
             run = _Run(kernel, request, emit, cgroup)
-            await run.execute(self._wrap(kernel, request), preamble)
+            await run.execute(adapter.code(request), adapter.preamble(request, source_file))
             return run.result()
         except Exception as e:
             return RunResult(outcome="internal", message=incident(log, "the kernel run failed", exc=e,
@@ -707,16 +573,3 @@ class KernelRuns:
             cgroup.remove()
             return None
         return cgroup
-
-    def _wrap(self, kernel: SandboxedKernel, request: RunRequest) -> str:
-        """The code to execute (bash gets its stdin and argv around the program)."""
-        code = request.source_code
-        if kernel.spec.language == "bash":
-            args = " ".join(shlex.quote(a) for a in shlex.split(request.command_line_arguments or ""))
-            stdin = request.stdin or ""
-            if stdin and not stdin.endswith("\n"):
-                stdin += "\n"
-            end = "RF_STDIN_" + secrets.token_hex(8)
-            # a subshell, so that `exit n` ends the program (not the kernel's shell) with status n
-            return f"(\nset -- {args}\n{code}\n) <<'{end}'\n{stdin}{end}"
-        return code

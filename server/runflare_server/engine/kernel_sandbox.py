@@ -31,6 +31,7 @@ from typing import Any
 import psutil
 
 from . import cgroups, policy, seccomp
+from .adapters import adapter_for
 
 log = logging.getLogger(__name__)
 
@@ -308,9 +309,6 @@ def cgroup_mechanism() -> str:
     return cgroups.mechanism()
 
 
-TCP_ONLY_KERNELS = ("deno",)
-
-
 @functools.cache
 def program_source(name: str) -> str:
     """The source text of an engine module that runs as a program inside a sandbox (``"zygote"``,
@@ -325,7 +323,7 @@ def program_source(name: str) -> str:
 
 def needs_bridge(argv: list[str]) -> bool:
     """Whether this kernel cannot use the ipc transport (so runs behind the in-sandbox bridge)."""
-    return bool(argv) and os.path.basename(argv[0]).startswith(TCP_ONLY_KERNELS)
+    return adapter_for(argv).tcp_only
 
 
 def bridged(argv: list[str], conn_file: str, tcp_conn_file: str) -> list[str]:
@@ -335,7 +333,7 @@ def bridged(argv: list[str], conn_file: str, tcp_conn_file: str) -> list[str]:
 
 def forkable(argv: list[str]) -> bool:
     """Whether a kernelspec can be served by the ipykernel fork server (same interpreter)."""
-    return len(argv) >= 3 and argv[0] == sys.executable and argv[1:3] == ["-m", "ipykernel_launcher"]
+    return adapter_for(argv).forkable
 
 
 def zygote_argv(runtime_dir: Path, env: dict[str, str]) -> list[str]:

@@ -60,6 +60,7 @@ from traitlets import Float, Int, List, Unicode
 
 from . import cgroups, policy, scratch, seccomp
 from . import kernel_sandbox as sb
+from .adapters import adapter_for
 from .interface import Limits
 from .sandbox import scratch_base
 
@@ -181,7 +182,8 @@ class RunflareSandboxProvisioner(KernelProvisionerBase):
 
         host_file = os.path.realpath(km.connection_file)
         cmd = sb.resolve_argv(km.format_kernel_cmd(extra_arguments=kwargs.pop("extra_arguments", [])))
-        if sb.needs_bridge(cmd):  # Deno: TCP on the sandbox's own loopback, bridged to the ipc sockets
+        adapter = adapter_for(cmd, self.kernel_spec.language if self.kernel_spec else "")
+        if adapter.tcp_only:  # Deno: TCP on the sandbox's own loopback, bridged to the ipc sockets
             cmd = sb.bridged([a.replace(host_file, TCP_CONNECTION_INSIDE) for a in cmd],
                              CONNECTION_INSIDE, TCP_CONNECTION_INSIDE)
         else:
@@ -191,8 +193,7 @@ class RunflareSandboxProvisioner(KernelProvisionerBase):
         env = {k: launch_env[k] for k in self.pass_env if k in launch_env}
         spec_env = dict(self.kernel_spec.env or {}) if self.kernel_spec else {}
         env.update({k: Template(v).safe_substitute(launch_env) for k, v in spec_env.items()})
-        if self.kernel_spec is not None and (self.kernel_spec.language or "").lower().startswith("python"):
-            env.pop("PYTHONEXECUTABLE", None)  # as KernelProvisionerBase does for Python kernels
+        env = adapter.launch_env(env)
         kwargs.pop("cwd", None)  # the kernel's cwd is its private /sandbox
         kwargs.pop("kernel_id", None)
         kwargs["sandbox_env"] = sb.clean_env(env, cmd[0])

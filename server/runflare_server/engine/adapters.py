@@ -1,0 +1,284 @@
+"""Per-kernel-family behaviour, in one place: ipykernel (and other Python kernels), Deno, bash_kernel, and
+any other kernelspec.
+
+``adapter_for(argv, language)`` picks a family from a kernelspec's argv and language; the kernel pool
+(start-up flags, fork server), the sandbox (the ipc<->tcp bridge), the provisioner (launch environment) and
+kernel runs (version probe, set-up cell, code wrapping, exit status, late output) all ask it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import shlex
+import subprocess
+import sys
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+from .interface import RunRequest
+
+
+class KernelAdapter:
+    """Any kernelspec: no start-up flags, ipc transport, the code run as given, output drained after idle."""
+
+    family: ClassVar[str] = "generic"
+    tcp_only: ClassVar[bool] = False  # cannot use the ipc transport: runs behind the in-sandbox bridge
+    drains_after_idle: ClassVar[bool] = True  # may publish output after its idle status (Deno's console)
+
+    def __init__(self, argv: Sequence[str], language: str = "") -> None:
+        self.argv = list(argv)
+        self.language = language or ""
+
+    @classmethod
+    def claims(cls, argv: Sequence[str], language: str) -> bool:
+        """Whether a kernelspec with this argv and language belongs to this family."""
+        return True
+
+    def lean_args(self) -> list[str]:
+        """Flags appended to the kernelspec's argv for a faster, quieter start."""
+        return []
+
+    @property
+    def forkable(self) -> bool:
+        """Whether the ipykernel fork server can start this kernel."""
+        return False
+
+    def launch_env(self, env: dict[str, str]) -> dict[str, str]:
+        """The kernel's environment from the spec's; ``PYTHONEXECUTABLE`` is dropped for Python kernels, as
+        jupyter_client's ``KernelProvisionerBase`` does."""
+        if self.language.lower().startswith("python"):
+            env.pop("PYTHONEXECUTABLE", None)
+        return env
+
+    def version_name(self, label: str, display_name: str) -> str:
+        """A Judge0-style language name with the kernel's real versions; the spec's display name here."""
+        return f"{label} ({display_name})"
+
+    def preamble(self, request: RunRequest, source_file: str) -> str | None:
+        """A silent set-up cell run before the code (stdin, argv, output cap), or None."""
+        return None
+
+    def code(self, request: RunRequest) -> str:
+        """The code to execute for a submission."""
+        return request.source_code
+
+    def exit_status(self, error: dict[str, Any]) -> int | None:
+        """The program's exit status when an ``error`` message carries one (not a failure), else None."""
+        return None
+
+
+class PythonKernel(KernelAdapter):
+    """ipykernel, and any kernelspec whose language is Python (the IPython kernel protocol's extras)."""
+
+    family = "python"
+    drains_after_idle = False
+    LEAN_ARGS: ClassVar[list[str]] = ["--HistoryManager.enabled=False", "--InteractiveShell.colors=NoColor",
+                                      "--IPKernelApp.quiet=True"]
+
+    @classmethod
+    def claims(cls, argv: Sequence[str], language: str) -> bool:
+        return language == "python" or "ipykernel_launcher" in argv or "ipykernel" in argv
+
+    def lean_args(self) -> list[str]:
+        return list(self.LEAN_ARGS) if "ipykernel_launcher" in self.argv else []
+
+    @property
+    def forkable(self) -> bool:
+        """ipykernel of this very interpreter (the fork server has imported its ipykernel)."""
+        return len(self.argv) >= 3 and self.argv[0] == sys.executable and self.argv[1:3] == ["-m", "ipykernel_launcher"]
+
+    def version_name(self, label: str, display_name: str) -> str:
+        if "ipykernel_launcher" in self.argv or "ipykernel" in self.argv:
+            v = _run([self.argv[0], "-c", "import sys, ipykernel; print(ipykernel.__version__, sys.version.split()[0])"])
+            parts = v.split()
+            if len(parts) == 2:
+                return f"{label} (IPython kernel {parts[0]}, Python {parts[1]})"
+        return super().version_name(label, display_name)
+
+    def preamble(self, request: RunRequest, source_file: str) -> str | None:
+        return python_preamble(request, source_file, request.stdin_queue is not None)
+
+
+class DenoKernel(KernelAdapter):
+    """``deno jupyter``: TCP only (bridged), stdin and args set up by a preamble, console output after idle."""
+
+    family = "deno"
+    tcp_only = True
+
+    @classmethod
+    def claims(cls, argv: Sequence[str], language: str) -> bool:
+        return bool(argv) and os.path.basename(argv[0]).startswith("deno")
+
+    def version_name(self, label: str, display_name: str) -> str:
+        lines = _run([self.argv[0], "--version"]).splitlines()
+        vers = dict(line.split()[:2] for line in lines if len(line.split()) >= 2)
+        if "deno" in vers:
+            extra = f", TypeScript {vers['typescript']}" if label == "TypeScript" and "typescript" in vers else ""
+            return f"{label} (Deno kernel {vers['deno']}{extra})"
+        return super().version_name(label, display_name)
+
+    def preamble(self, request: RunRequest, source_file: str) -> str | None:
+        return deno_preamble(request, request.stdin_queue is not None)
+
+
+class BashKernel(KernelAdapter):
+    """bash_kernel: stdin and argv around the program, its exit status reported as an ``error``."""
+
+    family = "bash"
+
+    @classmethod
+    def claims(cls, argv: Sequence[str], language: str) -> bool:
+        return language == "bash" or "bash_kernel" in argv
+
+    def version_name(self, label: str, display_name: str) -> str:
+        if "bash_kernel" in self.argv:
+            bk = _run([self.argv[0], "-c", "import bash_kernel; print(bash_kernel.__version__)"])
+            m = re.search(r"version (\d+\.\d+\.\d+)", _run(["bash", "--version"]))
+            if bk:
+                return f"{label} (bash_kernel {bk}, Bash {m.group(1) if m else '?'})"
+        return super().version_name(label, display_name)
+
+    def code(self, request: RunRequest) -> str:
+        """The program in a subshell, so that ``exit n`` ends it (not the kernel's shell) with status n, with
+        its argv (``set --``) and stdin (a here-document)."""
+        if self.language != "bash":
+            return request.source_code
+        args = " ".join(shlex.quote(a) for a in shlex.split(request.command_line_arguments or ""))
+        stdin = request.stdin or ""
+        if stdin and not stdin.endswith("\n"):
+            stdin += "\n"
+        end = "RF_STDIN_" + secrets.token_hex(8)
+        return f"(\nset -- {args}\n{request.source_code}\n) <<'{end}'\n{stdin}{end}"
+
+    def exit_status(self, error: dict[str, Any]) -> int | None:
+        """bash_kernel reports a failing command as an error with no name whose value is its status."""
+        evalue = str(error.get("evalue", ""))
+        if not error.get("ename", "") and not error.get("traceback") and re.fullmatch(r"-?\d+", evalue.strip()):
+            return int(evalue) & 0xFF
+        return None
+
+
+FAMILIES: tuple[type[KernelAdapter], ...] = (DenoKernel, PythonKernel, BashKernel)
+
+
+def adapter_for(argv: Sequence[str], language: str = "") -> KernelAdapter:
+    """The adapter of a kernelspec, by its argv and language (the generic one when no family claims it)."""
+    for family in FAMILIES:
+        if family.claims(argv, language):
+            return family(argv, language)
+    return KernelAdapter(argv, language)
+
+
+def _run(argv: list[str]) -> str:
+    try:
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=20)
+        return (out.stdout or out.stderr).strip()
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+
+
+def python_preamble(request: RunRequest, source_file: str, interactive: bool) -> str:
+    """Silent set-up cell: sys.stdin (whole and via input()), sys.argv, __file__, quiet SystemExit."""
+    argv = [source_file, *shlex.split(request.command_line_arguments or "")]
+    data = request.stdin or ""
+    cap = request.limits.max_output_bytes
+    return f"""
+def _rf_setup(data, argv, interactive, cap):
+    import builtins, io, sys, warnings
+    warnings.filterwarnings("ignore", message="To exit: use")
+    kernel = get_ipython().kernel
+    if interactive:
+        ask = kernel.raw_input
+        class _Stdin(io.TextIOBase):
+            def readable(self):
+                return True
+            def readline(self, size=-1):
+                try:
+                    return ask("") + "\\n"
+                except EOFError:
+                    return ""
+            def read(self, size=-1):
+                return "".join(iter(self.readline, ""))
+        sys.stdin = _Stdin()
+    else:
+        sys.stdin = io.StringIO(data)
+        def _input(prompt=""):
+            if prompt:
+                print(prompt, end="", flush=True)
+            line = sys.stdin.readline()
+            if not line:
+                raise EOFError("EOF when reading a line")
+            return line[:-1] if line.endswith("\\n") else line
+        kernel.raw_input = _input
+        kernel.getpass = lambda prompt="Password: ", stream=None: _input(prompt)
+    sys.argv = argv
+    get_ipython().user_ns["__file__"] = argv[0]
+    # Output cap inside the kernel too: past it, writes stop here instead of piling up in the
+    # kernel's buffers (the server cuts at the cap and kills the kernel).
+    left = [cap + 1]
+    def capped(write, flush):
+        def w(text, *args, **kwargs):
+            if left[0] <= 0:
+                import time
+                while True:
+                    time.sleep(1)
+            text = text[: left[0]]
+            left[0] -= len(text)
+            n = write(text, *args, **kwargs)
+            if left[0] <= 0:
+                flush()
+            return n
+        return w
+    shell = get_ipython()
+    if hasattr(shell, "_tee"):
+        # IPython 9 re-patches stream.write around every cell (and keeps a copy of all output in memory
+        # for its history): the cap goes in at the same place, and nothing is kept (a kernel is used once)
+        import contextlib
+        @contextlib.contextmanager
+        def _tee(channel):
+            stream = getattr(sys, channel)
+            original = stream.write
+            stream.write = capped(original, stream.flush)
+            try:
+                yield
+            finally:
+                stream.write = original
+        shell._tee = _tee
+    else:
+        for s in (sys.stdout, sys.stderr):
+            s.write = capped(s.write, s.flush)
+_rf_setup({data!r}, {argv!r}, {interactive!r}, {cap!r})
+del _rf_setup
+"""
+
+
+def deno_preamble(request: RunRequest, interactive: bool) -> str:
+    """Silent set-up cell for Deno: Deno.args, and stdin readable whole (Deno.stdin) and by prompt()."""
+    args = json.dumps(shlex.split(request.command_line_arguments or ""))
+    setup = f"Object.defineProperty(Deno, 'args', {{ value: {args}, configurable: true }});"
+    if interactive:  # prompt() asks the client through input_request
+        return "{ " + setup + " }"
+    return "{ " + setup + """
+  const data = new TextEncoder().encode(%s);
+  let pos = 0;
+  const take = (p) => { const n = Math.min(p.length, data.length - pos); p.set(data.subarray(pos, pos + n)); pos += n; return n; };
+  const stdin = {
+    read(p) { return Promise.resolve(pos >= data.length ? null : take(p)); },
+    readSync(p) { return pos >= data.length ? null : take(p); },
+    get readable() { return new ReadableStream({ pull(c) { if (pos < data.length) { c.enqueue(data.slice(pos)); pos = data.length; } else { c.close(); } } }); },
+    isTerminal() { return false; }, close() {}, setRaw() {},
+  };
+  Object.defineProperty(Deno, "stdin", { value: stdin, configurable: true });
+  globalThis.prompt = (msg) => {
+    if (msg) { Deno.jupyter.broadcast("stream", { name: "stdout", text: msg + " " }); }
+    if (pos >= data.length) { return null; }
+    let j = data.indexOf(10, pos);
+    if (j < 0) { j = data.length; }
+    const line = new TextDecoder().decode(data.subarray(pos, j));
+    pos = Math.min(j + 1, data.length);
+    return line;
+  };
+}""" % json.dumps(request.stdin or "")
