@@ -1,82 +1,55 @@
-"""Latency of `wait=true` for print("hi"): Run-Flare vs a naive bridge vs the sandboxed floor.
+"""Latency of `wait=true` for print("hi"): Run-Flare vs the sandboxed floor and vs a naive bridge.
 
-    python bench/latency.py [N]
+    python bench/latency.py [N] [--tiny] [--out DIR]
 
-- Run-Flare program run (71) and kernel run (1071) through the real server, POST ?wait=true;
-- naive bridge: start an ipykernel with jupyter_client, execute, shut it down (what a simple service does);
-- floor: `python3 -c 'print("hi")'` in the same bubblewrap sandbox, no kernel, no HTTP.
+- program run (71) through the real server, POST ?wait=true, p50 and p99 vs the floor: `python3 -c
+  'print("hi")'` in the same sandbox (slot uid, seccomp, view), no kernel, no HTTP;
+- kernel run (1071) p50 vs the naive bridge: start an ipykernel with jupyter_client, execute, shut it down.
+Requests are sequential, one at a time; the baselines run in the same process, interleaved in time.
 """
 
 from __future__ import annotations
 
-import asyncio
-import os
-import subprocess
-import sys
+from common import Result, Row, main_of, naive_bridge, post_json, ratio, server, summary, timed
+from common import floor as floor_run
 
-from common import post_json, report, server, timed
-from jupyter_client.manager import start_new_async_kernel
-
-from runflare_server.engine import policy, sandbox, seccomp
+FULL = 100
 
 
-def naive_bridge() -> None:
-    async def once() -> None:
-        km, kc = await start_new_async_kernel(kernel_name="python3")
-        try:
-            reply = await kc.execute_interactive('print("hi")', timeout=60, output_hook=lambda msg: None)
-            assert reply["content"]["status"] == "ok"
-        finally:
-            kc.stop_channels()
-            await km.shutdown_kernel(now=True)
-
-    asyncio.run(once())
-
-
-_lease: policy.UidLease | None = None
-
-
-def floor() -> None:
-    """``python3 -c`` in the same sandbox a program run gets: a slot uid, the seccomp filter, the view."""
-    global _lease
-    if _lease is None and policy.per_slot_uids():
-        _lease = policy.UidLease.acquire()
-    uid = _lease.uid if _lease else None
-    mode = sandbox.resolve_mode("auto")
-    work = sandbox.new_workdir(uid=uid)
-    fd = seccomp.bpf_fd()
-    try:
-        argv = sandbox.wrap(["python3", "-c", 'print("hi")'], workdir=work, mode=mode, env=sandbox.sandbox_env(),
-                            uid=uid, seccomp_fd=fd)
-        out = subprocess.run(argv, capture_output=True, check=True, pass_fds=(fd,)).stdout
-        assert out == b"hi\n"
-    finally:
-        os.close(fd)
-        sandbox.remove_workdir(work)
-
-
-def main(n: int) -> None:
+def run(n: int, tiny: bool = False) -> Result:
+    n = 3 if tiny else n
     live = server(env={"RUNFLARE_KERNEL_POOL": '{"python3": 2}'})
     try:
         url = live.api + "/submissions?wait=true"
 
         def program_run() -> None:
-            assert post_json(url, {"source_code": 'print("hi")', "language_id": 71})["stdout"] == "hi\n"
+            sub = post_json(url, {"source_code": 'print("hi")', "language_id": 71})
+            assert sub["stdout"] == "hi\n", sub
 
         def kernel_run() -> None:
             sub = post_json(url, {"source_code": 'print("hi")', "language_id": 1071})
             assert sub.get("stdout") == "hi\n", sub
 
-        rows = {
-            "floor: python3 -c in bwrap": timed(floor, n),
-            "Run-Flare program run (71)": timed(program_run, n),
-            "Run-Flare kernel run (1071)": timed(kernel_run, n),
-            "naive bridge (start/exec/stop ipykernel)": timed(naive_bridge, max(3, n // 3), warmup=1),
-        }
+        warmup = 1 if tiny else 3
+        floor = summary(timed(floor_run, n, warmup))
+        program = summary(timed(program_run, n, warmup))
+        kernel = summary(timed(kernel_run, n if tiny else max(20, n // 3), warmup))
     finally:
         live.stop()
-    report('wait=true latency for print("hi")', rows, "floor: python3 -c in bwrap")
+    naive = summary(timed(naive_bridge, 2 if tiny else max(5, n // 10), warmup=1))
+    floor_name = "python3 -c in the same sandbox"
+    rows = [
+        Row("program_run_p50", "program run (71) wait=true p50", program["p50_ms"], "ms", floor["p50_ms"],
+            floor_name, ratio(program["p50_ms"], floor["p50_ms"]), "Run-Flare / floor, lower is better", "<= 1.5"),
+        Row("program_run_p99", "program run (71) wait=true p99", program["p99_ms"], "ms", floor["p99_ms"],
+            floor_name, ratio(program["p99_ms"], floor["p99_ms"]), "Run-Flare / floor, lower is better", "<= 2.5"),
+        Row("kernel_run_p50", "kernel run (1071) wait=true p50", kernel["p50_ms"], "ms", naive["p50_ms"],
+            "naive start/execute/stop bridge", ratio(naive["p50_ms"], kernel["p50_ms"]),
+            "times faster than the bridge", ">= 20"),
+    ]
+    return Result("latency", {"n": n, "tiny": tiny}, rows,
+                  {"floor": floor, "program_run": program, "kernel_run": kernel, "naive_bridge": naive})
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]) if len(sys.argv) > 1 else 20)
+    main_of("latency", run, __doc__, FULL)

@@ -1,75 +1,62 @@
-"""Sustained throughput of isolated submissions on this machine, against baselines run side by side.
+"""Sustained throughput of print("hi") submissions, against baselines at the same concurrency.
 
-    python bench/throughput.py [N]
+    python bench/throughput.py [N] [--tiny] [--out DIR]
 
-N submissions of print("hi") are created at once (batch API) and followed to the end; the figure is
-submissions finished per second. Baselines: the floor (`python3 -c` in bwrap, as many at once as CPUs)
-and the naive bridge (start, execute, shut down an ipykernel per submission, as many at once as CPUs).
+N program runs (71) are created at once (batch API, 20 per request) and followed to the end: runs finished
+per second, with the server's default concurrency (one run per CPU). Its baseline is the floor (`python3 -c`
+in the same sandbox) run N times, as many at once as CPUs. N/4 kernel runs (1071, a fresh kernel each)
+against the naive bridge (start, execute, shut down an ipykernel per submission, as many at once as CPUs).
 """
 
 from __future__ import annotations
 
-import json
 import os
-import sys
 import time
-import urllib.request
-from concurrent.futures import ThreadPoolExecutor
 
-from common import post_json, server
-from latency import floor, naive_bridge
+from common import Result, Row, floor, main_of, naive_bridge, parallel, post_json, ratio, server, wait_all
 
-
-def get_json(url: str) -> dict:
-    with urllib.request.urlopen(url, timeout=60) as r:
-        return json.loads(r.read())
+FULL = 200
 
 
 def run_batch(api: str, language_id: int, n: int) -> float:
-    """Seconds to finish n submissions created at once."""
+    """Seconds to finish n print("hi") submissions created at once; every one must be Accepted."""
     t0 = time.perf_counter()
     tokens: list[str] = []
     for start in range(0, n, 20):
         items = [{"source_code": 'print("hi")', "language_id": language_id}] * min(20, n - start)
         tokens += [answer["token"] for answer in post_json(api + "/submissions/batch", {"submissions": items})]
-    pending = set(tokens)
-    while pending:
-        chunk = list(pending)[:20]
-        got = get_json(api + "/submissions/batch?tokens=" + ",".join(chunk) + "&fields=token,status")
-        for sub in got["submissions"]:
-            if sub["status"]["id"] > 2:
-                assert sub["status"]["id"] == 3, sub
-                pending.discard(sub["token"])
-        time.sleep(0.02)
+    for sub in wait_all(api, tokens).values():
+        assert sub["status"]["id"] == 3, sub
     return time.perf_counter() - t0
 
 
-def parallel(fn, n: int) -> float:
-    t0 = time.perf_counter()
-    with ThreadPoolExecutor(os.cpu_count()) as pool:
-        list(pool.map(lambda _: fn(), range(n)))
-    return time.perf_counter() - t0
-
-
-def main(n: int) -> None:
+def run(n: int, tiny: bool = False) -> Result:
+    n = 4 if tiny else n
+    kernels, bridges = (2, 2) if tiny else (max(8, n // 4), max(6, n // 16))
+    cpus = os.cpu_count() or 1
     live = server(env={"RUNFLARE_KERNEL_POOL": '{"python3": 2}', "RUNFLARE_MAX_QUEUE_SIZE": "1000"})
     try:
-        run_batch(live.api, 71, 4)
-        rows = {
-            "floor: python3 -c in bwrap": n / parallel(floor, n),
-            "Run-Flare program runs (71)": n / run_batch(live.api, 71, n),
-            "Run-Flare kernel runs (1071)": max(1, n // 4) / run_batch(live.api, 1071, max(1, n // 4)),
-            "naive bridge (kernel per submission)": max(1, n // 8) / parallel(naive_bridge, max(1, n // 8)),
-        }
+        run_batch(live.api, 71, 2 if tiny else 8)  # warm-up
+        program = n / run_batch(live.api, 71, n)
+        kernel = kernels / run_batch(live.api, 1071, kernels)
     finally:
         live.stop()
-    base = rows["naive bridge (kernel per submission)"]
-    print("\n## Sustained throughput, print(\"hi\"), %d CPUs\n" % os.cpu_count())
-    print("| variant | submissions/s | ratio to naive bridge |")
-    print("|---|---|---|")
-    for name, rate in rows.items():
-        print(f"| {name} | {rate:.1f} | {rate / base:.2f} |")
+    parallel(floor, cpus)
+    base = n / parallel(floor, n, cpus)
+    naive = bridges / parallel(naive_bridge, bridges, cpus)
+    same = f"{cpus} at a time"
+    rows = [
+        Row("program_throughput", f"program-run throughput, {n} at once", program, "runs/s", base,
+            f"python3 -c in the sandbox, {same}", ratio(program, base), "Run-Flare / floor, higher is better",
+            ">= 0.6"),
+        Row("kernel_throughput", f"kernel-run throughput, fresh kernel each, {kernels} at once", kernel, "runs/s",
+            naive, f"naive bridge, {same}", ratio(kernel, naive), "Run-Flare / bridge, higher is better", ">= 8"),
+    ]
+    return Result("throughput", {"n": n, "kernel_runs": kernels, "bridge_runs": bridges, "cpus": cpus,
+                                 "tiny": tiny}, rows,
+                  {"program_runs_per_s": program, "floor_per_s": base, "kernel_runs_per_s": kernel,
+                   "naive_bridge_per_s": naive})
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]) if len(sys.argv) > 1 else 80)
+    main_of("throughput", run, __doc__, FULL)

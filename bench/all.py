@@ -1,0 +1,43 @@
+"""Every bench of issue 13 in one run, one JSON: latency, throughput, WebSocket, classroom burst.
+
+    python bench/all.py [--tiny] [--out DIR] [--latency N] [--throughput N] [--idle N] [--burst N]
+
+Each size defaults to its bench's full size (latency 100, throughput 200, idle sockets 10,000, burst 300).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import burst
+import latency
+import throughput
+import websocket
+from common import RESULTS, print_rows, write_results
+
+BENCHES = {"latency": latency, "throughput": throughput, "websocket": websocket, "burst": burst}
+SIZE_FLAG = {"latency": "latency", "throughput": "throughput", "websocket": "idle", "burst": "burst"}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tiny", action="store_true", help="every bench in its smallest form")
+    parser.add_argument("--out", type=Path, default=None, help=f"where the JSON goes (default {RESULTS})")
+    for name, flag in SIZE_FLAG.items():
+        parser.add_argument(f"--{flag}", type=int, default=BENCHES[name].FULL, help=f"the {name} bench's size")
+    args = parser.parse_args()
+    started = time.time()
+    results = []
+    for name, module in BENCHES.items():
+        t0 = time.time()
+        results.append(module.run(getattr(args, SIZE_FLAG[name]), args.tiny))
+        print_rows(results[-1].rows, f"{name} ({time.time() - t0:.0f} s)")
+    print("\n# Issue 13, every row\n")
+    print_rows([row for r in results for row in r.rows], "all")
+    write_results("all", results, args.out, started)
+
+
+if __name__ == "__main__":
+    main()
