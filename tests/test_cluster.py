@@ -176,10 +176,11 @@ def test_interactive_stdin_typed_on_one_node_reaches_the_worker(cluster: Cluster
 def test_queue_limit_is_cluster_wide(tmp_path: Path) -> None:
     schemas = pg_schema()
     store = next(schemas)
-    # Workers that take nothing (none started): the queue only grows.
-    cluster = start_cluster(tmp_path, store, "redis://127.0.0.1:6379/0", workers=0,
+    # A worker says what it runs, then stops: nothing takes work, so the queue only grows.
+    cluster = start_cluster(tmp_path, store, "redis://127.0.0.1:6379/0", workers=1,
                             RUNFLARE_MAX_QUEUE_SIZE="3")
     try:
+        cluster.workers[0].stop()
         a, b = cluster.apis
         body = {"source_code": "print(1)", "language_id": 71}
         assert [post(a.api + "/submissions", body).status for _ in range(2)] == [201, 201]

@@ -11,6 +11,7 @@ import asyncio
 import logging
 import os
 import time
+from dataclasses import asdict
 from typing import Any
 
 from tornado.httpserver import HTTPServer
@@ -56,6 +57,7 @@ class Service:
         self.worker: Worker | None = None
         self.http: HTTPServer | None = None
         self.started_at = time.time()
+        self._catalog_task: asyncio.Task | None = None
 
     @property
     def runs_submissions(self) -> bool:
@@ -68,10 +70,8 @@ class Service:
         await self.broker.open()
         if self.runs_submissions:
             await self.engine.start()
-        self.languages = sorted(self.engine.languages(), key=lambda lang: (lang.name.lower(), lang.id))
-        self.language_names = {lang.id: lang.name for lang in self.languages}
-        self.rules.language_ids = set(self.language_names)
-        self.rules.kernelspecs = set(self.engine.kernelspecs())
+        await self.refresh_catalog()
+        self._catalog_task = asyncio.create_task(self._catalog_loop())
         if self.runs_submissions:
             self.worker = Worker(self.settings, self.store, self.broker, self.engine, self.callbacks,
                                  self.callback_body, self.settings.workers or os.cpu_count() or 1,
@@ -87,6 +87,30 @@ class Service:
             log.info("Run-Flare (%s) listening on http://%s:%d (store %s, broker %s)", self.settings.role,
                      self.settings.host, self.settings.port, self.store.kind, self.broker.kind)
 
+    async def refresh_catalog(self) -> None:
+        """The languages and kernelspecs submissions may name: a worker offers its engine's and tells the
+        cluster; an API node takes what the workers said (its own host may have no toolchain at all)."""
+        if self.runs_submissions:
+            languages, kernelspecs = self.engine.languages(), self.engine.kernelspecs()
+            await self.broker.set_catalog({"languages": [asdict(lang) for lang in languages],
+                                           "kernelspecs": kernelspecs})
+        else:
+            catalog = await self.broker.catalog() or {"languages": [], "kernelspecs": []}
+            languages = [LanguageInfo(**lang) for lang in catalog["languages"]]
+            kernelspecs = catalog["kernelspecs"]
+        self.languages = sorted(languages, key=lambda lang: (lang.name.lower(), lang.id))
+        self.language_names = {lang.id: lang.name for lang in self.languages}
+        self.rules.language_ids = set(self.language_names)
+        self.rules.kernelspecs = set(kernelspecs)
+
+    async def _catalog_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.reconcile_interval)
+            try:
+                await self.refresh_catalog()
+            except Exception as exc:  # a broker briefly down: the last catalog stays
+                log.warning("language catalog not refreshed: %s", exc)
+
     def callback_body(self, sub: Submission) -> dict[str, Any]:
         """What a callback PUTs: the default fields, base64-encoded, as Judge0 does."""
         return render(sub, DEFAULT_FIELDS, True, self.language_names)
@@ -96,6 +120,8 @@ class Service:
         sockets (1001), stop the kernels, close the broker and the store last."""
         if self.http is not None:
             self.http.stop()
+        if self._catalog_task is not None:
+            self._catalog_task.cancel()
         if self.worker is not None:
             await self.worker.stop()
         self.sockets.close_all()

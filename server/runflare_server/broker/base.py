@@ -79,3 +79,9 @@ class Broker(Protocol):
 
     async def try_lock(self, name: str, ttl: float) -> bool:
         """Take the cluster-wide lock `name` for `ttl` seconds unless someone holds it (one reconciler)."""
+
+    async def set_catalog(self, catalog: dict[str, Any]) -> None:
+        """Workers tell the cluster what they run: languages and kernelspecs (API nodes list these)."""
+
+    async def catalog(self) -> dict[str, Any] | None:
+        """What the workers last said they run; None until a worker has said it."""

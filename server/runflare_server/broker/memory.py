@@ -88,6 +88,7 @@ class MemoryBroker:
         self._bytes = 0
         self._inputs: dict[str, InputQueue] = {}
         self._tracked: Counter[str] = Counter()  # queued or taken, not yet acknowledged
+        self._catalog: dict[str, Any] | None = None
 
     async def open(self) -> None:
         pass
@@ -118,6 +119,12 @@ class MemoryBroker:
     async def try_lock(self, name: str, ttl: float) -> bool:
         """One process: nobody else can hold it."""
         return True
+
+    async def set_catalog(self, catalog: dict[str, Any]) -> None:
+        self._catalog = catalog
+
+    async def catalog(self) -> dict[str, Any] | None:
+        return self._catalog
 
     async def depth(self) -> int:
         return self._queue.qsize()

@@ -41,6 +41,7 @@ BLOCK = 1.0  # seconds a blocking read waits before looking around (cancellation
 TIMEOUT = 2.0  # seconds a command may take before Redis counts as unreachable
 LIVE_TTL = 86_400  # seconds an unfinished event log or stdin outlives its last write (a lost run)
 BATCH = 1000
+CATALOG_TTL = 86_400  # seconds the workers' language catalog lasts without a worker saying it again
 
 # KEYS: events stream, seq counter. ARGV: event JSON without seq, final flag, maxlen, ttl ms final, live.
 PUBLISH = """
@@ -259,7 +260,7 @@ class RedisBroker:
         self._heartbeat_script = self._redis.register_script(HEARTBEAT)
         self._depth = self._redis.register_script(DEPTH)
         self._send_input = self._redis.register_script(SEND_INPUT)
-        self._held: set[str] = set()  # entry ids taken by this instance, not yet acked
+        self._held: dict[str, str] = {}  # entry id -> token, taken by this instance, not yet acked
         self._follows: dict[str, Follow] = {}
         self._wake = asyncio.Event()  # the set of followed streams grew
         self._tasks: list[asyncio.Task] = []
@@ -328,7 +329,7 @@ class RedisBroker:
                     await self._ensure_group()  # Redis lost its data (a restart)
                     continue
             if job is not None:
-                self._held.add(job.receipt)
+                self._held[job.receipt] = job.token
                 return job
 
     async def _take_stale(self) -> Job | None:
@@ -356,7 +357,7 @@ class RedisBroker:
                 pipe.xack(self._queue, GROUP, job.receipt)
                 pipe.xdel(self._queue, job.receipt)
                 await pipe.execute()
-        self._held.discard(job.receipt)
+        self._held.pop(job.receipt, None)
 
     async def depth(self) -> int:
         with unavailable():
@@ -371,14 +372,27 @@ class RedisBroker:
                 entries = await self._redis.xrange(self._queue, start, "+", count=BATCH)
                 tokens.update(fields["token"] for _id, fields in entries)
                 if len(entries) < BATCH:
-                    return tokens
+                    break
                 start = "(" + entries[-1][0]
+            async for key in self._redis.scan_iter(match=self._key("held", "*"), count=BATCH):
+                tokens.update(json.loads(await self._redis.get(key) or "[]"))
+            return tokens
 
     async def try_lock(self, name: str, ttl: float) -> bool:
         """Whether this instance got the cluster-wide lock `name` for `ttl` seconds."""
         with unavailable():
             return bool(await self._redis.set(self._key("lock", name), self.consumer, nx=True,
                                               px=max(1, int(ttl * 1000))))
+
+    async def set_catalog(self, catalog: dict[str, Any]) -> None:
+        """Kept for CATALOG_TTL; workers say it again at start and every reconcile interval."""
+        with unavailable():
+            await self._redis.set(self._key("catalog"), json.dumps(catalog), ex=CATALOG_TTL)
+
+    async def catalog(self) -> dict[str, Any] | None:
+        with unavailable():
+            raw = await self._redis.get(self._key("catalog"))
+        return json.loads(raw) if raw else None
 
     async def _heartbeat_loop(self) -> None:
         while True:
@@ -387,6 +401,10 @@ class RedisBroker:
                 continue
             try:
                 await self._heartbeat_script(keys=[self._queue], args=[GROUP, self.consumer, *self._held])
+                # What this worker runs, kept apart from the stream: a Redis that lost its data gets it back
+                # within a beat, so the reconciler does not queue a running submission again.
+                await self._redis.set(self._key("held", self.consumer), json.dumps(sorted(self._held.values())),
+                                      px=max(1, int(self.visibility_timeout * 1000)))
             except (RedisError, OSError) as exc:
                 log.warning("heartbeat of held jobs failed: %s", exc)
 
