@@ -125,7 +125,10 @@ class SubmissionSocket(websocket.WebSocketHandler):
             return
         except asyncio.CancelledError:
             raise
-        except Exception:
+        except Exception as exc:
+            if unavailable(exc) is not None:  # the broker is briefly down: the client resumes later
+                self.close(1013, "events unavailable; resume with ?since=%d" % self.sent_seq)
+                return
             log.exception("websocket forwarding failed for %s", self.token)
             self.send_now(events.message("error", self.token, error="internal error", details="forwarding failed"))
             self.close(1011)
