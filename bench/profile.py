@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import collections
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -46,19 +47,29 @@ def serve_args(port: int, data: str) -> list[str]:
 
 # ---- program runs: py-spy -----------------------------------------------------------------------------
 
-def summarise(collapsed: Path, top: int = 25) -> None:
-    """Per process: samples, and the functions with the most inclusive samples (each counted once per stack)."""
+IDLE = ("select (selectors.py", "poll (", "epoll", "_wait (", "wait (threading.py", "accept (")
+
+
+def summarise(collapsed: Path, top: int = 20) -> None:
+    """Per process (the innermost `process N:` frame): on-CPU samples, and the functions with the most
+    inclusive samples. Stacks that end in a wait (epoll, select, a lock) are counted as idle, not shown."""
     per_proc: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
     totals: collections.Counter = collections.Counter()
-    for line in collapsed.read_text().splitlines():
-        stack, _, count = line.rpartition(" ")
+    idle: collections.Counter = collections.Counter()
+    # a process name can span lines (the reaper's perl script is in its command line): a record ends in " N"
+    for stack, count in re.findall(r"(.*?) (\d+)$", collapsed.read_text(), re.M | re.S):
         frames = stack.split(";")
-        proc = frames[0][:90]
+        first = max((i for i, f in enumerate(frames) if f.startswith("process ")), default=0)
+        proc = " ".join(frames[first].split())[:100]
+        frames = frames[first + 1:]
+        if not frames or any(mark in frames[-1] for mark in IDLE):
+            idle[proc] += int(count)
+            continue
         totals[proc] += int(count)
-        for frame in set(frames[1:]):
+        for frame in set(frames):
             per_proc[proc][frame] += int(count)
-    for proc, total in totals.most_common(6):
-        print(f"\n### {proc}: {total} samples\n")
+    for proc, total in totals.most_common(4):
+        print(f"\n### {proc}\n{total} busy samples, {idle[proc]} idle\n")
         for frame, n in per_proc[proc].most_common(top):
             print(f"{100 * n / total:5.1f}%  {frame[:150]}")
 
@@ -97,6 +108,11 @@ def program(seconds: int, out: Path) -> None:
         proc.wait(60)
     print(f"{runs[0]} program runs in {seconds} s; collapsed stacks in {collapsed}")
     summarise(collapsed)
+
+
+def summarise_file() -> None:
+    """Summarise an existing collapsed-stack file: python bench/profile.py summary FILE."""
+    summarise(Path(sys.argv[2]))
 
 
 # ---- idle WebSocket memory: tracemalloc ---------------------------------------------------------------
