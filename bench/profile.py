@@ -110,10 +110,6 @@ def program(seconds: int, out: Path) -> None:
     summarise(collapsed)
 
 
-def summarise_file() -> None:
-    """Summarise an existing collapsed-stack file: python bench/profile.py summary FILE."""
-    summarise(Path(sys.argv[2]))
-
 
 # ---- idle WebSocket memory: tracemalloc ---------------------------------------------------------------
 
