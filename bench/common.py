@@ -98,6 +98,21 @@ def timed(fn: Callable[[], object], n: int, warmup: int = 2) -> list[float]:
     return out
 
 
+def interleaved(fns: dict[str, Callable[[], object]], n: int, warmup: int = 2) -> dict[str, list[float]]:
+    """Wall seconds of n calls of each fn, taken in turns (a, b, a, b, ...) after warmup calls of each, so a
+    change in the machine's load hits every variant alike."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    out: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(n):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            out[name].append(time.perf_counter() - t0)
+    return out
+
+
 def parallel(fn: Callable[[], object], n: int, workers: int | None = None) -> float:
     """Seconds to make n calls of fn, `workers` (default: CPUs) at a time."""
     t0 = time.perf_counter()
