@@ -1,8 +1,11 @@
-"""Every bench of issue 13 in one run, one JSON: latency, throughput, WebSocket, classroom burst.
+"""Every bench in one run, one JSON: latency, throughput, WebSocket, classroom burst (issue 13), embedded vs
+PostgreSQL + Redis (issue 12).
 
-    python bench/all.py [--tiny] [--out DIR] [--latency N] [--throughput N] [--idle N] [--burst N]
+    python bench/all.py [--tiny] [--out DIR] [--latency N] [--throughput N] [--idle N] [--burst N] [--cluster N]
 
-Each size defaults to its bench's full size (latency 100, throughput 200, idle sockets 10,000, burst 300).
+Each size defaults to its bench's full size (latency 100, throughput 200, idle sockets 10,000, burst 300,
+cluster 100 wait=true requests per path). The cluster bench needs PostgreSQL at 127.0.0.1:5432 and Redis at
+127.0.0.1:6379.
 """
 
 from __future__ import annotations
@@ -14,13 +17,15 @@ import traceback
 from pathlib import Path
 
 import burst
+import cluster
 import latency
 import throughput
 import websocket
 from common import RESULTS, Result, print_rows, write_results
 
-BENCHES = {"latency": latency, "throughput": throughput, "websocket": websocket, "burst": burst}
-SIZE_FLAG = {"latency": "latency", "throughput": "throughput", "websocket": "idle", "burst": "burst"}
+BENCHES = {"latency": latency, "throughput": throughput, "websocket": websocket, "burst": burst, "cluster": cluster}
+SIZE_FLAG = {"latency": "latency", "throughput": "throughput", "websocket": "idle", "burst": "burst",
+             "cluster": "cluster"}
 
 
 def main() -> None:
@@ -41,7 +46,7 @@ def main() -> None:
             results.append(Result(name, {"tiny": args.tiny}, [], {"error": f"{type(e).__name__}: {e}"}))
             continue
         print_rows(results[-1].rows, f"{name} ({time.time() - t0:.0f} s)")
-    print("\n# Issue 13, every row\n")
+    print("\n# Issues 13 and 12, every row\n")
     print_rows([row for r in results for row in r.rows], "all")
     write_results("all", results, args.out, started)
     if any("error" in r.details for r in results):
