@@ -353,3 +353,13 @@ def test_a_client_that_never_answers_pings_is_closed_and_one_that_does_is_kept(p
         final = [m for m in read_all(answering) if m["type"] == "status_update"][-1]
     assert final["status"]["id"] == 3 and final["data"]["stdout"] == "still here\n"
     silent.close()
+
+
+def test_stdin_sent_right_before_closing_still_reaches_the_program(live_server):
+    token = post(f"{live_server.api}/submissions", {"source_code": "print(input()[::-1])", "language_id": 71,
+                                                    "interactive": True}).json["token"]
+    with connect(ws_url(live_server, token)) as ws:
+        ws.recv(timeout=30)  # connected
+        ws.send(json.dumps({"type": "stdin", "data": "olleh\n", "eof": True}))
+    sub = wait_until(lambda: (s := get(f"{live_server.api}/submissions/{token}").json)["status"]["id"] >= 3 and s)
+    assert sub["status"]["id"] == 3 and sub["stdout"] == "hello\n"
