@@ -47,9 +47,13 @@ class SubmissionSocket(websocket.WebSocketHandler):
         except ValueError:
             return self.answer(400, {"error": "since must be an integer"})
         try:
+            broker = self.service.broker
             sub = await self.service.submissions.get(token)
-            self.live = await self.service.broker.has_log(token)
-            if self.live and self.since > await self.service.broker.last_seq(token):
+            self.live = await broker.has_log(token)
+            if sub is not None and not self.live and not is_final(sub["status_id"]):
+                await self.reopen_log(token, sub)
+                self.live = True
+            if self.live and self.since > await broker.last_seq(token):
                 self.since = 0  # a seq from before the broker lost the story: it is numbered anew
         except Exception as exc:
             error = unavailable(exc)
@@ -123,21 +127,20 @@ class SubmissionSocket(websocket.WebSocketHandler):
         """A message has been in flight for longer than ws_send_timeout: the client stopped reading."""
         return self.inflight_since is not None and now - self.inflight_since > self.settings_.ws_send_timeout
 
-    async def replay_from_store(self) -> None:
-        """No live log here (a restart, a long-finished run): tell what the store knows.
+    async def reopen_log(self, token: str, sub: dict[str, Any]) -> None:
+        """An unfinished run with no event stream here (the broker lost it, or this is a fresh process):
+        start its stream again with the stored status, so this socket follows it like any live run and the
+        worker's next events arrive on it. If the run finished meanwhile, its final status closes it."""
+        broker = self.service.broker
+        await broker.publish(token, events.status_update(token, sub))
+        now = await self.service.submissions.get(token)
+        if now is not None and is_final(now["status_id"]):
+            await broker.publish(token, events.status_update(token, now), final=True)
 
-        The current status comes as seq 1 (if the client has not seen that far); the final status, once the
-        run ends, follows with the next seq, so a client resuming with any `since` still gets it.
-        """
+    async def replay_from_store(self) -> None:
+        """A finished run whose event stream has expired: the stored final status, as the next seq."""
         try:
             sub = await self.service.submissions.get(self.token)
-            if sub is not None and not is_final(sub["status_id"]):
-                if self.since < 1:
-                    self.sent_seq = 1
-                    self.send_now({**events.status_update(self.token, sub), "seq": 1})
-                while sub is not None and not is_final(sub["status_id"]):
-                    await asyncio.sleep(0.5)
-                    sub = await self.service.submissions.get(self.token)
             if sub is not None:
                 self.sent_seq += 1
                 self.send_now({**events.status_update(self.token, sub), "seq": self.sent_seq})
