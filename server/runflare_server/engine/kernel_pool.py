@@ -15,10 +15,7 @@ import os
 import queue
 import secrets
 import shutil
-import signal
-import stat
 import subprocess
-import sys
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -26,12 +23,16 @@ from pathlib import Path
 from typing import Any
 
 import psutil
-from jupyter_client.asynchronous import AsyncKernelClient
-from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
+from jupyter_client.kernelspec import KernelSpec, KernelSpecManager, NoSuchKernel
+from jupyter_client.manager import AsyncKernelManager
 
 from . import kernel_sandbox as sb
-from . import policy, seccomp
+from . import policy
 from .adapters import KernelAdapter, adapter_for
+from .bounded_client import BoundedKernelClient
+from .fork_server import ForkServer
+from .kernelspecs import StaticKernelSpecManager
+from .provisioner import PROVISIONER_NAME, RunflareSandboxProvisioner
 
 log = logging.getLogger(__name__)
 
@@ -74,268 +75,114 @@ def _connection(ip: str, key: str) -> dict[str, Any]:
             "control_port": 4, "hb_port": 5, "key": key, "signature_scheme": "hmac-sha256"}
 
 
-def read_status_file(path: Path) -> int:
-    """The exit status a forked kernel's waiter wrote. The file sits in a dir the sandbox can write, so it
-    is opened without following links or blocking, and only a small regular file is believed."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-    except OSError:
-        return -9
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            return -9
-        return int(os.read(fd, 16).strip() or -9)
-    except (OSError, ValueError):
-        return -9
-    finally:
-        os.close(fd)
-
-
-class ForkedProcess:
-    """A kernel forked by the fork server, seen from the host (a Popen look-alike)."""
-
-    def __init__(self, pid: int, status_file: Path) -> None:
-        self.pid = pid
-        self.status_file = status_file
-        self.returncode: int | None = None  # < 0: killed by that signal (exact, not folded into 128 + n)
-        self.exact_status = True
-
-    def poll(self) -> int | None:
-        if self.returncode is None:
-            try:
-                gone = psutil.Process(self.pid).status() == psutil.STATUS_ZOMBIE
-            except psutil.NoSuchProcess:
-                gone = True
-            if gone:
-                self.returncode = read_status_file(self.status_file)
-                with contextlib.suppress(OSError):
-                    self.status_file.unlink()
-        return self.returncode
-
-    def wait(self, timeout: float | None = None) -> int:
-        deadline = time.monotonic() + (timeout if timeout is not None else 1e9)  # noqa: E501
-        while self.poll() is None:
-            if time.monotonic() > deadline:
-                raise subprocess.TimeoutExpired("kernel", timeout or 0)
-            time.sleep(0.005)
-        return self.returncode or 0
-
-    def kill(self) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(self.pid, signal.SIGKILL)
-
-
-class ForkServer:
-    """One sandboxed process with ipykernel imported that forks each new kernel (the program in ``zygote``).
-
-    It lives in a user namespace mapped onto a leased block of ``UIDS`` host uids: the zygote is the block's
-    first uid, each kernel it forks gets one of the others for its lifetime (never host root, never shared)."""
-
-    UIDS = 64
-
-    def __init__(self, runtime_dir: Path) -> None:
-        self.runtime_dir = runtime_dir
-        self.proc: subprocess.Popen | None = None
-        self.lease: policy.UidLease | None = None
-        self._kernel_uids: dict[int, ForkedProcess] = {}  # uid inside the namespace -> the kernel holding it
-        self._lock = asyncio.Lock()
-        self.forks = 0
-        self.failures = 0  # consecutive kernels that failed to come up; too many → not used any more
-
-    @property
-    def usable(self) -> bool:
-        """False once it keeps failing here (e.g. no CAP_SYS_ADMIN): pools then start kernels directly."""
-        return self.failures < 3
-
-    def note(self, ok: bool) -> None:
-        """Record whether a forked kernel came up."""
-        self.failures = 0 if ok else self.failures + 1
-        if not self.usable:
-            log.error("fork server disabled after %d failures; starting kernels directly", self.failures)
-
-    async def _ensure(self) -> subprocess.Popen:
-        if self.proc is not None and self.proc.poll() is None:
-            return self.proc
-        if self.proc is not None:
-            self.close()
-        if not policy.per_slot_uids():
-            raise RuntimeError("the fork server needs root (to map its uid block); kernels start directly")
-        env = sb.clean_env({}, sys.executable)
-        self.lease = policy.UidLease.acquire(self.UIDS)
-        policy.owned_dir(self.runtime_dir, self.lease.first, 0o711)
-        # spawned from the event loop thread: bwrap's --die-with-parent follows the spawning thread
-        policy.VIEW_DIR.mkdir(mode=0o755, parents=True, exist_ok=True)
-        self.proc = subprocess.Popen(sb.zygote_argv(self.runtime_dir, env), stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=None, start_new_session=True, text=True,
-                                     env=policy.launcher_env())
-        try:
-            line = await self._readline(60)
-            if line != "userns":
-                raise RuntimeError(f"fork server failed to enter its user namespace: {line!r}")
-            self._map_ids()
-            self.proc.stdin.write("mapped\n")
-            self.proc.stdin.flush()
-            line = await self._readline(60)
-        except BaseException:
-            self.close()
-            raise
-        if line != "ready":
-            self.close()
-            raise RuntimeError(f"fork server failed to start: {line!r}")
-        return self.proc
-
-    async def _readline(self, timeout: float) -> str:
-        loop = asyncio.get_running_loop()
-        assert self.proc is not None and self.proc.stdout is not None
-        return (await asyncio.wait_for(loop.run_in_executor(None, self.proc.stdout.readline), timeout)).strip()
-
-    def _map_ids(self) -> None:
-        """Map the zygote's user namespace onto the leased block (as root, from outside: uid_map lines
-        naming other host uids can only be written by a process privileged in the parent namespace)."""
-        assert self.proc is not None and self.lease is not None
-        pid = self.proc.pid  # the launcher, in its new user namespace, waiting for this map
-        line = f"0 {self.lease.first} {self.lease.count}\n"
-        for name in ("uid_map", "gid_map"):
-            Path(f"/proc/{pid}/{name}").write_text(line)
-
-    def _free_uid(self) -> int | None:
-        for uid, kernel in list(self._kernel_uids.items()):
-            if kernel.poll() is not None:
-                del self._kernel_uids[uid]
-        return next((u for u in range(1, self.UIDS) if u not in self._kernel_uids), None)
-
-    async def fork(self, kid: str, kdir: Path) -> ForkedProcess:
-        """Fork one kernel for the connection dir ``kdir`` (made its uid's); returns its host-side handle."""
-        async with self._lock:
-            proc = await self._ensure()
-            assert proc.stdin is not None and self.lease is not None
-            uid = self._free_uid()
-            if uid is None:
-                raise RuntimeError(f"all {self.UIDS - 1} fork-server kernel uids are in use")
-            host_uid = self.lease.first + uid
-            for path in (kdir, *kdir.iterdir()):
-                os.chown(path, host_uid, host_uid)
-            os.chmod(kdir, 0o700)
-            proc.stdin.write(f"{kid} {uid}\n")
-            proc.stdin.flush()
-            answer = (await self._readline(10)).split()
-            if len(answer) != 2 or answer[0] != kid:
-                self.close()
-                raise RuntimeError(f"fork server answered {answer!r}")
-            forked = ForkedProcess(self._host_pid(int(answer[1])), self.runtime_dir / f"status-{kid}")
-            self._kernel_uids[uid] = forked
-        self.forks += 1
-        return forked
-
-    def _host_pid(self, ns_pid: int) -> int:
-        for p in sb.tree(self.proc.pid if self.proc else 0):
-            try:
-                for line in Path(f"/proc/{p.pid}/status").read_text().splitlines():
-                    if line.startswith("NSpid:") and int(line.split()[-1]) == ns_pid and len(line.split()) > 2:
-                        return p.pid
-            except (OSError, ValueError):
-                continue
-        raise RuntimeError(f"forked kernel {ns_pid} not found")
-
-    def close(self) -> None:
-        """Kill the fork server (kernels it forked die with its namespace) and give its uids back."""
-        if self.proc is not None:
-            sb.kill_tree(self.proc)
-            for f in (self.proc.stdin, self.proc.stdout):
-                with contextlib.suppress(Exception):
-                    f.close()
-            self.proc = None
-        self._kernel_uids.clear()
-        if self.lease is not None:
-            self.lease.release()
-            self.lease = None
-
-
 class SandboxedKernel:
-    """One kernel process tree in its own sandbox, with a connected client. Used once."""
+    """One kernel in its own sandbox, started by ``AsyncKernelManager``, with a connected client. Used once.
+
+    With bwrap the kernelspec names the ``runflare-sandbox`` provisioner (the fork server, the network and
+    the kernel dir chosen by its config); the weak modes an operator may choose explicitly (``unshare``,
+    ``none``) name jupyter_client's ``local-provisioner`` around the engine's own wrapper command, so that
+    the sandbox provisioner stays "bubblewrap or not at all"."""
 
     def __init__(self, spec: KernelSpecInfo, mode: str, runtime_dir: Path, network: bool = False,
                  fork_server: ForkServer | None = None) -> None:
         self.spec = spec
-        self.fork_server = fork_server
+        self.fork_server = fork_server  # None once started unless the kernel was forked from it
         self.mode = mode
         self.network = network
+        self.runtime_dir = runtime_dir
         self.id = secrets.token_hex(6)
-        self.dir = runtime_dir / f"k-{self.id}"
-        self.proc: subprocess.Popen | ForkedProcess | None = None
-        self.client: AsyncKernelClient | None = None
+        self.dir = runtime_dir / f"k-{self.id}"  # the provisioner's kernel dir once started
+        self.log_path = runtime_dir / f"log-{self.id}"  # the kernel's stdout/stderr (outside its dir)
+        self.km: AsyncKernelManager | None = None
+        self.proc: Any = None  # the sandbox's process (a Popen, or the fork server's ForkedProcess)
+        self.client: Any = None
         self.start_wall: float | None = None
         self.start_cpu: float | None = None
         self.kernel_info: dict[str, Any] = {}
-        self.lease: policy.UidLease | None = None  # the kernel's own host uid (bwrap kernels)
+        self.lease: policy.UidLease | None = None  # the kernel's own host uid (unshare mode; else the provisioner's)
         self._closed = False
 
-    def _command(self, seccomp_fd: int) -> tuple[list[str], dict[str, str] | None]:
-        conn_inside = sb.SANDBOX_CONN if self.mode in ("bwrap", "unshare") else str(self.dir)
-        conn_file = f"{conn_inside}/connection.json"
-        if self.spec.adapter.tcp_only:
-            tcp_file = f"{conn_inside}/connection-tcp.json"
-            argv = sb.bridged([a.replace("{connection_file}", tcp_file) for a in self.spec.argv],
-                              conn_file, tcp_file)
-        else:
-            argv = [a.replace("{connection_file}", conn_file) for a in self.spec.argv]
-        env = sb.clean_env(self.spec.env, self.spec.argv[0])
-        uid = self.lease.uid if self.lease else None
-        if self.network and self.mode == "bwrap" and uid is not None:
-            return sb.network_argv(argv, self.dir, env=env, ro_extra=[self.spec.resource_dir], uid=uid,
-                                   seccomp_fd=seccomp_fd), policy.launcher_env()
+    @property
+    def sandboxed_by_provisioner(self) -> bool:
+        return self.mode == "bwrap"
+
+    def _kernel_spec(self, key: str) -> tuple[KernelSpec, dict[str, Any]]:
+        """The kernelspec to start and the launch kwargs (env, cwd) for this mode."""
+        spec = self.spec
+        if self.sandboxed_by_provisioner:
+            config = {"memory_limit": 0, "max_processes_and_or_threads": 0, "max_file_size": 0,
+                      "cpu_time_limit": 0, "base_dir": str(self.runtime_dir), "enable_network": self.network,
+                      "fork_server": str(self.fork_server.runtime_dir) if self.fork_server else ""}
+            meta = {"kernel_provisioner": {"provisioner_name": PROVISIONER_NAME, "config": config}}
+            return KernelSpec(argv=spec.argv, display_name=spec.display_name, language=spec.language,
+                              env=spec.env, resource_dir=spec.resource_dir, metadata=meta), {}
         if self.network and self.mode != "none":
             raise RuntimeError("enable_network for kernel runs needs bwrap and a root server")
-        if self.mode == "bwrap":
-            return sb.bwrap_argv(argv, self.dir, network=self.network, env=env, ro_extra=[self.spec.resource_dir],
-                                 uid=uid, seccomp_fd=seccomp_fd), None
-        if self.mode == "unshare":
-            return sb.unshare_argv(argv, self.dir, env=env, uid=uid), None
-        return argv, {**env, "HOME": str(self.dir / "work"), "IPYTHONDIR": str(self.dir / "work/.ipython")}
-
-    async def start(self, timeout: float) -> None:
-        """Start the sandbox and wait until the kernel answers kernel_info. Raises on failure."""
-        t0 = time.monotonic()
-        self.dir.mkdir(parents=True)
-        (self.dir / "work").mkdir()
-        key = secrets.token_hex(16)
-        inside = sb.SANDBOX_CONN if self.mode in ("bwrap", "unshare") else str(self.dir)
-        (self.dir / "connection.json").write_text(json.dumps(_connection(f"{inside}/k", key)))
-        if self.fork_server is not None:
-            env = sb.clean_env(self.spec.env, self.spec.argv[0])
-            argv = [a.replace("{connection_file}", f"{inside}/connection.json") for a in self.spec.argv]
-            (self.dir / "launch.json").write_text(json.dumps({"env": env, "argv": ["ipykernel_launcher", *argv[3:]]}))
-            self.proc = await self.fork_server.fork(self.id, self.dir)
-        else:
-            if self.mode != "none" and policy.per_slot_uids():
+        meta = {"kernel_provisioner": {"provisioner_name": "local-provisioner", "config": {}}}
+        env = sb.clean_env(spec.env, spec.argv[0])
+        launch: dict[str, Any] = {"env": {"PATH": os.environ.get("PATH", "/usr/bin:/bin")}}
+        if self.mode == "unshare":  # the kernel reads its own copy of the connection file, at its inside path
+            conn_file = f"{sb.SANDBOX_CONN}/connection.json"
+            inside = dict(_connection(f"{sb.SANDBOX_CONN}/k", key), kernel_name=spec.name)
+            (self.dir / "connection.json").write_text(json.dumps(inside))
+            if policy.per_slot_uids():
                 self.lease = policy.UidLease.acquire()
                 for path in (self.dir, *self.dir.iterdir()):
                     os.chown(path, self.lease.uid, self.lease.uid)
                 os.chmod(self.dir, 0o700)
-            filter_fd = seccomp.bpf_fd() if self.mode == "bwrap" else -1
-            try:
-                cmd, env = self._command(filter_fd)
-                self.proc = sb.spawn(cmd, self.dir / "kernel.log", env, cwd=None if env is None else self.dir / "work",
-                                     pass_fds=(filter_fd,) if filter_fd >= 0 else ())
-            finally:
-                if filter_fd >= 0:
-                    os.close(filter_fd)
-        from .bounded_client import BoundedKernelClient
+            if spec.adapter.tcp_only:
+                tcp_file = f"{sb.SANDBOX_CONN}/connection-tcp.json"
+                argv = sb.bridged([a.replace("{connection_file}", tcp_file) for a in spec.argv], conn_file, tcp_file)
+            else:
+                argv = [a.replace("{connection_file}", conn_file) for a in spec.argv]
+            argv = sb.unshare_argv(argv, self.dir, env=env, uid=self.lease.uid if self.lease else None)
+        else:  # "none": unsandboxed, as the operator chose
+            argv = list(spec.argv)
+            if spec.adapter.tcp_only:
+                tcp_file = str(self.dir / "connection-tcp.json")
+                argv = sb.bridged([a.replace("{connection_file}", tcp_file) for a in argv], "{connection_file}",
+                                  tcp_file)
+            launch = {"env": {**env, "HOME": str(self.dir / "work"), "IPYTHONDIR": str(self.dir / "work/.ipython")},
+                      "cwd": str(self.dir / "work")}
+        return KernelSpec(argv=argv, display_name=spec.display_name, language=spec.language, env={},
+                          resource_dir=spec.resource_dir, metadata=meta), launch
 
-        self.client = BoundedKernelClient()  # refuses kernel messages over the output bound, undecoded
-        self.client.load_connection_info(_connection(str(self.dir / "k"), key))
+    async def start(self, timeout: float) -> None:
+        """Start the kernel and wait until it answers kernel_info with iopub delivering. Raises on failure."""
+        t0 = time.monotonic()
+        key = secrets.token_hex(16)
+        if not self.sandboxed_by_provisioner:
+            self.dir.mkdir(parents=True)
+            (self.dir / "work").mkdir()
+        kspec, launch = self._kernel_spec(key)
+        km = self.km = AsyncKernelManager(
+            kernel_name=self.spec.name, kernel_spec_manager=StaticKernelSpecManager({self.spec.name: kspec}),
+            client_factory=BoundedKernelClient, connection_file=str(self.runtime_dir / f"c-{self.id}.json"),
+            transport="ipc", ip=str(self.dir / "k"))
+        if not self.sandboxed_by_provisioner:  # the connection the kernel was given above
+            km.load_connection_info(_connection(str(self.dir / "k"), key))
+        with open(self.log_path, "ab") as out:  # not in asyncio.wait_for: on 3.11 it can swallow a cancel
+            await km.start_kernel(stdout=out, stderr=subprocess.STDOUT, **launch)
+        prov = km.provisioner
+        if isinstance(prov, RunflareSandboxProvisioner):
+            self.proc, self.dir = prov.process, prov.kernel_dir or self.dir
+            if not prov.forked:
+                self.fork_server = None
+        else:
+            self.proc = getattr(prov, "process", None)
+            self.fork_server = None
+        self.client = km.client()  # refuses kernel messages over the output bound, undecoded
         self.client.start_channels(hb=False)  # liveness is watched on the process itself
         await self._wait_ready(t0 + timeout)
         self.start_wall = time.monotonic() - t0
         self.start_cpu = sb.tree_cpu_seconds(self.processes())
 
     def _check(self, deadline: float) -> None:
-        if self.proc.poll() is not None:
-            raise RuntimeError(f"kernel {self.spec.name} exited at start ({self.proc.returncode}): "
-                               + self.log_tail())
+        if self.proc is None or self.proc.poll() is not None:
+            rc = self.proc.returncode if self.proc is not None else None
+            raise RuntimeError(f"kernel {self.spec.name} exited at start ({rc}): " + self.log_tail())
         if time.monotonic() > deadline:
             raise TimeoutError(f"kernel {self.spec.name} did not answer in time")
-
     async def _wait_ready(self, deadline: float) -> None:
         """kernel_info answered on shell, and iopub delivering (its subscription is asynchronous)."""
         kc = self.client
@@ -370,7 +217,7 @@ class SandboxedKernel:
     def log_tail(self, n: int = 2000) -> str:
         """The end of the kernel's own stdout/stderr."""
         try:
-            return (self.dir / "kernel.log").read_text(errors="replace")[-n:]
+            return self.log_path.read_text(errors="replace")[-n:]
         except OSError:
             return ""
 
@@ -379,20 +226,45 @@ class SandboxedKernel:
         return self.proc is not None and self.proc.poll() is None and not self._closed
 
     def processes(self) -> list[psutil.Process]:
-        """The sandbox's process tree (bwrap included)."""
-        return sb.tree(self.proc.pid) if self.proc else []
+        """The sandbox's process tree (bwrap, or the forked kernel's namespace init, included)."""
+        return sb.tree(self.proc.pid) if self.proc is not None else []
+
+    def exit_status(self) -> tuple[int | None, int | None]:
+        """``(exit code, signal)`` of the kernel once it is gone (exact when it was forked)."""
+        if self.proc is None or self.proc.poll() is None:
+            return None, None
+        prov = self.km.provisioner if self.km is not None else None
+        if isinstance(prov, RunflareSandboxProvisioner):
+            return prov.exit_status()
+        rc = self.proc.returncode
+        if rc < 0:
+            return None, -rc
+        return (None, rc - 128) if rc > 128 else (rc, None)
 
     async def shutdown(self) -> None:
-        """Kill the whole sandbox, close the client and remove its directory. Idempotent."""
+        """Kill the whole sandbox (``shutdown_kernel(now=True)``), close the client, remove its files.
+        Idempotent."""
         if self._closed:
             return
         self._closed = True
         if self.client is not None:
             with contextlib.suppress(Exception):
                 self.client.stop_channels()
-        if self.proc is not None:
-            await asyncio.get_running_loop().run_in_executor(None, sb.kill_tree, self.proc)
-        shutil.rmtree(self.dir, ignore_errors=True)
+        if self.km is not None:
+            if not self.sandboxed_by_provisioner and self.proc is not None:  # LocalProvisioner kills one group
+                await asyncio.get_running_loop().run_in_executor(None, sb.kill_tree, self.proc)
+            try:
+                await self.km.shutdown_kernel(now=True)
+            except Exception as e:  # noqa: BLE001 - a kernel that never started has nothing to shut down
+                log.debug("kernel %s: shutdown: %s", self.id, e)
+                if self.proc is not None and self.proc.poll() is None:
+                    await asyncio.get_running_loop().run_in_executor(None, sb.kill_tree, self.proc)
+        with contextlib.suppress(OSError):
+            self.log_path.unlink()
+        with contextlib.suppress(OSError):
+            (self.runtime_dir / f"c-{self.id}.json").unlink()
+        if not self.sandboxed_by_provisioner:
+            shutil.rmtree(self.dir, ignore_errors=True)
         if self.lease is not None:
             self.lease.release()  # nothing runs as its uid any more
             self.lease = None
@@ -405,7 +277,7 @@ class KernelPool:
                  start_timeout: float = 30.0, starts: asyncio.Semaphore | None = None,
                  retries: int = 3, fork_server: ForkServer | None = None) -> None:
         self.spec = spec
-        self.fork_server = fork_server if spec.adapter.forkable else None
+        self.fork_server = fork_server.register() if fork_server is not None and spec.adapter.forkable else None
         self.size = size
         self.mode = mode
         self.runtime_dir = runtime_dir
@@ -483,8 +355,8 @@ class KernelPool:
             kernel = SandboxedKernel(self.spec, self.mode, self.runtime_dir, network, fs)
             try:
                 await kernel.start(self.start_timeout)
-                if fs is not None:
-                    fs.note(True)
+                if kernel.fork_server is not None:
+                    kernel.fork_server.note(True)
             except BaseException as e:
                 if fs is not None and not isinstance(e, asyncio.CancelledError):
                     fs.note(False)

@@ -19,9 +19,10 @@ Semantics (documented for the API):
   outcome "time_limit" (the kernel is killed, not interrupted: it is discarded anyway); memory and
   processes by the run's cgroup (OOM kill → exit_signal 9, "memory limit exceeded"); file size,
   stack and core size as rlimits set on the kernel's processes when the run starts.
-- ipykernel kernels come from a fork server (ipykernel imported once, each kernel forked into fresh
-  namespaces, see engine/zygote.py) when bwrap is used as root; other kernelspecs, and
-  runs with enable_network, start a kernel under bwrap directly.
+- Every kernel starts through ``AsyncKernelManager`` and the ``runflare-sandbox`` provisioner (see
+  ``kernel_pool.SandboxedKernel``). ipykernel kernels come from a fork server (ipykernel imported once,
+  each kernel forked into fresh namespaces, see engine/zygote.py) when bwrap is used as root; other
+  kernelspecs, and runs with enable_network, get a bubblewrap of their own.
 - stdin: Python sees it whole (sys.stdin) and by input(); other kernels get input_request answers
   (Deno's prompt()), bash a here-document around the program. argv: sys.argv / bash "$@".
 """
@@ -375,17 +376,15 @@ class _Run:
             await self._on_iopub(msg)
 
     def _on_death(self) -> None:
-        rc = self.kernel.proc.returncode if self.kernel.proc else None
+        code, sig = self.kernel.exit_status()
         if self.cgroup is not None and self.cgroup.oom_killed():
             self._stop("exited", signal_=SIGKILL, message="memory limit exceeded")
             return
-        folded = rc is not None and rc > 128 and not getattr(self.kernel.proc, "exact_status", False)
-        sig = rc - 128 if folded else (-rc if rc is not None and rc < 0 else None)
         if sig:
             self._stop("exited", signal_=sig, message=f"kernel died (signal {sig})")
         else:  # the kernel process exited (os._exit(n), Deno.exit(n)): that is the program's status
             self._stop("exited")
-            self.exit_code = rc or 0
+            self.exit_code = code or 0
 
     async def _on_shell(self, msg: dict[str, Any]) -> None:
         parent = msg.get("parent_header", {}).get("msg_id")

@@ -12,6 +12,14 @@ frame); a larger one cuts the channel undecoded, the run ends as an internal err
 kernel is replaced. Internal failures reach the submitter as a generic message with an incident id (the
 log has the details). The pool's dirs are ``scratch.private_dir`` dirs, swept if the server is killed.
 
+Lifecycle: the Run-Flare kernels start through ``AsyncKernelManager`` with a provisioner named in their
+kernelspec's metadata, as kernel runs' kernels do (``runflare-sandbox``). That provisioner is jupyter_client's
+own ``LocalProvisioner`` (``local-provisioner``), on purpose: a Run-Flare kernel never runs user code, it
+builds each program's sandbox (bubblewrap as root, a leased uid, a cgroup per run), so it cannot sit inside
+the kernel sandbox, and a "host mode" of ``runflare-sandbox`` would make that provisioner's name mean "not
+sandboxed" for some configs. Naming LocalProvisioner keeps ``runflare-sandbox`` "bubblewrap or not at all"
+and weakens nothing: the kernel is the server's own trusted process, on ipc sockets in a private dir.
+
 Interactive runs (``request.stdin_queue``): the kernel asks for input over the stdin channel; each
 ``input_request`` is answered with the next chunk from the queue, ``None`` from the queue ends the input.
 """
@@ -46,13 +54,15 @@ from .kernelspecs import StaticKernelSpecManager
 log = logging.getLogger(__name__)
 REPLY_GRACE = 30.0  # seconds past the run's own limits before a kernel is declared stuck
 KERNEL_NAME = "runflare"
+HOST_PROVISIONER = "local-provisioner"  # jupyter_client's LocalProvisioner, named, not defaulted (see above)
 
 
 def _kernel_specs() -> StaticKernelSpecManager:
     """The one kernelspec program runs start: the Run-Flare kernel of this interpreter (never an installed
-    spec of that name)."""
+    spec of that name), naming its provisioner explicitly (see the module docstring)."""
     spec = KernelSpec(argv=[sys.executable, "-m", "runflare_server.kernels", "-f", "{connection_file}"],
-                      display_name="Run-Flare", language="runflare", env={})
+                      display_name="Run-Flare", language="runflare", env={},
+                      metadata={"kernel_provisioner": {"provisioner_name": HOST_PROVISIONER, "config": {}}})
     return StaticKernelSpecManager({KERNEL_NAME: spec})
 
 

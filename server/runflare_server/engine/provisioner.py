@@ -27,9 +27,19 @@ Lifecycle, modeled on jupyter_client's ``LocalProvisioner``:
   signals the kernel's process group; ``kill`` kills the whole bubblewrap tree and the cgroup.
 - ``cleanup`` removes the cgroup, the dir and gives the uid back (on a restart, the dir and uid are kept).
 
-Kernels that speak only TCP (Deno) run behind the in-sandbox ipc<->tcp bridge, as in kernel runs.
-Not (yet) here: the ipykernel fork server, ``enable_network`` (pasta) and the weak sandbox modes: a
-kernelspec that asks for this provisioner is started under bubblewrap or not at all.
+Kernels that speak only TCP (Deno) run behind the in-sandbox ipc<->tcp bridge. Chosen by configuration:
+
+- ``fork_server``: the runtime dir of a shared ipykernel fork server (``fork_server.ForkServer.shared``).
+  When the kernelspec is this interpreter's ipykernel, the server runs as root and the kernel has no
+  network, the kernel is forked from it (its own namespaces, uid of the server's leased block, masked
+  /proc, seccomp: see ``zygote``) instead of a bubblewrap of its own; its exit status is then exact.
+- ``enable_network``: the kernel gets user-mode networking (pasta) in its own namespace, started by its
+  leased uid through ``kernel_sandbox.network_argv`` (root only; never the host's network).
+- ``base_dir``: where the kernel dirs are made (ipc socket paths are limited to 107 bytes), e.g. a kernel
+  run engine's runtime dir; by default a swept scratch dir per kernel.
+
+The weak sandbox modes (unshare, none) are not here: a kernelspec that asks for this provisioner is
+started under bubblewrap (or forked from the fork server, itself under bubblewrap) or not at all.
 
 This module knows nothing of HTTP, the store or the broker.
 """
@@ -42,6 +52,7 @@ import json
 import os
 import re
 import resource
+import secrets
 import shutil
 import signal
 import subprocess
@@ -56,11 +67,12 @@ import psutil
 import zmq
 from jupyter_client.connect import KernelConnectionInfo
 from jupyter_client.provisioning.provisioner_base import KernelProvisionerBase
-from traitlets import Float, Int, List, Unicode
+from traitlets import Bool, Float, Int, List, Unicode
 
 from . import cgroups, policy, scratch, seccomp
 from . import kernel_sandbox as sb
 from .adapters import adapter_for
+from .fork_server import ForkServer
 from .interface import Limits
 from .sandbox import scratch_base
 
@@ -102,6 +114,15 @@ class RunflareSandboxProvisioner(KernelProvisionerBase):
                          "environment reaches the kernel")
     readonly_paths = List(Unicode(), [], config=True,
                           help="extra host trees the kernel may read (bound read-only)")
+    base_dir = Unicode("", config=True,
+                       help="dir in which the kernel's own dir is made (keep it short: ipc socket paths are "
+                            "limited); empty: a swept scratch dir of its own below the engine's scratch base")
+    enable_network = Bool(False, config=True,
+                          help="user-mode networking (pasta) in the kernel's own network namespace, never the "
+                               "host's; needs a root server (the kernel's leased uid runs pasta)")
+    fork_server = Unicode("", config=True,
+                          help="runtime dir of the shared ipykernel fork server to fork this kernel from when "
+                               "it can be forked (this interpreter's ipykernel, root, no network); empty: never")
 
     process: subprocess.Popen | None = None
     pid: int | None = None
@@ -110,6 +131,9 @@ class RunflareSandboxProvisioner(KernelProvisionerBase):
     cgroup: cgroups.RunCgroup | None = None
     limit_mechanism: str = ""
     exit_reason: str | None = None  # "memory limit", ... once the kernel died of a limit
+    returncode: int | None = None  # the sandbox's status once it is gone
+    exact_status: bool = False  # returncode is the kernel's own (forked: -N for signal N), not bwrap's 128 + N
+    forked: bool = False  # started from the fork server
 
     # ------------------------------------------------------------------ state
 
@@ -155,9 +179,21 @@ class RunflareSandboxProvisioner(KernelProvisionerBase):
             raise
 
     def _prepare(self, km: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+        if self.enable_network and not policy.per_slot_uids():
+            raise SandboxUnavailable("enable_network needs a root server (the kernel's leased uid runs pasta)")
         if self.kernel_dir is None:  # a restart keeps the dir and the uid
-            self.kernel_dir = scratch.private_dir("kernel", scratch_base())
-            if policy.per_slot_uids():
+            spec_argv = sb.resolve_argv(self.kernel_spec.argv if self.kernel_spec else [])
+            self.forked = self._fork_server_for(spec_argv) is not None
+            if self.forked:  # in the fork server's runtime dir; the server gives the kernel its uid
+                Path(self.fork_server).mkdir(parents=True, exist_ok=True)
+                self.kernel_dir = Path(self.fork_server) / f"k-{secrets.token_hex(6)}"
+                self.kernel_dir.mkdir(mode=0o700)
+            elif self.base_dir:
+                self.kernel_dir = Path(self.base_dir) / f"k-{secrets.token_hex(6)}"
+                self.kernel_dir.mkdir(mode=0o700)
+            else:
+                self.kernel_dir = scratch.private_dir("kernel", scratch_base())
+            if policy.per_slot_uids() and not self.forked:
                 self.lease = policy.UidLease.acquire()
         kdir = self.kernel_dir
         uid = self.lease.uid if self.lease else None
@@ -200,6 +236,15 @@ class RunflareSandboxProvisioner(KernelProvisionerBase):
         kwargs["cmd"] = cmd
         return kwargs
 
+    def _fork_server_for(self, argv: list[str]) -> ForkServer | None:
+        """The configured fork server, when it can start this kernel here (else the kernel gets a bwrap)."""
+        if not self.fork_server or self.enable_network or not policy.per_slot_uids():
+            return None
+        if not adapter_for(argv, self.kernel_spec.language if self.kernel_spec else "").forkable:
+            return None
+        fs = ForkServer.shared(self.fork_server)
+        return fs if fs.usable else None
+
     def _wants_curve(self, km: Any) -> bool:
         """Whether the manager's transport_encryption policy asks for CurveZMQ keys for this kernel."""
         wanted = str(getattr(km, "transport_encryption", "disabled")).lower()
@@ -214,19 +259,30 @@ class RunflareSandboxProvisioner(KernelProvisionerBase):
         resource_dir = self.kernel_spec.resource_dir if self.kernel_spec else None
         ro_extra = [p for p in [resource_dir, *self.readonly_paths] if p]
         self.exit_reason = None
-        self.cgroup = cgroups.RunCgroup.create(
-            f"run-{os.getpid()}-k{(self.kernel_id or 'x')[:12]}",
-            self.memory_limit or None, self.max_processes_and_or_threads or None)
+        self.returncode = None
+        self.cgroup = None
+        if self.memory_limit or self.max_processes_and_or_threads:
+            self.cgroup = cgroups.RunCgroup.create(
+                f"run-{os.getpid()}-k{(self.kernel_id or 'x')[:12]}",
+                self.memory_limit or None, self.max_processes_and_or_threads or None)
         self.limit_mechanism = self.cgroup.kind if self.cgroup else "rlimit"
+        if self.forked:
+            return await self._fork(cmd, kwargs["sandbox_env"])
         filter_fd = seccomp.bpf_fd()
         try:
-            argv = sb.bwrap_argv(cmd, self.kernel_dir, network=False, env=kwargs["sandbox_env"],
-                                 ro_extra=ro_extra, uid=uid, seccomp_fd=filter_fd)
+            env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin")}
+            if self.enable_network:
+                assert uid is not None  # checked in pre_launch
+                argv = sb.network_argv(cmd, self.kernel_dir, env=kwargs["sandbox_env"], ro_extra=ro_extra, uid=uid,
+                                       seccomp_fd=filter_fd)
+                env = policy.launcher_env()
+            else:
+                argv = sb.bwrap_argv(cmd, self.kernel_dir, network=False, env=kwargs["sandbox_env"],
+                                     ro_extra=ro_extra, uid=uid, seccomp_fd=filter_fd)
             # spawned from the event loop's thread: bwrap's --die-with-parent follows the spawning thread
             self.process = subprocess.Popen(
                 argv, stdin=subprocess.DEVNULL, stdout=kwargs.get("stdout"), stderr=kwargs.get("stderr"),
-                start_new_session=True, close_fds=True, pass_fds=(filter_fd,),
-                env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")},
+                start_new_session=True, close_fds=True, pass_fds=(filter_fd,), env=env,
                 preexec_fn=self._child_setup(self.cgroup))
         except BaseException:
             if self.cgroup is not None:
@@ -239,6 +295,35 @@ class RunflareSandboxProvisioner(KernelProvisionerBase):
         self.pid = self.process.pid
         self.log.debug("%s: kernel %s started as uid %s (pid %d, limits by %s)", PROVISIONER_NAME,
                        self.kernel_id, uid, self.pid, self.limit_mechanism)
+        return self.connection_info
+
+    async def _fork(self, cmd: list[str], env: dict[str, str]) -> KernelConnectionInfo:
+        """Fork the kernel from the fork server (``cmd`` is ``python -m ipykernel_launcher ...``), then put
+        its tree in the kernel's cgroup and set its rlimits."""
+        assert self.kernel_dir is not None
+        fs = ForkServer.shared(self.fork_server)
+        (self.kernel_dir / "launch.json").write_text(json.dumps({"env": env, "argv": ["ipykernel_launcher", *cmd[3:]]}))
+        kid = self.kernel_dir.name.removeprefix("k-")
+        try:
+            self.process = await fs.fork(kid, self.kernel_dir)
+            procs = self.processes()
+            if self.cgroup is not None:
+                for p in procs:
+                    self.cgroup.add_pid(p.pid)
+            for p in procs:
+                for res, value in self.rlimits(self.cgroup is not None).items():
+                    p.rlimit(res, value)
+        except BaseException:
+            if self.process is not None:
+                await self.kill()
+            if self.cgroup is not None:
+                self.cgroup.remove()
+                self.cgroup = None
+            self._release()
+            raise
+        self.pid = self.process.pid
+        self.log.debug("%s: kernel %s forked (pid %d, limits by %s)", PROVISIONER_NAME, self.kernel_id, self.pid,
+                       self.limit_mechanism)
         return self.connection_info
 
     def _child_setup(self, cgroup: cgroups.RunCgroup | None) -> Callable[[], None]:
@@ -270,12 +355,31 @@ class RunflareSandboxProvisioner(KernelProvisionerBase):
         return ret
 
     def _note_exit(self, ret: int) -> None:
+        if self.returncode is None:
+            self.returncode = ret
+            self.exact_status = bool(getattr(self.process, "exact_status", False))
         if self.exit_reason is None and self.cgroup is not None and self.cgroup.oom_killed():
             self.exit_reason = "memory limit"
             self.log.warning("%s: kernel %s was killed: it reached its memory limit (%d KB)", PROVISIONER_NAME,
                              self.kernel_id, self.memory_limit)
         elif self.exit_reason is None and ret != 0:
             self.exit_reason = f"exit status {ret}"
+
+    def exit_status(self) -> tuple[int | None, int | None]:
+        """``(exit code, signal)`` of the kernel once it is gone (``(None, None)`` while it runs). A forked
+        kernel's status is its own; bubblewrap reports a kernel killed by signal N as 128 + N."""
+        if self.returncode is None and self.process is not None:
+            ret = self.process.poll()
+            if ret is not None:
+                self._note_exit(ret)
+        rc = self.returncode
+        if rc is None:
+            return None, None
+        if rc < 0:
+            return None, -rc
+        if rc > 128 and not self.exact_status:
+            return None, rc - 128
+        return rc, None
 
     async def wait(self) -> int | None:
         if self.process is None:
@@ -320,6 +424,9 @@ class RunflareSandboxProvisioner(KernelProvisionerBase):
             await self.kill(restart)
         if self.process is not None:
             self._note_exit(self.process.wait())
+            for f in (getattr(self.process, "stdout", None), getattr(self.process, "stderr", None)):
+                if f:
+                    f.close()
         if self.cgroup is not None:
             await asyncio.get_running_loop().run_in_executor(None, self.cgroup.remove)
             self.cgroup = None
