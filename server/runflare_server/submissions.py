@@ -8,6 +8,7 @@ from typing import Any
 
 from . import events
 from .broker import Broker
+from .broker.base import BrokerUnavailable
 from .config import Settings
 from .models import SubmissionRules
 from .statuses import is_final
@@ -67,18 +68,24 @@ class Submissions:
     async def get_many(self, tokens: list[str]) -> list[Submission | None]:
         return await self.store.get_many(tokens)
 
-    async def wait(self, token: str, timeout: float) -> Submission | None:
-        """The submission once finished, or as it is when `timeout` runs out. Follows the event log."""
+    async def wait(self, token: str, timeout: float, just_created: bool = False) -> Submission | None:
+        """The submission once finished, or as it is when `timeout` runs out. Follows the event log.
+        `just_created`: this process has just stored and announced it, so it is unfinished and has a log
+        (two round trips saved on the `?wait=true` path)."""
         async def final() -> None:
             async for event in self.broker.subscribe(token):
                 if events.is_final_event(event):
                     return
 
-        sub = await self.store.get(token)
-        if sub is not None and not is_final(sub["status_id"]) and await self.broker.has_log(token):
+        if just_created:
+            following = True
+        else:
+            sub = await self.store.get(token)
+            following = sub is not None and not is_final(sub["status_id"]) and await self.broker.has_log(token)
+        if following:
             try:
                 await asyncio.wait_for(final(), timeout)
-            except asyncio.TimeoutError:
+            except (asyncio.TimeoutError, BrokerUnavailable):  # the stored state is the answer then
                 pass
             sub = await self.store.get(token)
         return sub

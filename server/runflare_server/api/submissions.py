@@ -56,7 +56,8 @@ class SubmissionsHandler(SubmissionHandlerBase):
             raise ApiError(422, answer)
         if not wait:
             return self.send(answer, 201)
-        sub = self.lookup(await self.service.submissions.wait(answer["token"], self.service.settings.wait_cap_seconds))
+        sub = self.lookup(await self.service.submissions.wait(answer["token"], self.service.settings.wait_cap_seconds,
+                                                             just_created=True))
         if not is_final(sub["status_id"]):
             return self.send(self.view(sub, ["token", "status"]), 201)
         self.send(self.view(sub, fields), 201)

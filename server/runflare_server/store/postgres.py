@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -29,6 +30,14 @@ T = TypeVar("T")
 # Both nodes of a cluster take the same lock (per database and schema) before migrating.
 _MIGRATION_LOCK = ("SELECT pg_advisory_xact_lock(hashtext('runflare_schema'), "
                    "hashtext(coalesce(current_schema(), '')))")
+
+
+CHECK_AFTER_IDLE = 1.0  # seconds a pooled connection may sit unused before it is checked on its next use
+
+
+async def _check_if_idle(conn: psycopg.AsyncConnection) -> None:
+    if time.monotonic() - getattr(conn, "_runflare_used", 0.0) > CHECK_AFTER_IDLE:
+        await AsyncConnectionPool.check_connection(conn)
 
 
 class PostgresStore:
@@ -64,8 +73,9 @@ class PostgresStore:
             await conn.close()
         pool = AsyncConnectionPool(
             self.url, open=False, min_size=self.min_size, max_size=self.max_size, timeout=self.pool_timeout,
-            # A pooled connection is checked before use: after a server restart, stale ones are replaced.
-            check=AsyncConnectionPool.check_connection,
+            # A pooled connection idle for a while is checked before use, so stale ones (the server
+            # restarted) are replaced; one in steady use is not (a check is a round trip per query).
+            check=_check_if_idle,
             # Give up a reconnection round soon, so the next request starts a fresh attempt instead of
             # waiting out a long backoff once the server is back.
             reconnect_timeout=self.pool_timeout,
@@ -170,7 +180,9 @@ class PostgresStore:
 
         async def attempt() -> T:
             async with pool.connection() as conn:
-                return await fn(conn)
+                result = await fn(conn)
+                conn._runflare_used = time.monotonic()  # type: ignore[attr-defined]
+                return result
 
         try:
             return await asyncio.wait_for(attempt(), self.op_timeout)
