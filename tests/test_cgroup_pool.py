@@ -191,3 +191,23 @@ def test_close_leaves_no_group_and_no_thread():
         r.lease.release()
     assert my_groups() == set()
     assert not [t for t in threading.enumerate() if t.name == "runflare-cgroups"]
+
+
+def test_the_preexec_path_still_applies_every_limit(runner):
+    """Where the exec prefix cannot be used (not root), the preexec_fn joins the group and sets rlimits."""
+    runner.exec_setup = False
+    code = "import resource\nprint(resource.getrlimit(resource.RLIMIT_FSIZE))"
+    r = runner.run(71, code, limits=Limits(max_file_size=100))
+    assert r.stdout.decode().strip() == str((102400, 102400)), r
+    r = runner.run(71, "x = bytearray(100 << 20)", limits=Limits(memory_limit=50_000))
+    assert r.message == "memory limit exceeded", r
+
+
+def test_a_group_that_cannot_be_joined_is_an_internal_error_and_runs_nothing(runner, monkeypatch):
+    if not runner.exec_setup:
+        skip_or_fail("the exec prefix needs root, /bin/sh and prlimit")
+    gone = cgroups.RunCgroup.create(f"run-{os.getpid()}-gone", None, None)
+    gone.remove()
+    monkeypatch.setattr(runner.groups, "take", lambda memory_kb, max_pids: gone)
+    r = runner.run(71, "open('/box/ran', 'w').write('x')\nprint('ran')")
+    assert r.outcome == "internal" and "cannot join cgroup" in r.message and r.stdout == b"", r

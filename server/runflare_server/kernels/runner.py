@@ -30,7 +30,7 @@ from typing import Any
 
 from runflare_server.engine import cgroups, policy, sandbox, seccomp
 from runflare_server.engine import languages as langs
-from runflare_server.engine.cgroups import GroupPool, RunCgroup, rlimit_preexec
+from runflare_server.engine.cgroups import GroupPool, RunCgroup, exec_prefix, rlimit_preexec, rlimit_values
 from runflare_server.engine.interface import Limits
 
 # Limits of the compile step when the request names none: Judge0's maxima (config_info's max_*), as Judge0
@@ -128,6 +128,8 @@ class Runner:
         self.groups = GroupPool(pool) if pool and cgroups.mechanism() != "rlimit" else None
         self._closer = weakref.finalize(self, self.groups.close) if self.groups else None
         self._lang_env: dict[int, tuple[dict[str, str], list[str]]] = {}
+        # Join the group and set rlimits by exec (sh, prlimit) rather than in a preexec_fn, so Popen vforks.
+        self.exec_setup = cgroups.exec_prefix_usable()
 
     def close(self) -> None:
         """Stop the group pool's thread and delete the groups it holds."""
@@ -254,12 +256,17 @@ class Runner:
                 stdin_arg = stdin_file
             else:
                 stdin_arg = subprocess.DEVNULL
+            if self.exec_setup:
+                cmd = exec_prefix(rlimit_values(limits, cg is not None), cg, st_w) + cmd
+                preexec = None
+            else:
+                preexec = rlimit_preexec(limits, cg)
             start = time.monotonic()
             proc = subprocess.Popen(
                 cmd, stdin=stdin_arg, stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT if merge_stderr else subprocess.PIPE,
                 pass_fds=(st_w, filter_fd) if filter_fd >= 0 else (st_w,), cwd=workdir, start_new_session=True,
-                env=_outer_env(self.mode, env, network), preexec_fn=rlimit_preexec(limits, cg))
+                env=_outer_env(self.mode, env, network), preexec_fn=preexec)
             os.close(st_w)
             st_w = -1
             if filter_fd >= 0:
@@ -276,7 +283,10 @@ class Runner:
                 res.oom = cg.oom_killed()
                 res.cpu = cg.cpu_seconds()
                 res.memory = cg.peak_memory_kb()
-            _parse_status(_read_all(st_r), status, res)
+            status_text = _read_all(st_r)
+            if status_text.startswith("launch "):  # the exec prefix failed before the sandbox started
+                raise OSError(status_text.strip())
+            _parse_status(status_text, status, res)
             if res.cpu is None:
                 res.cpu = res.reaper_cpu if res.reaper_cpu is not None else rusage.ru_utime + rusage.ru_stime
             if res.memory is None:
