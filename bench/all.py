@@ -1,24 +1,31 @@
-"""Every bench of issue 13 in one run, one JSON: latency, throughput, WebSocket, classroom burst.
+"""Every bench in one run, one JSON: latency, throughput, WebSocket, classroom burst (issue 13), embedded vs
+PostgreSQL + Redis (issue 12).
 
-    python bench/all.py [--tiny] [--out DIR] [--latency N] [--throughput N] [--idle N] [--burst N]
+    python bench/all.py [--tiny] [--out DIR] [--latency N] [--throughput N] [--idle N] [--burst N] [--cluster N]
 
-Each size defaults to its bench's full size (latency 100, throughput 200, idle sockets 10,000, burst 300).
+Each size defaults to its bench's full size (latency 100, throughput 200, idle sockets 10,000, burst 300,
+cluster 100 wait=true requests per path). The cluster bench needs PostgreSQL at 127.0.0.1:5432 and Redis at
+127.0.0.1:6379.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+import traceback
 from pathlib import Path
 
 import burst
+import cluster
 import latency
 import throughput
 import websocket
-from common import RESULTS, print_rows, write_results
+from common import RESULTS, Result, print_rows, write_results
 
-BENCHES = {"latency": latency, "throughput": throughput, "websocket": websocket, "burst": burst}
-SIZE_FLAG = {"latency": "latency", "throughput": "throughput", "websocket": "idle", "burst": "burst"}
+BENCHES = {"latency": latency, "throughput": throughput, "websocket": websocket, "burst": burst, "cluster": cluster}
+SIZE_FLAG = {"latency": "latency", "throughput": "throughput", "websocket": "idle", "burst": "burst",
+             "cluster": "cluster"}
 
 
 def main() -> None:
@@ -32,11 +39,18 @@ def main() -> None:
     results = []
     for name, module in BENCHES.items():
         t0 = time.time()
-        results.append(module.run(getattr(args, SIZE_FLAG[name]), args.tiny))
+        try:
+            results.append(module.run(getattr(args, SIZE_FLAG[name]), args.tiny))
+        except Exception as e:  # noqa: BLE001 - the other benches still run; the JSON says what failed
+            traceback.print_exc()
+            results.append(Result(name, {"tiny": args.tiny}, [], {"error": f"{type(e).__name__}: {e}"}))
+            continue
         print_rows(results[-1].rows, f"{name} ({time.time() - t0:.0f} s)")
-    print("\n# Issue 13, every row\n")
+    print("\n# Issues 13 and 12, every row\n")
     print_rows([row for r in results for row in r.rows], "all")
     write_results("all", results, args.out, started)
+    if any("error" in r.details for r in results):
+        sys.exit(1)
 
 
 if __name__ == "__main__":

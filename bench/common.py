@@ -44,6 +44,20 @@ def ws_base(live: LiveServer) -> str:
     return live.url.replace("http", "ws", 1) + "/api/v1"
 
 
+def wait_http(url: str, proc: subprocess.Popen, timeout: float = 30) -> None:
+    """Wait until `url` answers, while `proc` (the server) lives; kill it and raise if it never does."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except OSError:
+            if time.monotonic() > deadline or proc.poll() is not None:
+                proc.kill()
+                raise RuntimeError(f"{url} did not answer") from None
+            time.sleep(0.1)
+
+
 def post_json(url: str, body: dict) -> Any:
     request = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
                                      headers={"Content-Type": "application/json"})
@@ -81,6 +95,21 @@ def timed(fn: Callable[[], object], n: int, warmup: int = 2) -> list[float]:
         t0 = time.perf_counter()
         fn()
         out.append(time.perf_counter() - t0)
+    return out
+
+
+def interleaved(fns: dict[str, Callable[[], object]], n: int, warmup: int = 2) -> dict[str, list[float]]:
+    """Wall seconds of n calls of each fn, taken in turns (a, b, a, b, ...) after warmup calls of each, so a
+    change in the machine's load hits every variant alike."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    out: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(n):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            out[name].append(time.perf_counter() - t0)
     return out
 
 

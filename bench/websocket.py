@@ -19,7 +19,6 @@ import json
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import websockets
@@ -35,6 +34,7 @@ from common import (
     rss,
     server,
     summary,
+    wait_http,
     ws_base,
 )
 from ws_clients import Clients
@@ -86,16 +86,8 @@ def echo_server() -> tuple[subprocess.Popen, str]:
     """bench/echo_server.py on a free port, once it answers; the process and its ws URL."""
     port = free_port()
     proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("echo_server.py")), str(port)])
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
-                return proc, f"ws://127.0.0.1:{port}/ws"
-        except OSError:
-            if time.monotonic() > deadline or proc.poll() is not None:
-                proc.kill()
-                raise RuntimeError("the echo server did not start") from None
-            time.sleep(0.1)
+    wait_http(f"http://127.0.0.1:{port}/health", proc)
+    return proc, f"ws://127.0.0.1:{port}/ws"
 
 
 def idle_memory(n: int, processes: int) -> tuple[dict, dict]:

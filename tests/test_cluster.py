@@ -435,3 +435,36 @@ def test_postgresql_briefly_down_answers_503_then_recovers(tmp_path: Path) -> No
         cluster.stop()
         redis_keys_gone("redis://127.0.0.1:6379/0", cluster.env["RUNFLARE_BROKER_PREFIX"])
         next(schemas, None)
+
+
+def test_a_socket_follows_a_run_whose_events_redis_lost(tmp_path: Path, own_redis) -> None:
+    import redis
+
+    url, _restart = own_redis
+    schemas = pg_schema()
+    store = next(schemas)
+    cluster = start_cluster(tmp_path, store, url, apis=1, workers=1)
+    try:
+        api = cluster.apis[0]
+        token = post(api.api + "/submissions", {"source_code": "print('got', input())", "language_id": 71,
+                                                "interactive": True}).json["token"]
+        wait_until(lambda: get(api.api + f"/submissions/{token}").json["status"]["id"] == 2)
+        redis.Redis.from_url(url).flushall()  # the run's event stream is gone; the run goes on
+        with connect(ws_url(api, token)) as ws:
+            first = json.loads(ws.recv(timeout=30))
+            assert first["type"] == "connected"
+            status = json.loads(ws.recv(timeout=30))  # the stream, started again from the store
+            assert status["type"] == "status_update" and status["status"]["id"] == 2 and status["seq"] == 1
+            ws.send(json.dumps({"type": "stdin", "data": "through\n", "eof": True}))
+            messages = []
+            try:
+                while True:
+                    messages.append(json.loads(ws.recv(timeout=60)))
+            except ConnectionClosed:
+                pass
+        final = [m for m in messages if m["type"] == "status_update"][-1]
+        assert final["status"]["id"] == 3 and final["data"]["stdout"] == "got through\n"
+        assert [m["seq"] for m in messages if m["type"] != "pong"] == list(range(2, 2 + len(messages)))
+    finally:
+        cluster.stop()
+        next(schemas, None)

@@ -313,3 +313,53 @@ def test_server_shutdown_closes_sockets_with_1001(tmp_path):
         assert server.process.wait(60) == 0
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="module")
+def pinging_server(tmp_path_factory):
+    server = start_server(tmp_path_factory.mktemp("pinging"), env={
+        "RUNFLARE_KERNEL_POOL": "{}", "RUNFLARE_WS_PING_INTERVAL": "0.5"})
+    yield server
+    server.stop()
+
+
+def raw_upgrade(server, token: str) -> socket.socket:
+    """A WebSocket handshake by hand, from a client that will never answer a ping."""
+    sock = socket.create_connection(("127.0.0.1", server.port))
+    sock.sendall((f"GET /api/v1/submissions/{token}/ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+                  "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                  "Sec-WebSocket-Version: 13\r\n\r\n").encode())
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += sock.recv(1)
+    assert head.startswith(b"HTTP/1.1 101")
+    return sock
+
+
+def test_a_client_that_never_answers_pings_is_closed_and_one_that_does_is_kept(pinging_server):
+    token = post(f"{pinging_server.api}/submissions", {"source_code": "print(input())", "language_id": 71,
+                                                       "interactive": True, "wall_time_limit": 20}).json["token"]
+    silent = raw_upgrade(pinging_server, token)
+    with connect(ws_url(pinging_server, token)) as answering:  # the client library answers pings itself
+        answering.recv(timeout=10)  # connected
+        frames = b""
+        silent.settimeout(60)
+        while chunk := silent.recv(4096):  # pings, then a close frame, then the server hangs up
+            frames += chunk
+        assert b"\x89" in frames  # an unanswered ping (opcode 9)
+        assert b"\x88" in frames and b"no answer to pings" in frames  # the close frame and its reason
+        # The answering client lived as long, and still gets its run's end.
+        answering.send(json.dumps({"type": "stdin", "data": "still here\n", "eof": True}))
+        final = [m for m in read_all(answering) if m["type"] == "status_update"][-1]
+    assert final["status"]["id"] == 3 and final["data"]["stdout"] == "still here\n"
+    silent.close()
+
+
+def test_stdin_sent_right_before_closing_still_reaches_the_program(live_server):
+    token = post(f"{live_server.api}/submissions", {"source_code": "print(input()[::-1])", "language_id": 71,
+                                                    "interactive": True}).json["token"]
+    with connect(ws_url(live_server, token)) as ws:
+        ws.recv(timeout=30)  # connected
+        ws.send(json.dumps({"type": "stdin", "data": "olleh\n", "eof": True}))
+    sub = wait_until(lambda: (s := get(f"{live_server.api}/submissions/{token}").json)["status"]["id"] >= 3 and s)
+    assert sub["status"]["id"] == 3 and sub["stdout"] == "hello\n"

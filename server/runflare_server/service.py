@@ -20,6 +20,7 @@ from .broker import Broker, open_broker
 from .callbacks import Callbacks
 from .config import Settings
 from .engine.interface import Engine, LanguageInfo
+from .fanout import Fanouts
 from .metrics import ServiceMetrics
 from .models import DEFAULT_FIELDS, SubmissionRules, render
 from .sockets import SocketRegistry
@@ -52,7 +53,8 @@ class Service:
         self.language_names: dict[int, str] = {}
         self.rules = SubmissionRules(settings, set(), set())
         self.submissions = Submissions(settings, self.store, self.broker, self.rules)
-        self.sockets = SocketRegistry(settings.ws_idle_timeout)
+        self.sockets = SocketRegistry(settings.ws_idle_timeout, settings.ws_send_timeout, settings.ws_ping_interval)
+        self.fanouts = Fanouts(self.broker)
         self.metrics = ServiceMetrics(self)
         self.worker: Worker | None = None
         self.http: HTTPServer | None = None

@@ -20,7 +20,7 @@ from .reference import (
     StatusesHandler,
 )
 from .submissions import BatchHandler, SubmissionHandler, SubmissionsHandler
-from .websocket import SubmissionSocket, websocket_settings
+from .websocket import SubmissionSocket
 
 STATIC = Path(__file__).resolve().parent.parent / "static"
 TOKEN = r"([^/]+)"
@@ -90,4 +90,4 @@ def make_app(service: Service) -> web.Application:
     routes = [(pattern, handler) for _, pattern, handler in ROUTES
               if service.settings.role != "worker" or handler in WORKER_ROUTES]
     return web.Application(routes, service=service,
-                           default_handler_class=NotFoundHandler, **websocket_settings(service.settings))
+                           default_handler_class=NotFoundHandler)

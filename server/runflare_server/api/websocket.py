@@ -28,10 +28,49 @@ class SubmissionSocket(websocket.WebSocketHandler):
     def service(self) -> Any:
         return self.application.settings["service"]
 
-    def prepare(self) -> None:
+    async def prepare(self) -> None:
+        """Everything before the upgrade: a plain HTTP answer for a wrong method, auth, since, an unknown
+        token or a request that is not an upgrade; otherwise tornado's own get() upgrades. Done here, not in
+        an overriding get(), because get()'s frame lives as long as the connection."""
         if self.request.method != "GET":  # 405 with Allow, like every route
             self.set_header("Allow", "GET")
-            self.answer(405, {"error": f"method {self.request.method} not allowed"})
+            return self.answer(405, {"error": f"method {self.request.method} not allowed"})
+        token = self.path_args[0]
+        try:
+            check_auth(self.service, self.request, needs_user=False)
+            since = raw_query(self.request, "since", "0")
+            if not INTEGER.match(since or ""):
+                raise ValueError(since)
+            self.since = int(since)
+        except ApiError as exc:
+            return self.answer(exc.status, exc.body)
+        except ValueError:
+            return self.answer(400, {"error": "since must be an integer"})
+        try:
+            broker = self.service.broker
+            sub = await self.service.submissions.get(token)
+            self.live = await broker.has_log(token)
+            if sub is not None and not self.live and not is_final(sub["status_id"]):
+                await self.reopen_log(token, sub)
+                self.live = True
+            if self.live and self.since > await broker.last_seq(token):
+                self.since = 0  # a seq from before the broker lost the story: it is numbered anew
+        except Exception as exc:
+            error = unavailable(exc)
+            if error is None:
+                raise
+            for name, value in error.headers.items():
+                self.set_header(name, value)
+            return self.answer(error.status, error.body)
+        if sub is None:
+            return self.answer(404, {"error": "Not Found"})
+        self.interactive = bool(sub.get("interactive"))  # all a socket keeps of the submission
+        upgrade = self.request.headers.get("Upgrade", "").lower() == "websocket"
+        connection = "upgrade" in [v.strip().lower() for v in self.request.headers.get("Connection", "").split(",")]
+        if not (upgrade and connection):
+            self.set_header("Upgrade", "websocket")
+            return self.answer(426, {"error": "this route is a WebSocket: send an upgrade request"})
+        self.token = token
 
     def write_error(self, status_code: int, **kwargs: Any) -> None:
         if status_code == 405:
@@ -47,39 +86,6 @@ class SubmissionSocket(websocket.WebSocketHandler):
         self.set_header("Content-Type", "application/json; charset=UTF-8")
         self.finish(json.dumps(body))
 
-    async def get(self, token: str, *args: Any, **kwargs: Any) -> None:
-        try:
-            check_auth(self.service, self.request, needs_user=False)
-            since = raw_query(self.request, "since", "0")
-            if not INTEGER.match(since or ""):
-                raise ValueError(since)
-            self.since = int(since)
-        except ApiError as exc:
-            return self.answer(exc.status, exc.body)
-        except ValueError:
-            return self.answer(400, {"error": "since must be an integer"})
-        try:
-            self.sub = await self.service.submissions.get(token)
-            self.live = await self.service.broker.has_log(token)
-            if self.live and self.since > await self.service.broker.last_seq(token):
-                self.since = 0  # a seq from before the broker lost the story: it is numbered anew
-        except Exception as exc:
-            error = unavailable(exc)
-            if error is None:
-                raise
-            for name, value in error.headers.items():
-                self.set_header(name, value)
-            return self.answer(error.status, error.body)
-        if self.sub is None:
-            return self.answer(404, {"error": "Not Found"})
-        upgrade = self.request.headers.get("Upgrade", "").lower() == "websocket"
-        connection = "upgrade" in [v.strip().lower() for v in self.request.headers.get("Connection", "").split(",")]
-        if not (upgrade and connection):
-            self.set_header("Upgrade", "websocket")
-            return self.answer(426, {"error": "this route is a WebSocket: send an upgrade request"})
-        self.token = token
-        await super().get(token, *args, **kwargs)
-
     def check_origin(self, origin: str) -> bool:
         if allowed_origin(self.service.settings.cors_origins, origin):
             return True
@@ -88,72 +94,69 @@ class SubmissionSocket(websocket.WebSocketHandler):
     def open(self, token: str) -> None:
         self.settings_ = self.service.settings
         self.sent_seq = self.since
-        self.inbox: asyncio.Queue[dict[str, Any]] | None = None
-        self.last_activity = time.monotonic()
+        self.inflight_since: float | None = None
+        self.inbox: asyncio.Queue[dict[str, Any] | None] | None = None
+        self.last_activity = self.last_heard = time.monotonic()
         self.send_now(events.message("connected", token, message=f"Connected to submission {token}"))
-        self.forwarder = asyncio.create_task(self.forward())
         self.service.sockets.add(self)
+        if self.live:
+            self.fanout = self.service.fanouts.follow(token, self)
+        else:
+            self.replayer = asyncio.create_task(self.replay_from_store())
 
     def send_now(self, message: dict[str, Any]) -> asyncio.Future | None:
-        raw = getattr(message, "raw", None)  # events from the log come encoded once for every client
-        if raw is None:
-            raw = json.dumps(message if "seq" in message else {**message, "seq": self.sent_seq})
+        """A message of the socket's own (connected, pong, error), stamped with the last seq it was sent."""
+        raw = json.dumps(message if "seq" in message else {**message, "seq": self.sent_seq})
         try:
             return self.write_message(raw)
         except websocket.WebSocketClosedError:
             return None
 
-    async def forward(self) -> None:
-        broker = self.service.broker
+    def send_event(self, event: Any) -> asyncio.Future | None:
+        """An event of the stream: its JSON was encoded once for every client."""
+        self.last_activity = time.monotonic()
         try:
-            if not self.live:
-                await self.replay_from_store()
-                return
-            async for event in broker.subscribe(self.token, self.since):
-                sent = self.send_now(event)
-                if sent is None:
-                    return
-                try:
-                    await asyncio.wait_for(sent, self.settings_.ws_send_timeout)
-                except asyncio.TimeoutError:
-                    self.close(1013, "client too slow; resume with ?since=%d" % self.sent_seq)
-                    return
-                self.sent_seq = event["seq"]
-                self.last_activity = time.monotonic()
-            self.close(1000, "submission finished")
+            return self.write_message(event.raw)
         except websocket.WebSocketClosedError:
-            return
+            return None
+
+    def finished(self, code: int, reason: str) -> None:
+        self.close(code, reason)
+
+    def stalled(self, now: float) -> bool:
+        """A message has been in flight for longer than ws_send_timeout: the client stopped reading."""
+        return self.inflight_since is not None and now - self.inflight_since > self.settings_.ws_send_timeout
+
+    async def reopen_log(self, token: str, sub: dict[str, Any]) -> None:
+        """An unfinished run with no event stream here (the broker lost it, or this is a fresh process):
+        start its stream again with the stored status, so this socket follows it like any live run and the
+        worker's next events arrive on it. If the run finished meanwhile, its final status closes it."""
+        broker = self.service.broker
+        await broker.publish(token, events.status_update(token, sub))
+        now = await self.service.submissions.get(token)
+        if now is not None and is_final(now["status_id"]):
+            await broker.publish(token, events.status_update(token, now), final=True)
+
+    async def replay_from_store(self) -> None:
+        """A finished run whose event stream has expired: the stored final status, as the next seq."""
+        try:
+            sub = await self.service.submissions.get(self.token)
+            if sub is not None:
+                self.sent_seq += 1
+                self.send_now({**events.status_update(self.token, sub), "seq": self.sent_seq})
+            self.close(1000, "submission finished")
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            if unavailable(exc) is not None:  # the broker is briefly down: the client resumes later
-                self.close(1013, "events unavailable; resume with ?since=%d" % self.sent_seq)
-                return
-            log.exception("websocket forwarding failed for %s", self.token)
-            self.send_now(events.message("error", self.token, error="internal error", details="forwarding failed"))
-            self.close(1011)
+            if unavailable(exc) is None:
+                log.exception("replay from the store failed for %s", self.token)
+            self.close(1013, "store unavailable; resume with ?since=%d" % self.sent_seq)
 
-    async def replay_from_store(self) -> None:
-        """No live log here (a restart, a long-finished run): tell what the store knows.
-
-        The current status comes as seq 1 (if the client has not seen that far); the final status, once the
-        run ends, follows with the next seq, so a client resuming with any `since` still gets it.
-        """
-        sub = await self.service.submissions.get(self.token)
-        if sub is not None and not is_final(sub["status_id"]):
-            if self.since < 1:
-                self.sent_seq = 1
-                self.send_now({**events.status_update(self.token, sub), "seq": 1})
-            while sub is not None and not is_final(sub["status_id"]):
-                await asyncio.sleep(0.5)
-                sub = await self.service.submissions.get(self.token)
-        if sub is not None:
-            self.sent_seq += 1
-            self.send_now({**events.status_update(self.token, sub), "seq": self.sent_seq})
-        self.close(1000, "submission finished")
+    def on_pong(self, data: bytes) -> None:
+        self.last_heard = time.monotonic()
 
     def on_message(self, raw: str | bytes) -> None:
-        self.last_activity = time.monotonic()
+        self.last_activity = self.last_heard = time.monotonic()
         try:
             message = json.loads(raw)
             kind = message.get("type") if isinstance(message, dict) else None
@@ -174,6 +177,8 @@ class SubmissionSocket(websocket.WebSocketHandler):
         assert self.inbox is not None
         while True:
             message = await self.inbox.get()
+            if message is None:
+                return
             try:
                 await self.feed_stdin(message)
             except Exception as exc:
@@ -187,7 +192,7 @@ class SubmissionSocket(websocket.WebSocketHandler):
         if data is not None and not isinstance(data, str):
             self.send_now(events.message("error", self.token, error="bad stdin", details="data must be a string"))
             return
-        if not self.sub.get("interactive"):
+        if not self.interactive:
             self.send_now(events.message("error", self.token, error="not interactive",
                                          details="create the submission with \"interactive\": true"))
             return
@@ -207,12 +212,11 @@ class SubmissionSocket(websocket.WebSocketHandler):
 
     def on_close(self) -> None:
         self.service.sockets.discard(self)
-        for task in (getattr(self, "forwarder", None), getattr(self, "stdin_feeder", None)):
-            if task is not None:
-                task.cancel()
-
-
-def websocket_settings(settings: Any) -> dict[str, Any]:
-    return {"websocket_ping_interval": settings.ws_ping_interval,
-            "websocket_ping_timeout": settings.ws_ping_interval}
-
+        fanout = getattr(self, "fanout", None)
+        if fanout is not None:
+            fanout.discard(self)
+        replayer = getattr(self, "replayer", None)
+        if replayer is not None:
+            replayer.cancel()
+        if self.inbox is not None:  # stdin already sent still reaches the program; then the feeder ends
+            self.inbox.put_nowait(None)

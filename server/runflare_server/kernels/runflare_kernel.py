@@ -22,8 +22,10 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
+import threading
 from typing import Any
 
+import zmq
 from ipykernel.kernelbase import Kernel
 
 from runflare_server.engine import languages as langs
@@ -96,6 +98,12 @@ class RunFlareKernel(Kernel):
         return {"status": "error", "execution_count": self.execution_count, "ename": result.outcome,
                 "evalue": evalue, "traceback": [evalue]}
 
+    def _publish_execute_input(self, code: str, parent: dict, execution_count: int) -> None:
+        """The engine never reads execute_input (it sent the code): one iopub message less per run."""
+        if (parent.get("metadata") or {}).get("runflare"):
+            return
+        super()._publish_execute_input(code, parent, execution_count)
+
     def finish_metadata(self, parent: dict, metadata: dict, reply_content: dict) -> dict:
         if self._last is not None and parent.get("header", {}).get("msg_type") == "execute_request":
             metadata["runflare"], self._last = self._last, None
@@ -103,10 +111,6 @@ class RunFlareKernel(Kernel):
 
     def _stdin_reader(self):
         """Chunks of program input asked for over the stdin channel; None at end of input or when stopped."""
-        import threading
-
-        import zmq
-
         parent, ident = self.get_parent("shell"), self._parent_ident["shell"]  # context vars: read them here
         self._stdin_stop = stop = threading.Event()
 
@@ -132,6 +136,7 @@ class RunFlareKernel(Kernel):
         return read
 
     def do_shutdown(self, restart: bool) -> dict:
+        self.runner.close()  # the launchers it keeps ready, and their groups
         return {"status": "ok", "restart": restart}
 
     def do_is_complete(self, code: str) -> dict:

@@ -8,6 +8,7 @@ through a status pipe, which bubblewrap alone cannot do (it folds signals into 1
 
 from __future__ import annotations
 
+import base64
 import codecs
 import contextlib
 import errno
@@ -18,16 +19,18 @@ import shlex
 import signal
 import subprocess
 import tempfile
+import threading
 import time
 import uuid
+import weakref
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from runflare_server.engine import cgroups, policy, sandbox, seccomp
 from runflare_server.engine import languages as langs
-from runflare_server.engine import policy, sandbox, seccomp
-from runflare_server.engine.cgroups import RunCgroup, rlimit_preexec
+from runflare_server.engine.cgroups import GroupPool, RunCgroup, rlimit_preexec
 from runflare_server.engine.interface import Limits
 
 # Limits of the compile step when the request names none: Judge0's maxima (config_info's max_*), as Judge0
@@ -102,8 +105,6 @@ class ProgramResult:
     stages: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
-        import base64
-
         d = asdict(self)
         d["stdout_b64"] = base64.b64encode(d.pop("stdout")).decode()
         d["stderr_b64"] = base64.b64encode(d.pop("stderr")).decode()
@@ -116,13 +117,30 @@ OnOutput = Callable[[str, str], None]  # (stream name, decoded text)
 class Runner:
     """Compiles and runs programs of any available language in fresh sandboxes."""
 
-    def __init__(self, mode: str = "auto", *, subreaper: bool = False) -> None:
+    def __init__(self, mode: str = "auto", *, subreaper: bool = False, pool: int = 2) -> None:
         self.mode = sandbox.resolve_mode(mode)
         # bwrap's inner process outlives the outer one by a moment; a subreaper collects it (not init).
         self.reap_orphans = subreaper and _become_subreaper()
         # This runner's slot: one host uid, held while the process lives (programs run one at a time).
         self.lease = policy.UidLease.acquire() if self.mode != "none" and policy.per_slot_uids() else None
         self.uid = self.lease.uid if self.lease else None
+        # Fresh groups made ahead and deleted behind by a thread, off the runs' path.
+        self.groups = GroupPool(pool) if pool and cgroups.mechanism() != "rlimit" else None
+        self._closer = weakref.finalize(self, self.groups.close) if self.groups else None
+        self._lang_env: dict[int, tuple[dict[str, str], list[str]]] = {}
+
+    def close(self) -> None:
+        """Stop the group pool's thread and delete the groups it holds."""
+        if self._closer:
+            self._closer()
+
+    def _language_env(self, lang: langs.Language) -> tuple[dict[str, str], list[str]]:
+        """The sandbox environment and read-only toolchain paths of a language (fixed for the process)."""
+        if lang.id not in self._lang_env:
+            env = sandbox.sandbox_env(lang.env, path=os.pathsep.join([*langs.tool_dirs(lang), sandbox.DEFAULT_PATH]))
+            self._lang_env[lang.id] = (env, langs.ro_paths(lang))
+        env, ro = self._lang_env[lang.id]
+        return dict(env), list(ro)
 
     def run(self, language_id: int, source: str, *, stdin: bytes | None = None, args: str | None = None,
             compiler_options: str | None = None, limits: Limits | None = None, redirect_stderr: bool = False,
@@ -149,8 +167,7 @@ class Runner:
             source_path.write_text(source, encoding="utf-8", errors="surrogateescape")
             if self.uid is not None:
                 os.chown(source_path, self.uid, self.uid)
-            env = sandbox.sandbox_env(lang.env, path=os.pathsep.join([*langs.tool_dirs(lang), sandbox.DEFAULT_PATH]))
-            ro = langs.ro_paths(lang)
+            env, ro = self._language_env(lang)
             compile_output = None
             if lang.compile_cmd:
                 if on_stage:
@@ -211,17 +228,23 @@ class Runner:
              stdin_reader: Callable[[], bytes | None] | None = None, network: bool = False) -> StepResult:
         """Run ``argv`` as one fresh sandboxed process under ``limits`` and wait for it."""
         res = StepResult()
-        st_r, st_w = os.pipe()
-        filter_fd = seccomp.bpf_fd() if self.mode == "bwrap" else -1
-        cmd = sandbox.wrap([PERL, "-e", REAPER, str(st_w), str(GETRUSAGE_NR), str(PRCTL_NR), *argv], workdir=workdir,
-                           mode=self.mode, env=env, network=network, ro_paths=ro, uid=self.uid,
-                           seccomp_fd=filter_fd if filter_fd >= 0 else None)
         # Judge0's per-process flags: the limit applies to each process (rlimits), not to the whole group.
         group_memory = None if limits.enable_per_process_and_thread_memory_limit else limits.memory_limit
-        cg = RunCgroup.create(f"run-{os.getpid()}-{uuid.uuid4().hex[:12]}", group_memory,
-                              limits.max_processes_and_or_threads + SANDBOX_PROCESSES)
+        max_pids = limits.max_processes_and_or_threads + SANDBOX_PROCESSES
+        proc: subprocess.Popen | None = None
+        cg: RunCgroup | None = None
         stdin_file = None
+        waited = False
+        st_r, st_w = os.pipe()
+        filter_fd = seccomp.bpf_fd() if self.mode == "bwrap" else -1
         try:
+            cmd = sandbox.wrap([PERL, "-e", REAPER, str(st_w), str(GETRUSAGE_NR), str(PRCTL_NR), *argv],
+                               workdir=workdir, mode=self.mode, env=env, network=network, ro_paths=ro, uid=self.uid,
+                               seccomp_fd=filter_fd if filter_fd >= 0 else None)
+            if self.groups is not None:
+                cg = self.groups.take(group_memory, max_pids)
+            else:
+                cg = RunCgroup.create(f"run-{os.getpid()}-{uuid.uuid4().hex[:12]}", group_memory, max_pids)
             if stdin_reader is not None:
                 stdin_arg: Any = subprocess.PIPE
             elif stdin:
@@ -245,6 +268,7 @@ class Runner:
             feeder = _start_feeder(proc, stdin_reader) if stdin_reader is not None else None
             self._pump(proc, res, limits, cg, start, on_output)
             _, status, rusage = _wait(proc)
+            waited = True
             res.wall = round(time.monotonic() - start, 3)
             if feeder:
                 feeder.join(timeout=1)
@@ -258,19 +282,34 @@ class Runner:
             if res.memory is None:
                 res.memory = res.reaper_rss or rusage.ru_maxrss
             res.cpu = round(res.cpu, 3)
-            if self.reap_orphans:
-                _reap_orphans()
             return res
         finally:
-            if cg:
-                cg.remove()
-            if st_w >= 0:
-                os.close(st_w)
-            if filter_fd >= 0:
-                os.close(filter_fd)
-            os.close(st_r)
+            if proc is not None and not waited:
+                _kill(proc, cg)
+                with contextlib.suppress(ChildProcessError):
+                    _wait(proc)
+            self._collect(cg)
+            for fd in (st_w, filter_fd, st_r):
+                if fd >= 0:
+                    os.close(fd)
             if stdin_file:
                 stdin_file.close()
+
+    def _collect(self, cg: RunCgroup | None) -> None:
+        """Make sure nothing of the step lives on. With a group: every process in it is killed (one read of
+        cgroup.procs when it is already empty, as usual), children that have exited are collected without
+        waiting for the rest, and the group is deleted by the pool's thread (or here, without one).
+        Without a group: wait (bounded) until the sandbox's dying init is collected."""
+        if cg is not None:
+            cg.kill_all()
+            if self.groups is not None:
+                self.groups.give_back(cg)
+            else:
+                cg.remove()
+            if self.reap_orphans:
+                _reap_exited()
+        elif self.reap_orphans:
+            _reap_orphans()
 
     @staticmethod
     def _pump(proc: subprocess.Popen, res: StepResult, limits: Limits, cg: RunCgroup | None, start: float,
@@ -456,8 +495,6 @@ def _parse_status(text: str, status: int, res: StepResult) -> None:
 
 def _start_feeder(proc: subprocess.Popen, reader: Callable[[], bytes | None]):
     """A thread copying chunks from ``reader`` to the program's stdin until it returns None."""
-    import threading
-
     def feed() -> None:
         try:
             while (chunk := reader()) is not None:
@@ -484,6 +521,18 @@ def _become_subreaper() -> bool:
         return ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0) == 0
     except (OSError, AttributeError):
         return False
+
+
+def _reap_exited() -> None:
+    """Collect every child that has already exited (dying sandbox inits re-parented to this subreaper),
+    without waiting for the others."""
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
 
 
 def _reap_orphans(timeout: float = 1.0) -> None:

@@ -100,8 +100,13 @@ class SQLiteStore:
 
     async def create(self, subs: list[Submission]) -> None:
         rows = [(s["token"], s["created_at"], s["status_id"], json.dumps(s)) for s in subs]
-        await self._call(lambda db: db.executemany("INSERT INTO submissions VALUES (?, ?, ?, ?)", rows),
-                         write=True)
+
+        def write(db: sqlite3.Connection) -> None:
+            # Nothing of sqlite3 may leave the store's thread: a cursor freed on the loop's thread while
+            # this one uses the connection is "bad parameter or other API misuse".
+            db.executemany("INSERT INTO submissions VALUES (?, ?, ?, ?)", rows).close()
+
+        await self._call(write, write=True)
 
     async def get(self, token: str) -> Submission | None:
         return (await self.get_many([token]))[0]
