@@ -147,12 +147,14 @@ def test_nothing_of_a_run_survives_it(runner):
     child of the runner lives, and the run's group is deleted."""
     ready(runner.groups)
     before = my_groups()
+    kids = {c.pid for c in psutil.Process().children(recursive=True)}  # other tests' kernels, if any
     code = "import os, time\nif os.fork() == 0:\n    os.setsid()\n    time.sleep(60)\nprint('parent done')"
     r = runner.run(71, code)
     assert r.stdout == b"parent done\n"
     if runner.uid is not None:
         assert not [p for p in psutil.process_iter(["uids"]) if p.info["uids"] and p.info["uids"].real == runner.uid]
-    assert not [c for c in psutil.Process().children(recursive=True) if c.status() != psutil.STATUS_ZOMBIE]
+    assert not [c for c in psutil.Process().children(recursive=True)
+                if c.pid not in kids and c.status() != psutil.STATUS_ZOMBIE]
     deadline = time.monotonic() + 10
     while (my_groups() - before) - {next(iter(g.dirs.values())).name for g in list(runner.groups._ready)}:
         assert time.monotonic() < deadline, my_groups()
@@ -164,6 +166,19 @@ def test_a_timed_out_run_is_killed_and_the_next_one_is_clean(runner):
     assert r.outcome == "time_limit", r
     nxt = runner.run(71, "print('next')")
     assert nxt.stdout == b"next\n" and nxt.time < 0.5, nxt
+
+
+def test_switching_cgroups_off_gives_rlimits_even_with_groups_ready(runner, monkeypatch):
+    ready(runner.groups)
+    monkeypatch.setenv("RUNFLARE_CGROUPS", "off")
+    cgroups._detect.cache_clear()
+    try:
+        assert runner.groups.take(64_000, 10) is None
+        r = runner.run(71, "x = bytearray(100 << 20)", limits=Limits(memory_limit=50_000))
+        assert b"MemoryError" in r.stderr, r  # RLIMIT_AS: the allocation fails instead of an OOM kill
+    finally:
+        monkeypatch.undo()
+        cgroups._detect.cache_clear()
 
 
 def test_close_leaves_no_group_and_no_thread():

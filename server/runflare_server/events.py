@@ -6,7 +6,7 @@ import time
 from typing import Any
 
 from .models import iso, seconds
-from .statuses import STATUSES
+from .statuses import STATUSES, is_final
 
 
 def now() -> str:
@@ -42,5 +42,6 @@ STAGE_MESSAGES = {
 }
 
 
-def is_final(event: dict[str, Any]) -> bool:
-    return event.get("type") == "status_update" and event["status"]["id"] >= 3
+def is_final_event(event: dict[str, Any]) -> bool:
+    """The status_update that ends a submission's stream."""
+    return event.get("type") == "status_update" and is_final(event["status"]["id"])

@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from .config import Settings
 from .outbound import literal_refusal, parse_networks, url_problem
 from .statuses import STATUSES
+from .submission import Submission
 
 FieldErrors = dict[str, list[str]]
 
@@ -329,7 +330,7 @@ class NotUtf8(ValueError):
     """Output holds bytes that are not UTF-8; the client must ask for base64."""
 
 
-def render(sub: dict[str, Any], fields: list[str], base64_encoded: bool, language_names: dict[int, str]) -> dict:
+def render(sub: Submission, fields: list[str], base64_encoded: bool, language_names: dict[int, str]) -> dict:
     """A stored submission → the JSON object clients see, with only `fields`."""
     out: dict[str, Any] = {}
     for name in fields:

@@ -71,7 +71,7 @@ class Submissions:
         """The submission once finished, or as it is when `timeout` runs out. Follows the event log."""
         async def final() -> None:
             async for event in self.broker.subscribe(token):
-                if events.is_final(event):
+                if events.is_final_event(event):
                     return
 
         sub = await self.store.get(token)

@@ -356,6 +356,8 @@ class GroupPool:
         return RunCgroup.create(f"{self.prefix}-{uuid.uuid4().hex[:12]}", memory_kb, max_pids)
 
     def take(self, memory_kb: int | None, max_pids: int | None) -> RunCgroup | None:
+        if mechanism() == "rlimit":  # cgroups switched off since the pool was made: rlimits only
+            return None
         with self._cond:
             group = self._ready.popleft() if self._ready else None
             self._cond.notify()
