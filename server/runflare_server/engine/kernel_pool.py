@@ -302,7 +302,8 @@ class Pool(Generic[K]):
         self._starts = starts or asyncio.Semaphore(2)
         self._ready: deque[K] = deque()
         self._waiters: deque[asyncio.Future[K]] = deque()
-        self._tasks: set[asyncio.Task] = set()
+        self._tasks: set[asyncio.Task] = set()  # refills
+        self._closing: set[asyncio.Task] = set()  # shutdowns of kernels that left the pool (stop awaits them)
         self._uses: dict[K, int] = {}  # every live kernel of the pool (ready or handed out) -> runs served
         self._filling = 0
         self._stopped = False
@@ -356,7 +357,7 @@ class Pool(Generic[K]):
                     await asyncio.sleep(0.2 * (attempt + 1))
                     continue
                 if self._stopped:
-                    await self._discard(kernel)
+                    self._discard(kernel)
                     return
                 self._deliver(kernel)
                 return
@@ -404,7 +405,7 @@ class Pool(Generic[K]):
                 self._refill()
                 return kernel
             self.stats["replaced"] += 1
-            await self._discard(kernel)
+            self._discard(kernel)
         fut: asyncio.Future[K] = asyncio.get_running_loop().create_future()
         self._waiters.append(fut)
         self._refill()
@@ -420,7 +421,7 @@ class Pool(Generic[K]):
 
     async def release(self, kernel: K, healthy: bool = True) -> None:
         """Take a kernel back after a run: ready again while it is healthy, alive and under ``reuse`` runs,
-        else shut down (and replaced by the refill)."""
+        else shut down in the background (and replaced by the refill at once)."""
         uses = self._uses.get(kernel, 0) + 1
         if healthy and uses < self.reuse and not self._stopped and kernel.alive():
             self._uses[kernel] = uses
@@ -428,12 +429,23 @@ class Pool(Generic[K]):
             return
         if self.reuse > 1:  # (a used-once kernel's end is no replacement)
             self.stats["recycled"] += 1
-        await self._discard(kernel)
+        self._discard(kernel)
         self._refill()
 
-    async def _discard(self, kernel: K) -> None:
+    def _discard(self, kernel: K) -> asyncio.Task:
+        """Take a kernel out of the pool and shut it down in a task of the pool's own: no run waits for
+        it, no caller's cancellation interrupts it halfway, and ``stop`` waits for it."""
         self._uses.pop(kernel, None)
-        await kernel.shutdown()
+        task = asyncio.get_running_loop().create_task(self._shutdown(kernel))
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+        return task
+
+    async def _shutdown(self, kernel: K) -> None:
+        try:
+            await kernel.shutdown()
+        except Exception:  # noqa: BLE001 - logged; stop() still waits for the others
+            log.exception("kernel %s: shutdown failed", self.name)
 
     async def stop(self) -> None:
         """Cancel refills and shut every kernel of the pool down (idle or handed out)."""
@@ -448,7 +460,10 @@ class Pool(Generic[K]):
             if not w.done():
                 w.set_exception(RuntimeError("pool stopped"))
         kernels, self._ready = list(self._uses), deque()
-        await asyncio.gather(*(self._discard(k) for k in kernels), return_exceptions=True)
+        for kernel in kernels:
+            self._discard(kernel)
+        while self._closing:  # every shutdown the pool began, including those of kernels already returned
+            await asyncio.gather(*list(self._closing), return_exceptions=True)
 
     def health(self) -> dict[str, Any]:
         """Pool size, ready kernels and start figures."""

@@ -173,7 +173,7 @@ class ProgramRuns:
                                                           detail=request.token))
         finally:
             self._runs += 1
-            self._spawn(self._pool.release(kernel, healthy and not self._stopping))
+            await self._pool.release(kernel, healthy and not self._stopping)  # a shutdown runs in the background
 
     async def _execute(self, kernel: _Kernel, request: RunRequest, emit: Emit) -> tuple[RunResult, bool]:
         kc = kernel.kc
@@ -290,14 +290,17 @@ class ProgramRuns:
         km = AsyncKernelManager(transport="ipc", ip=name, connection_file=name + ".json",
                                 client_factory=BoundedKernelClient, kernel_name=KERNEL_NAME,
                                 kernel_spec_manager=_kernel_specs())
-        await km.start_kernel(env=env)
-        kc = km.client(max_message_bytes=self.max_message_bytes)
-        try:
+        kc = None
+        try:  # a start cancelled halfway (the pool stopping) leaves no kernel running
+            await km.start_kernel(env=env)
+            kc = km.client(max_message_bytes=self.max_message_bytes)
             kc.start_channels()
             await kc.wait_for_ready(timeout=60)
         except BaseException:
-            kc.stop_channels()
-            await km.shutdown_kernel(now=True)
+            if kc is not None:
+                kc.stop_channels()
+            if km.has_kernel:
+                await asyncio.shield(km.shutdown_kernel(now=True))
             raise
         return _Kernel(km, kc)
 
