@@ -18,6 +18,7 @@ import os
 import queue
 import secrets
 import shutil
+import signal
 import subprocess
 import time
 from collections import deque
@@ -104,6 +105,7 @@ class SandboxedKernel:
         self.start_cpu: float | None = None
         self.kernel_info: dict[str, Any] = {}
         self.lease: policy.UidLease | None = None  # the kernel's own host uid (unshare mode; else the provisioner's)
+        self.cgroup: Any = None  # its run's cgroup, made while it waits in the pool (``prepare_cgroup``)
         self._closed = False
 
     @property
@@ -218,6 +220,35 @@ class SandboxedKernel:
             while True:
                 await kc.get_shell_msg(timeout=0)
 
+    def prepare_cgroup(self) -> None:
+        """Put the kernel's whole tree in a fresh cgroup of its own while it waits in the pool, so that no
+        run waits for the group's creation and the move (3-13 ms with cgroup v1). No limits yet: the kernel
+        runs no user code before its run sets them (``KernelRuns._confine``). Without a hierarchy, nothing."""
+        group = sb.create_cgroup(f"run-{os.getpid()}-k{self.id}", None, None)
+        if group is None:
+            return
+        try:
+            for p in self.processes():
+                group.add_pid(p.pid)
+        except OSError as e:
+            log.warning("could not move kernel %s into its cgroup: %s", self.id, e)
+            group.remove()
+            return
+        self.cgroup = group
+
+    def kill_now(self) -> None:
+        """SIGKILL the kernel's processes (its cgroup's, else its tree's) without waiting for them: nothing
+        of a run goes on once its result is known. ``shutdown`` waits for them and cleans up."""
+        if self.cgroup is not None:
+            with contextlib.suppress(OSError):
+                for pid in self.cgroup.pids():
+                    with contextlib.suppress(ProcessLookupError, PermissionError):
+                        os.kill(pid, signal.SIGKILL)
+                return
+        for p in reversed(self.processes()):
+            with contextlib.suppress(psutil.Error):
+                p.kill()
+
     def log_tail(self, n: int = 2000) -> str:
         """The end of the kernel's own stdout/stderr."""
         try:
@@ -269,6 +300,8 @@ class SandboxedKernel:
             (self.runtime_dir / f"c-{self.id}.json").unlink()
         if not self.sandboxed_by_provisioner:
             shutil.rmtree(self.dir, ignore_errors=True)
+        if self.cgroup is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self.cgroup.remove)
         if self.lease is not None:
             self.lease.release()  # nothing runs as its uid any more
             self.lease = None
@@ -499,6 +532,11 @@ class KernelPool(Pool[SandboxedKernel]):
             raise
         if kernel.fork_server is not None:
             kernel.fork_server.note(True)
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, kernel.prepare_cgroup)
+        except BaseException:
+            await kernel.shutdown()
+            raise
         self.stats["start_wall_total"] += kernel.start_wall or 0.0
         self.stats["start_cpu_total"] += kernel.start_cpu or 0.0
         return kernel
