@@ -274,3 +274,28 @@ def test_broken_fork_server_falls_back_to_direct_starts(loop: asyncio.AbstractEv
 
     loop.run_until_complete(go())
     assert descendants() == []
+
+
+def test_ready_kernels_wait_in_a_cgroup_of_their_own(loop: asyncio.AbstractEventLoop, mode: str,
+                                                     tmp_path: Path) -> None:
+    """A ready kernel's whole tree is already in its run's cgroup (no run pays for making and joining it);
+    the group goes with the kernel."""
+    if sb.cgroup_mechanism() == "rlimit":
+        skip_or_fail("no writable cgroup hierarchy here")
+    pool = KernelPool(load_spec("python3"), 2, mode, tmp_path)
+
+    async def go() -> list[Path]:
+        await pool.start()
+        try:
+            assert await pool.wait_full(60)
+            kernels = list(pool._ready)
+            groups = [k.cgroup for k in kernels]
+            assert all(g is not None for g in groups) and groups[0] is not groups[1]
+            for kernel in kernels:
+                assert set(kernel.cgroup.pids()) == {p.pid for p in kernel.processes()} != set()
+            return [d for g in groups for d in g.dirs.values()]
+        finally:
+            await pool.stop()
+
+    dirs = loop.run_until_complete(go())
+    assert dirs and not any(d.exists() for d in dirs)

@@ -243,7 +243,7 @@ def test_no_free_kernel_is_an_internal_error(tmp_path):
         async def go():
             q: asyncio.Queue[str | None] = asyncio.Queue()
             holder = asyncio.ensure_future(pr.engine.run(req("print('got', input())", stdin_queue=q), lambda e: None))
-            while not pr.engine._idle.empty():  # until the holder has the only kernel (it waits for stdin)
+            while pr.engine.health()["idle"]:  # until the holder has the only kernel (it waits for stdin)
                 await asyncio.sleep(0.01)
             starved = await pr.engine.run(req("print('never')"), lambda e: None)
             await q.put("x\n")

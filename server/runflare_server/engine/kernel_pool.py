@@ -1,8 +1,11 @@
-"""Warm pools of ready, sandboxed Jupyter kernels, one pool per kernelspec.
+"""The one kernel pool (``Pool``) and kernel runs' sandboxed kernels.
 
-A kernel is handed out once and never taken back: the caller shuts it down after its run.
-Pools refill in the background (a few starts in parallel), replace kernels that die while
-waiting or hang at start, and leave nothing behind on stop.
+``Pool`` holds ready kernels made by a factory, with a reuse policy: kernel runs' pools (``KernelPool``, one
+per kernelspec) hand each ``SandboxedKernel`` out once, the caller shuts it down after its run; program runs'
+pool reuses each Run-Flare kernel up to ``recycle_after`` runs. Every kernel starts through
+``AsyncKernelManager`` and a provisioner named in its kernelspec. Pools refill in the background (a few
+starts in parallel), replace kernels that die while waiting or hang at start, and leave nothing behind on
+stop.
 """
 
 from __future__ import annotations
@@ -15,12 +18,14 @@ import os
 import queue
 import secrets
 import shutil
+import signal
 import subprocess
 import time
 from collections import deque
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, Protocol, TypeVar
 
 import psutil
 from jupyter_client.kernelspec import KernelSpec, KernelSpecManager, NoSuchKernel
@@ -100,6 +105,7 @@ class SandboxedKernel:
         self.start_cpu: float | None = None
         self.kernel_info: dict[str, Any] = {}
         self.lease: policy.UidLease | None = None  # the kernel's own host uid (unshare mode; else the provisioner's)
+        self.cgroup: Any = None  # its run's cgroup, made while it waits in the pool (``prepare_cgroup``)
         self._closed = False
 
     @property
@@ -214,6 +220,35 @@ class SandboxedKernel:
             while True:
                 await kc.get_shell_msg(timeout=0)
 
+    def prepare_cgroup(self) -> None:
+        """Put the kernel's whole tree in a fresh cgroup of its own while it waits in the pool, so that no
+        run waits for the group's creation and the move (3-13 ms with cgroup v1). No limits yet: the kernel
+        runs no user code before its run sets them (``KernelRuns._confine``). Without a hierarchy, nothing."""
+        group = sb.create_cgroup(f"run-{os.getpid()}-k{self.id}", None, None)
+        if group is None:
+            return
+        try:
+            for p in self.processes():
+                group.add_pid(p.pid)
+        except OSError as e:
+            log.warning("could not move kernel %s into its cgroup: %s", self.id, e)
+            group.remove()
+            return
+        self.cgroup = group
+
+    def kill_now(self) -> None:
+        """SIGKILL the kernel's processes (its cgroup's, else its tree's) without waiting for them: nothing
+        of a run goes on once its result is known. ``shutdown`` waits for them and cleans up."""
+        if self.cgroup is not None:
+            with contextlib.suppress(OSError):
+                for pid in self.cgroup.pids():
+                    with contextlib.suppress(ProcessLookupError, PermissionError):
+                        os.kill(pid, signal.SIGKILL)
+                return
+        for p in reversed(self.processes()):
+            with contextlib.suppress(psutil.Error):
+                p.kill()
+
     def log_tail(self, n: int = 2000) -> str:
         """The end of the kernel's own stdout/stderr."""
         try:
@@ -265,32 +300,53 @@ class SandboxedKernel:
             (self.runtime_dir / f"c-{self.id}.json").unlink()
         if not self.sandboxed_by_provisioner:
             shutil.rmtree(self.dir, ignore_errors=True)
+        if self.cgroup is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self.cgroup.remove)
         if self.lease is not None:
             self.lease.release()  # nothing runs as its uid any more
             self.lease = None
 
 
-class KernelPool:
-    """Ready kernels of one kernelspec; ``size`` 0 means cold (start on demand)."""
+class PoolKernel(Protocol):
+    """What a pool needs of a kernel."""
 
-    def __init__(self, spec: KernelSpecInfo, size: int, mode: str, runtime_dir: Path,
-                 start_timeout: float = 30.0, starts: asyncio.Semaphore | None = None,
-                 retries: int = 3, fork_server: ForkServer | None = None) -> None:
-        self.spec = spec
-        self.fork_server = fork_server.register() if fork_server is not None and spec.adapter.forkable else None
+    def alive(self) -> bool: ...
+
+    async def shutdown(self) -> None: ...
+
+
+K = TypeVar("K", bound=PoolKernel)
+
+
+class Pool(Generic[K]):
+    """Ready kernels made by one factory, handed out and reused by one policy: a kernel serves up to
+    ``reuse`` runs (1: used once, as kernel runs' kernels; more: program runs' Run-Flare kernels, recycled
+    after ``recycle_after`` runs). ``size`` 0 means cold (start on demand). It refills in the background (a
+    few starts in parallel), replaces kernels that die while waiting or fail to start, and leaves nothing
+    behind on stop."""
+
+    def __init__(self, name: str, factory: Callable[[], Awaitable[K]], size: int, *, reuse: int = 1,
+                 starts: asyncio.Semaphore | None = None, retries: int = 3) -> None:
+        self.name = name
+        self.factory = factory
         self.size = size
-        self.mode = mode
-        self.runtime_dir = runtime_dir
-        self.start_timeout = start_timeout
+        self.reuse = max(1, reuse)
         self.retries = retries
         self._starts = starts or asyncio.Semaphore(2)
-        self._ready: deque[SandboxedKernel] = deque()
-        self._waiters: deque[asyncio.Future[SandboxedKernel]] = deque()
-        self._tasks: set[asyncio.Task] = set()
+        self._ready: deque[K] = deque()
+        self._waiters: deque[asyncio.Future[K]] = deque()
+        self._tasks: set[asyncio.Task] = set()  # refills
+        self._closing: set[asyncio.Task] = set()  # shutdowns of kernels that left the pool (stop awaits them)
+        self._uses: dict[K, int] = {}  # every live kernel of the pool (ready or handed out) -> runs served
         self._filling = 0
         self._stopped = False
-        self.stats: dict[str, Any] = {"started": 0, "failed": 0, "replaced": 0, "handed_out": 0,
-                                      "start_wall_total": 0.0, "start_cpu_total": 0.0, "last_error": None}
+        self.stats: dict[str, Any] = {"started": 0, "failed": 0, "replaced": 0, "handed_out": 0, "recycled": 0,
+                                      "last_error": None}
+
+    @property
+    def kernels(self) -> list[K]:
+        """Every live kernel of the pool, ready or handed out."""
+        return list(self._uses)
 
     async def start(self) -> None:
         """Begin filling the pool (returns at once)."""
@@ -303,10 +359,20 @@ class KernelPool:
             await asyncio.sleep(0.05)
         return len(self._ready) >= self.size
 
+    async def wait_settled(self) -> int:
+        """Wait until no start is in progress (every first start came up or gave up); the ready count."""
+        await asyncio.sleep(0)
+        while self._filling and len(self._ready) < self.size:
+            await asyncio.sleep(0.05)
+        return len(self._ready)
+
     def _refill(self) -> None:
         if self._stopped:
             return
-        while len(self._ready) + self._filling < self.size + len(self._waiters):
+        # a used-once pool keeps ``size`` ready and starts one for each waiter; a reusing pool keeps ``size``
+        # kernels in all (ready or busy), and waiters wait for one to come back
+        want = self.size + (len(self._waiters) if self.reuse == 1 else 0)
+        while len(self._uses) + self._filling < want:
             self._filling += 1
             task = asyncio.get_running_loop().create_task(self._fill_one())
             self._tasks.add(task)
@@ -320,17 +386,17 @@ class KernelPool:
                 except asyncio.CancelledError:
                     raise
                 except Exception as e:  # a kernel that dies or hangs at start is replaced
-                    log.warning("kernel %s start failed (attempt %d): %s", self.spec.name, attempt + 1, e)
+                    log.warning("kernel %s start failed (attempt %d): %s", self.name, attempt + 1, e)
                     await asyncio.sleep(0.2 * (attempt + 1))
                     continue
                 if self._stopped:
-                    await kernel.shutdown()
+                    self._discard(kernel)
                     return
                 self._deliver(kernel)
                 return
             if not self._stopped:  # keep a warm pool trying, slowly
                 asyncio.get_running_loop().call_later(5.0, self._refill)
-            err = RuntimeError(f"kernel {self.spec.name} failed to start: {self.stats['last_error']}")
+            err = RuntimeError(f"kernel {self.name} failed to start: {self.stats['last_error']}")
             while self._waiters:
                 w = self._waiters.popleft()
                 if not w.done():
@@ -339,7 +405,7 @@ class KernelPool:
         finally:
             self._filling -= 1
 
-    def _deliver(self, kernel: SandboxedKernel) -> None:
+    def _deliver(self, kernel: K) -> None:
         while self._waiters:
             w = self._waiters.popleft()
             if not w.done():
@@ -347,35 +413,24 @@ class KernelPool:
                 return
         self._ready.append(kernel)
 
-    async def new_kernel(self, network: bool = False) -> SandboxedKernel:
-        """Start one kernel now (limited to a few concurrent starts)."""
+    async def new_kernel(self) -> K:
+        """Start one kernel now (limited to a few concurrent starts); it belongs to the pool."""
         async with self._starts:
-            fs = self.fork_server if self.fork_server is not None and self.fork_server.usable and not network \
-                else None
-            kernel = SandboxedKernel(self.spec, self.mode, self.runtime_dir, network, fs)
             try:
-                await kernel.start(self.start_timeout)
-                if kernel.fork_server is not None:
-                    kernel.fork_server.note(True)
+                kernel = await self.factory()
             except BaseException as e:
-                if fs is not None and not isinstance(e, asyncio.CancelledError):
-                    fs.note(False)
-                self.stats["failed"] += 1
-                self.stats["last_error"] = str(e)[-500:]
-                await kernel.shutdown()
+                if not isinstance(e, asyncio.CancelledError):
+                    self.stats["failed"] += 1
+                    self.stats["last_error"] = str(e)[-500:]
                 raise
         self.stats["started"] += 1
-        self.stats["start_wall_total"] += kernel.start_wall or 0.0
-        self.stats["start_cpu_total"] += kernel.start_cpu or 0.0
+        self._uses[kernel] = 0
         return kernel
 
-    async def acquire(self, network: bool = False) -> SandboxedKernel:
-        """A ready kernel for one run (the caller must ``shutdown()`` it afterwards)."""
+    async def acquire(self) -> K:
+        """A ready kernel for one run; give it back with ``release``."""
         if self._stopped:
             raise RuntimeError("pool stopped")
-        if network:  # pool kernels have no network namespace shared with the host
-            self.stats["handed_out"] += 1
-            return await self.new_kernel(network=True)
         while self._ready:
             kernel = self._ready.popleft()
             if kernel.alive():
@@ -383,8 +438,8 @@ class KernelPool:
                 self._refill()
                 return kernel
             self.stats["replaced"] += 1
-            await kernel.shutdown()
-        fut: asyncio.Future[SandboxedKernel] = asyncio.get_running_loop().create_future()
+            self._discard(kernel)
+        fut: asyncio.Future[K] = asyncio.get_running_loop().create_future()
         self._waiters.append(fut)
         self._refill()
         try:
@@ -397,8 +452,36 @@ class KernelPool:
         self._refill()
         return kernel
 
+    async def release(self, kernel: K, healthy: bool = True) -> None:
+        """Take a kernel back after a run: ready again while it is healthy, alive and under ``reuse`` runs,
+        else shut down in the background (and replaced by the refill at once)."""
+        uses = self._uses.get(kernel, 0) + 1
+        if healthy and uses < self.reuse and not self._stopped and kernel.alive():
+            self._uses[kernel] = uses
+            self._deliver(kernel)
+            return
+        if self.reuse > 1:  # (a used-once kernel's end is no replacement)
+            self.stats["recycled"] += 1
+        self._discard(kernel)
+        self._refill()
+
+    def _discard(self, kernel: K) -> asyncio.Task:
+        """Take a kernel out of the pool and shut it down in a task of the pool's own: no run waits for
+        it, no caller's cancellation interrupts it halfway, and ``stop`` waits for it."""
+        self._uses.pop(kernel, None)
+        task = asyncio.get_running_loop().create_task(self._shutdown(kernel))
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+        return task
+
+    async def _shutdown(self, kernel: K) -> None:
+        try:
+            await kernel.shutdown()
+        except Exception:  # noqa: BLE001 - logged; stop() still waits for the others
+            log.exception("kernel %s: shutdown failed", self.name)
+
     async def stop(self) -> None:
-        """Cancel refills and shut every idle kernel down."""
+        """Cancel refills and shut every kernel of the pool down (idle or handed out)."""
         self._stopped = True
         for t in list(self._tasks):
             t.cancel()
@@ -409,15 +492,81 @@ class KernelPool:
             w = self._waiters.popleft()
             if not w.done():
                 w.set_exception(RuntimeError("pool stopped"))
-        kernels, self._ready = list(self._ready), deque()
-        await asyncio.gather(*(k.shutdown() for k in kernels), return_exceptions=True)
+        kernels, self._ready = list(self._uses), deque()
+        for kernel in kernels:
+            self._discard(kernel)
+        while self._closing:  # every shutdown the pool began, including those of kernels already returned
+            await asyncio.gather(*list(self._closing), return_exceptions=True)
+
+    def health(self) -> dict[str, Any]:
+        """Pool size, ready kernels and start figures."""
+        return {"size": self.size, "ready": len(self._ready), "starting": self._filling, "kernels": len(self._uses),
+                "started": self.stats["started"], "failed": self.stats["failed"], "replaced": self.stats["replaced"],
+                "handed_out": self.stats["handed_out"], "last_error": self.stats["last_error"]}
+
+
+class KernelPool(Pool[SandboxedKernel]):
+    """Ready sandboxed kernels of one kernelspec, each used once (the caller shuts it down after its run)."""
+
+    def __init__(self, spec: KernelSpecInfo, size: int, mode: str, runtime_dir: Path,
+                 start_timeout: float = 30.0, starts: asyncio.Semaphore | None = None,
+                 retries: int = 3, fork_server: ForkServer | None = None) -> None:
+        super().__init__(spec.name, self._start_kernel, size, reuse=1, starts=starts, retries=retries)
+        self.spec = spec
+        self.fork_server = fork_server.register() if fork_server is not None and spec.adapter.forkable else None
+        self.mode = mode
+        self.runtime_dir = runtime_dir
+        self.start_timeout = start_timeout
+        self.stats.update(start_wall_total=0.0, start_cpu_total=0.0)
+        self._network = False
+
+    async def _start_kernel(self, network: bool = False) -> SandboxedKernel:
+        fs = self.fork_server if self.fork_server is not None and self.fork_server.usable and not network else None
+        kernel = SandboxedKernel(self.spec, self.mode, self.runtime_dir, network, fs)
+        try:
+            await kernel.start(self.start_timeout)
+        except BaseException as e:
+            if fs is not None and not isinstance(e, asyncio.CancelledError):
+                fs.note(False)
+            await kernel.shutdown()
+            raise
+        if kernel.fork_server is not None:
+            kernel.fork_server.note(True)
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, kernel.prepare_cgroup)
+        except BaseException:
+            await kernel.shutdown()
+            raise
+        self.stats["start_wall_total"] += kernel.start_wall or 0.0
+        self.stats["start_cpu_total"] += kernel.start_cpu or 0.0
+        return kernel
+
+    async def acquire(self, network: bool = False) -> SandboxedKernel:
+        """A ready kernel for one run (the caller must ``shutdown()`` it afterwards). A kernel with
+        ``network`` is started for the run (pool kernels have no network)."""
+        if self._stopped:
+            raise RuntimeError("pool stopped")
+        if network:
+            async with self._starts:
+                try:
+                    kernel = await self._start_kernel(network=True)
+                except Exception as e:
+                    self.stats["failed"] += 1
+                    self.stats["last_error"] = str(e)[-500:]
+                    raise
+            self.stats["started"] += 1
+            self.stats["handed_out"] += 1
+            return kernel
+        kernel = await super().acquire()
+        self._uses.pop(kernel, None)  # used once: the caller owns it from now on
+        self._refill()
+        return kernel
 
     def health(self) -> dict[str, Any]:
         """Pool size, ready kernels and start-cost figures."""
         n = self.stats["started"] or 1
-        return {"kernelspec": self.spec.name, "size": self.size, "fork_server": self.fork_server is not None, "ready": len(self._ready),
-                "starting": self._filling, "started": self.stats["started"], "failed": self.stats["failed"],
-                "replaced": self.stats["replaced"], "handed_out": self.stats["handed_out"],
+        h = super().health()
+        h.pop("kernels")
+        return {"kernelspec": self.spec.name, "fork_server": self.fork_server is not None, **h,
                 "avg_start_wall_s": round(self.stats["start_wall_total"] / n, 3),
-                "avg_start_cpu_s": round(self.stats["start_cpu_total"] / n, 3),
-                "last_error": self.stats["last_error"]}
+                "avg_start_cpu_s": round(self.stats["start_cpu_total"] / n, 3)}

@@ -46,6 +46,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 from . import bounded_client, scratch
 from . import kernel_sandbox as sb
 from .incidents import incident
@@ -413,6 +415,27 @@ class _Run:
                          message=self.message, outputs=self.outputs)
 
 
+def _tasks(group: Any, procs: list[psutil.Process]) -> int:
+    """Processes and threads in the group now (what its pids limit counts)."""
+    d = group.dirs.get("") or group.dirs.get("pids")
+    try:
+        return int((d / "pids.current").read_text())
+    except (OSError, ValueError, TypeError):
+        n = 0
+        for p in procs:
+            with contextlib.suppress(Exception):
+                n += p.num_threads()
+        return n
+
+
+def _reset_peak(group: Any) -> None:
+    """Start the group's peak memory from what it holds now (cgroup v1; v2's memory.peak is the group's
+    whole life, which is the idle kernel's few pages more)."""
+    if group.kind == "cgroup-v1":
+        with contextlib.suppress(OSError):
+            (group.dirs["memory"] / "memory.max_usage_in_bytes").write_text("0")
+
+
 class KernelRuns:
     """The kernel-run engine: language table, warm pools, sandboxed execution."""
 
@@ -442,6 +465,7 @@ class KernelRuns:
         self._specs: dict[str, KernelSpecInfo] = {}
         self._languages: dict[int, LanguageInfo] = {}
         self._active: set[SandboxedKernel] = set()
+        self._ending: set[asyncio.Task] = set()  # shutdowns of used kernels, after their results (stop waits)
         self._starts: asyncio.Semaphore | None = None
         self.runs = 0
 
@@ -492,6 +516,8 @@ class KernelRuns:
         """Stop the pools and kill every kernel, idle or running."""
         await asyncio.gather(*(p.stop() for p in self.pools.values()), return_exceptions=True)
         await asyncio.gather(*(k.shutdown() for k in list(self._active)), return_exceptions=True)
+        while self._ending:
+            await asyncio.gather(*list(self._ending), return_exceptions=True)
         if self.fork_server is not None:
             self.fork_server.close()
         if self._own_runtime:
@@ -546,17 +572,40 @@ class KernelRuns:
                                                                   detail=request.token))
         finally:
             self._active.discard(kernel)
-            if cgroup is not None:
-                cgroup.kill_all()
+            self._end(kernel, cgroup)
+
+    def _end(self, kernel: SandboxedKernel, cgroup: Any) -> None:
+        """SIGKILL the used kernel now; wait for it and clean up after the result is returned."""
+        kernel.kill_now()
+        if cgroup is not None and cgroup is not kernel.cgroup:
+            with contextlib.suppress(OSError):
+                for pid in cgroup.pids():
+                    with contextlib.suppress(ProcessLookupError, PermissionError):
+                        os.kill(pid, signal.SIGKILL)
+
+        async def end() -> None:
             await kernel.shutdown()
             if cgroup is not None:
                 await asyncio.get_running_loop().run_in_executor(None, cgroup.remove)
 
+        task = asyncio.get_running_loop().create_task(end())
+        self._ending.add(task)
+        task.add_done_callback(self._ending.discard)
+
     def _confine(self, kernel: SandboxedKernel, request: RunRequest) -> Any:
-        """Move the kernel's tree into a fresh cgroup with this run's limits; set RLIMIT_FSIZE."""
+        """Set this run's limits on the kernel's cgroup (made while it waited in the pool; else a fresh one,
+        the tree moved into it) and its RLIMIT_FSIZE."""
         lim = request.limits
         procs = kernel.processes()
         sb.set_rlimits(procs, lim)
+        group = kernel.cgroup
+        if group is not None:
+            try:
+                group.set_limits(lim.memory_limit, _tasks(group, procs) + lim.max_processes_and_or_threads)
+                _reset_peak(group)
+                return group
+            except OSError as e:  # e.g. a v1 limit below what the idle kernel already holds: a fresh group
+                log.info("kernel %s: its pool cgroup refused the run's limits (%s); a fresh group", kernel.id, e)
         tasks = 0
         for p in procs:
             with contextlib.suppress(Exception):

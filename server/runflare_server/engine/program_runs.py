@@ -5,7 +5,7 @@ compiler options and limits in ``metadata["runflare"]``), forwards the kernel's 
 ``runflare_stage`` messages as engine events while the program runs, and builds the ``RunResult`` from
 the execute_reply's ``metadata["runflare"]``. User code never runs in the kernels (each program is a
 fresh sandboxed process), so kernels are reused; they are replaced when they die and recycled after
-``recycle_after`` runs.
+``recycle_after`` runs: the engine's one ``kernel_pool.Pool``, with that reuse policy.
 
 Kernel messages are bounded before they are decoded (``bounded_client``: 4x the output cap + 64 KiB per
 frame); a larger one cuts the channel undecoded, the run ends as an internal error saying so, and the
@@ -49,6 +49,7 @@ from . import cgroups, languages, policy, sandbox, scratch
 from .bounded_client import BoundedKernelClient, message_bound
 from .incidents import has_host_detail, incident, shown_or_incident
 from .interface import Emit, LanguageInfo, RunRequest, RunResult
+from .kernel_pool import Pool
 from .kernelspecs import StaticKernelSpecManager
 
 log = logging.getLogger(__name__)
@@ -68,9 +69,25 @@ def _kernel_specs() -> StaticKernelSpecManager:
 
 @dataclasses.dataclass(eq=False)
 class _Kernel:
+    """A Run-Flare kernel of the pool: its manager and client."""
+
     km: AsyncKernelManager
     kc: Any
-    runs: int = 0
+
+    def alive(self) -> bool:
+        """Whether its process still runs (LocalProvisioner's public ``process``)."""
+        process = getattr(self.km.provisioner, "process", None)
+        return process is not None and process.poll() is None
+
+    async def shutdown(self) -> None:
+        """Ask it to shut down, kill it if it does not within 10 s."""
+        with contextlib.suppress(Exception):
+            self.kc.stop_channels()
+        try:
+            await asyncio.wait_for(self.km.shutdown_kernel(now=False), 10)
+        except Exception:  # noqa: BLE001
+            with contextlib.suppress(Exception):
+                await self.km.shutdown_kernel(now=True)
 
 
 class ProgramRuns:
@@ -87,15 +104,14 @@ class ProgramRuns:
         self.recycle_after = recycle_after
         self.runs_dir = runs_dir
         self.kernel_env = kernel_env or {}
-        self._idle: asyncio.Queue[_Kernel] = asyncio.Queue()
-        self._all: set[_Kernel] = set()
+        self._pool: Pool[_Kernel] = Pool(KERNEL_NAME, self._start_kernel, self.size, reuse=recycle_after)
         self._tasks: set[asyncio.Task] = set()
         self._stopping = False
         self._ipc_dir: str | None = None
         self._own_runs_dir: str | None = None
         self._languages: list[LanguageInfo] = []
         self.mode = ""
-        self.stats = {"runs": 0, "kernels_started": 0, "kernels_replaced": 0}
+        self._runs = 0
 
     async def start(self) -> None:
         """Detect languages and sandbox, start the kernel pool (in parallel)."""
@@ -103,14 +119,12 @@ class ProgramRuns:
         self.mode = await loop.run_in_executor(None, sandbox.resolve_mode, self.sandbox_mode)
         self._languages = await loop.run_in_executor(None, languages.language_infos)
         await loop.run_in_executor(None, cgroups.mechanism)
-        kernels = await asyncio.gather(*(self._start_kernel() for _ in range(self.size)), return_exceptions=True)
-        for k in kernels:
-            if isinstance(k, BaseException):
-                log.error("Run-Flare kernel failed to start: %s", k)
-            else:
-                self._idle.put_nowait(k)
-        if self._idle.empty():
-            raise RuntimeError("no Run-Flare kernel could start")
+        self._pool = Pool(KERNEL_NAME, self._start_kernel, self.size, reuse=self.recycle_after,
+                          starts=asyncio.Semaphore(self.size))
+        await self._pool.start()
+        if not await self._pool.wait_settled():
+            await self._pool.stop()
+            raise RuntimeError(f"no Run-Flare kernel could start: {self._pool.stats['last_error']}")
 
     async def stop(self) -> None:
         """Shut every kernel down; nothing is left running."""
@@ -118,9 +132,7 @@ class ProgramRuns:
         for t in list(self._tasks):
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        await asyncio.gather(*(self._shutdown(k) for k in list(self._all)), return_exceptions=True)
-        self._all.clear()
-        self._idle = asyncio.Queue()
+        await self._pool.stop()
         for d in (self._ipc_dir, self._own_runs_dir):
             if d:
                 shutil.rmtree(d, ignore_errors=True)
@@ -138,7 +150,7 @@ class ProgramRuns:
 
     def health(self) -> dict[str, Any]:
         """Pool state and the sandbox / limit mechanisms in force."""
-        return {"kernels": len(self._all), "idle": self._idle.qsize(), "sandbox": self.mode,
+        return {"kernels": len(self._pool.kernels), "idle": self._pool.health()["ready"], "sandbox": self.mode,
                 "limits": cgroups.mechanism(), "languages": [lang.id for lang in self._languages], **self.stats}
 
     async def run(self, request: RunRequest, emit: Emit) -> RunResult:
@@ -149,7 +161,7 @@ class ProgramRuns:
             return RunResult("internal", message=f"language {request.language_id} is not available")
         await _emit(emit, {"kind": "stage", "stage": "starting", "message": "waiting for a kernel"})
         try:
-            kernel = await asyncio.wait_for(self._idle.get(), self.KERNEL_WAIT)
+            kernel = await asyncio.wait_for(self._pool.acquire(), self.KERNEL_WAIT)
         except asyncio.TimeoutError:
             return RunResult("internal", message=f"no Run-Flare kernel became free within {self.KERNEL_WAIT:.0f} s")
         healthy = False
@@ -160,12 +172,8 @@ class ProgramRuns:
             return RunResult("internal", message=incident(log, "the program run failed on the server", exc=e,
                                                           detail=request.token))
         finally:
-            self.stats["runs"] += 1
-            kernel.runs += 1
-            if healthy and kernel.runs < self.recycle_after and not self._stopping:
-                self._idle.put_nowait(kernel)
-            else:
-                self._spawn(self._replace(kernel))
+            self._runs += 1
+            await self._pool.release(kernel, healthy and not self._stopping)  # a shutdown runs in the background
 
     async def _execute(self, kernel: _Kernel, request: RunRequest, emit: Emit) -> tuple[RunResult, bool]:
         kc = kernel.kc
@@ -282,42 +290,31 @@ class ProgramRuns:
         km = AsyncKernelManager(transport="ipc", ip=name, connection_file=name + ".json",
                                 client_factory=BoundedKernelClient, kernel_name=KERNEL_NAME,
                                 kernel_spec_manager=_kernel_specs())
-        await km.start_kernel(env=env)
-        kc = km.client(max_message_bytes=self.max_message_bytes)
-        try:
+        kc = None
+        try:  # a start cancelled halfway (the pool stopping) leaves no kernel running
+            await km.start_kernel(env=env)
+            kc = km.client(max_message_bytes=self.max_message_bytes)
             kc.start_channels()
             await kc.wait_for_ready(timeout=60)
         except BaseException:
-            kc.stop_channels()
-            await km.shutdown_kernel(now=True)
+            if kc is not None:
+                kc.stop_channels()
+            if km.has_kernel:
+                await asyncio.shield(km.shutdown_kernel(now=True))
             raise
-        k = _Kernel(km, kc)
-        self._all.add(k)
-        self.stats["kernels_started"] += 1
-        return k
+        return _Kernel(km, kc)
 
-    async def _shutdown(self, k: _Kernel) -> None:
-        self._all.discard(k)
-        with contextlib.suppress(Exception):
-            k.kc.stop_channels()
-        try:
-            await asyncio.wait_for(k.km.shutdown_kernel(now=False), 10)
-        except Exception:  # noqa: BLE001
-            with contextlib.suppress(Exception):
-                await k.km.shutdown_kernel(now=True)
+    @property
+    def stats(self) -> dict[str, int]:
+        """Runs served, kernels started, kernels replaced (dead, unhealthy after a run, or recycled)."""
+        pool = self._pool.stats
+        return {"runs": self._runs, "kernels_started": pool["started"],
+                "kernels_replaced": pool["replaced"] + pool["recycled"]}
 
-    async def _replace(self, k: _Kernel) -> None:
-        await self._shutdown(k)
-        if self._stopping:
-            return
-        self.stats["kernels_replaced"] += 1
-        for attempt in range(3):
-            try:
-                self._idle.put_nowait(await self._start_kernel())
-                return
-            except Exception as e:  # noqa: BLE001
-                log.error("could not replace a Run-Flare kernel (attempt %d): %s", attempt + 1, e)
-                await asyncio.sleep(1)
+    @property
+    def _all(self) -> list[_Kernel]:
+        """Every Run-Flare kernel of the pool, idle or busy."""
+        return self._pool.kernels
 
     def _spawn(self, coro: Any) -> asyncio.Task:
         task = asyncio.ensure_future(coro)
