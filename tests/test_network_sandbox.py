@@ -12,10 +12,12 @@ These tests never skip: a missing tool or privilege is a failure with the reason
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -93,6 +95,18 @@ while True:
     c.sendall(greeting.encode())
     c.close()
 """
+
+
+def remove_stale_test_hosts() -> None:
+    """Test hosts a killed earlier run left behind (their servers still answer on the same addresses):
+    kill what runs in each rf-test-* namespace and delete it (its veth pair goes with it)."""
+    listing = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    for ns in [line.split()[0] for line in listing.splitlines() if line.startswith("rf-test-")]:
+        pids = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True).stdout.split()
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError, ValueError):
+                os.kill(int(pid), signal.SIGKILL)
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
 
 
 class NetnsHost:
@@ -181,6 +195,7 @@ def env():
             "network sandbox tests must run as root (they create network namespaces and drop to a slot uid)"
         )
     old_tun_mode = network.prepare_tun()  # what a server allowing enable_network does at start
+    remove_stale_test_hosts()
     tag = secrets.token_hex(3)
     hosts: list[NetnsHost] = []
     servers: list[LoopbackServer] = []
