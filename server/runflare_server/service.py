@@ -97,7 +97,10 @@ class Service:
             await self.broker.set_catalog({"languages": [asdict(lang) for lang in languages],
                                            "kernelspecs": kernelspecs})
         else:
-            catalog = await self.broker.catalog() or {"languages": [], "kernelspecs": []}
+            catalog = await self.broker.catalog()
+            if catalog is None and self.languages:
+                return  # the broker lost it (a Redis restart): keep ours until a worker says it again
+            catalog = catalog or {"languages": [], "kernelspecs": []}
             languages = [LanguageInfo(**lang) for lang in catalog["languages"]]
             kernelspecs = catalog["kernelspecs"]
         self.languages = sorted(languages, key=lambda lang: (lang.name.lower(), lang.id))
