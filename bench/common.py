@@ -139,7 +139,7 @@ _slot = threading.local()
 
 def _slot_uid() -> int | None:
     """This thread's sandbox uid (a leased slot, as each Run-Flare kernel holds one), or None unprivileged."""
-    from runflare_server.engine import policy
+    from runflare_server.engine.sandbox import policy
 
     if not policy.per_slot_uids():
         return None
@@ -151,7 +151,8 @@ def _slot_uid() -> int | None:
 def sandboxed(argv: list[str], workdir: Path, env: dict[str, str], ro: list[str] = ()) -> bytes:
     """Run argv in the same sandbox a program run gets (slot uid, seccomp, view); no cgroup, reaper or kernel.
     Returns stdout; raises if it fails."""
-    from runflare_server.engine import sandbox, seccomp
+    from runflare_server.engine.sandbox import process as sandbox
+    from runflare_server.engine.sandbox import seccomp
 
     fd = seccomp.bpf_fd()
     try:
@@ -167,8 +168,8 @@ def sandboxed(argv: list[str], workdir: Path, env: dict[str, str], ro: list[str]
 
 def run_direct(language_id: int, source: str) -> bytes:
     """Compile (if the language needs it) and run one program directly in the sandbox; its stdout."""
-    from runflare_server.engine import languages as langs
-    from runflare_server.engine import sandbox
+    from runflare_server.engine.runs import languages as langs
+    from runflare_server.engine.sandbox import process as sandbox
 
     lang = langs.BY_ID[language_id]
     uid = _slot_uid()
@@ -189,8 +190,8 @@ def run_direct(language_id: int, source: str) -> bytes:
 
 def floor() -> None:
     """The floor of a program run: ``python3 -c 'print("hi")'`` in the same sandbox."""
-    from runflare_server.engine import languages as langs
-    from runflare_server.engine import sandbox
+    from runflare_server.engine.runs import languages as langs
+    from runflare_server.engine.sandbox import process as sandbox
 
     work = sandbox.new_workdir(uid=_slot_uid())
     try:

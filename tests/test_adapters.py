@@ -1,4 +1,4 @@
-"""Per-kernel-family behaviour (engine/adapters.py): which family a kernelspec belongs to, and what each does."""
+"""Per-kernel-family behaviour (engine/jupyter/adapters.py): which family a kernelspec belongs to, and what each does."""
 
 from __future__ import annotations
 
@@ -7,16 +7,16 @@ import sys
 import pytest
 from conftest import skip_or_fail
 
-from runflare_server.engine import kernel_sandbox as sb
-from runflare_server.engine.adapters import (
+from runflare_server.engine.interface import Limits, RunRequest
+from runflare_server.engine.jupyter.adapters import (
     BashKernel,
     DenoKernel,
     KernelAdapter,
     PythonKernel,
     adapter_for,
 )
-from runflare_server.engine.interface import Limits, RunRequest
-from runflare_server.engine.kernel_pool import installed_kernelspecs, load_spec
+from runflare_server.engine.jupyter.kernel_pool import installed_kernelspecs, load_spec
+from runflare_server.engine.sandbox import kernel_sandbox as sb
 
 IPYKERNEL = [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"]
 DENO = ["/usr/local/bin/deno", "jupyter", "--kernel", "--conn", "{connection_file}"]

@@ -14,8 +14,9 @@ import psutil
 import pytest
 from conftest import skip_or_fail
 
-from runflare_server.engine import cgroups, sandbox
 from runflare_server.engine.interface import Limits
+from runflare_server.engine.sandbox import cgroups
+from runflare_server.engine.sandbox import process as sandbox
 from runflare_server.kernels.runner import Runner
 
 PY = os.path.realpath(sys.executable)

@@ -17,8 +17,8 @@ import pytest
 from conftest import own_descendants, skip_or_fail, wait_until
 
 from runflare_server.engine.interface import Limits, RunRequest, RunResult
-from runflare_server.engine.kernel_pool import installed_kernelspecs
-from runflare_server.engine.kernel_runs import KernelRuns, install_kernelspecs
+from runflare_server.engine.jupyter.kernel_pool import installed_kernelspecs
+from runflare_server.engine.runs.kernel_runs import KernelRuns, install_kernelspecs
 
 pytestmark = pytest.mark.timeout(120)
 SECRET_ENV = "RUNFLARE_TEST_SECRET"
@@ -299,7 +299,7 @@ def test_process_limit_holds_in_rlimit_only_mode(tmp_path_factory: pytest.TempPa
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     """Without cgroups the limit is RLIMIT_NPROC, counted per uid: it holds because each kernel has its own
     unprivileged uid (root would ignore it)."""
-    from runflare_server.engine import cgroups
+    from runflare_server.engine.sandbox import cgroups
 
     monkeypatch.setenv("RUNFLARE_CGROUPS", "off")
     cgroups._detect.cache_clear()

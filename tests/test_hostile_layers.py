@@ -21,8 +21,10 @@ from pathlib import Path
 
 import pytest
 
-from runflare_server.engine import cgroups, languages, policy, sandbox, seccomp
 from runflare_server.engine.interface import Limits, RunRequest
+from runflare_server.engine.runs import languages
+from runflare_server.engine.sandbox import cgroups, policy, seccomp
+from runflare_server.engine.sandbox import process as sandbox
 from runflare_server.kernels.runner import Runner
 
 pytestmark = pytest.mark.timeout(240)
@@ -667,7 +669,7 @@ def check_private_mountinfo(text: str) -> None:
 
 
 def test_work_dir_through_a_real_kernel() -> None:
-    from runflare_server.engine.program_runs import BlockingProgramRuns
+    from runflare_server.engine.runs.program_runs import BlockingProgramRuns
 
     require(os.geteuid() == 0, "the private runs mount needs root")
     with BlockingProgramRuns(1) as pr:

@@ -12,9 +12,11 @@ from pathlib import Path
 import psutil
 import pytest
 
-from runflare_server.engine import languages, network, sandbox
 from runflare_server.engine.interface import Limits, RunRequest
-from runflare_server.engine.program_runs import BlockingProgramRuns
+from runflare_server.engine.runs import languages
+from runflare_server.engine.runs.program_runs import BlockingProgramRuns
+from runflare_server.engine.sandbox import network
+from runflare_server.engine.sandbox import process as sandbox
 
 AVAILABLE = {info.id for info in languages.language_infos()}
 SECRET = "rf-secret-7f3a9c"

@@ -18,14 +18,14 @@ import psutil
 import pytest
 from conftest import own_descendants, skip_or_fail, wait_until
 
-from runflare_server.engine import kernel_sandbox as sb
-from runflare_server.engine.kernel_pool import (
+from runflare_server.engine.jupyter.kernel_pool import (
     ForkServer,
     KernelPool,
     KernelSpecInfo,
     SandboxedKernel,
     load_spec,
 )
+from runflare_server.engine.sandbox import kernel_sandbox as sb
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -193,7 +193,7 @@ def test_kernels_die_with_the_server(tmp_path: Path, mode: str, fork: bool) -> N
     script = textwrap.dedent(f"""
         import asyncio, sys
         from pathlib import Path
-        from runflare_server.engine.kernel_pool import ForkServer, KernelPool, load_spec
+        from runflare_server.engine.jupyter.kernel_pool import ForkServer, KernelPool, load_spec
         async def main():
             fs = ForkServer(Path({str(tmp_path)!r})) if {fork!r} else None
             pool = KernelPool(load_spec("python3"), 2, {mode!r}, Path({str(tmp_path)!r}), fork_server=fs)

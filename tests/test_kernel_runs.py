@@ -11,8 +11,8 @@ from collections.abc import Iterator
 import pytest
 
 from runflare_server.engine.interface import Limits, RunRequest, RunResult
-from runflare_server.engine.kernel_pool import installed_kernelspecs
-from runflare_server.engine.kernel_runs import KernelRuns, install_kernelspecs
+from runflare_server.engine.jupyter.kernel_pool import installed_kernelspecs
+from runflare_server.engine.runs.kernel_runs import KernelRuns, install_kernelspecs
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -211,7 +211,7 @@ def test_deno_kernel_javascript_and_typescript(engine: Engine) -> None:
 def test_enable_network_does_not_reach_the_host_loopback(engine: Engine) -> None:
     import socket
 
-    from runflare_server.engine import network
+    from runflare_server.engine.sandbox import network
 
     network.prepare_tun()  # what a server allowing enable_network does at start
     with socket.create_server(("127.0.0.1", 0)) as listener:

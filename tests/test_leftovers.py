@@ -22,7 +22,7 @@ from http_client import get, post
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
-from runflare_server.engine import scratch
+from runflare_server.engine.sandbox import scratch
 
 pytestmark = pytest.mark.timeout(300)
 

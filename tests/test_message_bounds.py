@@ -13,10 +13,10 @@ from collections.abc import Iterator
 
 import pytest
 
-from runflare_server.engine.bounded_client import BoundedKernelClient, message_bound
 from runflare_server.engine.interface import Limits, RunRequest, RunResult
-from runflare_server.engine.kernel_runs import KernelRuns
-from runflare_server.engine.program_runs import BlockingProgramRuns
+from runflare_server.engine.jupyter.bounded_client import BoundedKernelClient, message_bound
+from runflare_server.engine.runs.kernel_runs import KernelRuns
+from runflare_server.engine.runs.program_runs import BlockingProgramRuns
 
 pytestmark = pytest.mark.timeout(180)
 

@@ -28,7 +28,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "server"))
 
-from runflare_server.engine import network  # noqa: E402
+from runflare_server.engine.sandbox import network  # noqa: E402
 
 SLOT_UID = 1900000099
 INET_ADDR, INET_HOST_SIDE = "198.51.100.2", "198.51.100.1"
@@ -529,7 +529,7 @@ class HostUid:
 
     def uid(self) -> int:
         """The one host uid the probe ran as: a slot uid, never 0."""
-        from runflare_server.engine import policy
+        from runflare_server.engine.sandbox import policy
 
         assert len(self.seen) == 1, f"the probe's process was seen with host uids {self.seen}"
         ((real, effective),) = self.seen
@@ -579,8 +579,8 @@ def _check_no_network(
 
 @pytest.fixture(scope="module")
 def runner(env):
-    from runflare_server.engine import languages as langs
-    from runflare_server.engine import policy
+    from runflare_server.engine.runs import languages as langs
+    from runflare_server.engine.sandbox import policy
     from runflare_server.kernels.runner import Runner
 
     for lang_id in (50, 71):
@@ -627,7 +627,7 @@ class KernelEngine:
     def __init__(self) -> None:
         import asyncio
 
-        from runflare_server.engine.kernel_runs import KernelRuns
+        from runflare_server.engine.runs.kernel_runs import KernelRuns
 
         self.loop = asyncio.new_event_loop()
         self.engine = KernelRuns(pool_sizes={"python3": 0})  # its own runtime dir
@@ -651,8 +651,8 @@ class KernelEngine:
 
 @pytest.fixture(scope="module")
 def kernels(env, tmp_path_factory):
-    from runflare_server.engine.kernel_pool import installed_kernelspecs
-    from runflare_server.engine.kernel_runs import install_kernelspecs
+    from runflare_server.engine.jupyter.kernel_pool import installed_kernelspecs
+    from runflare_server.engine.runs.kernel_runs import install_kernelspecs
 
     with pytest.MonkeyPatch.context() as mp:  # undone however the module ends
         if "python3" not in installed_kernelspecs():  # into a temp prefix, never this interpreter's

@@ -16,7 +16,7 @@ from conftest import start_server
 from http_client import post
 
 from runflare_server.engine.interface import RunResult
-from runflare_server.engine.program_runs import ProgramRuns
+from runflare_server.engine.runs.program_runs import ProgramRuns
 
 pytestmark = pytest.mark.timeout(240)
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from conftest import start_server
 
-from runflare_server.engine import policy
+from runflare_server.engine.sandbox import policy
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0 and not os.environ.get("CI"),
                                 reason="per-slot uids need root (CI runs as root)")

@@ -9,9 +9,9 @@ import psutil
 import pytest
 from conftest import wait_until
 
-from runflare_server.engine import languages
 from runflare_server.engine.interface import Limits, RunRequest
-from runflare_server.engine.program_runs import BlockingProgramRuns
+from runflare_server.engine.runs import languages
+from runflare_server.engine.runs.program_runs import BlockingProgramRuns
 
 AVAILABLE = {info.id for info in languages.language_infos()}
 
@@ -260,7 +260,7 @@ def test_no_free_kernel_is_an_internal_error(tmp_path):
 def test_kernels_are_the_engines_own_spec_through_a_public_spec_manager(pool, tmp_path, monkeypatch):
     from jupyter_client.kernelspec import KernelSpec, NoSuchKernel
 
-    from runflare_server.engine.kernelspecs import StaticKernelSpecManager
+    from runflare_server.engine.jupyter.kernelspecs import StaticKernelSpecManager
 
     for k in pool.engine._all:
         assert k.km.kernel_spec.argv[1:3] == ["-m", "runflare_server.kernels"]

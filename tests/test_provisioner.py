@@ -28,9 +28,9 @@ from nbclient import NotebookClient
 
 from runflare_server.cli import build_parser
 from runflare_server.cli import main as cli_main
-from runflare_server.engine import policy
-from runflare_server.engine.provisioner import PROVISIONER_NAME, RunflareSandboxProvisioner
-from runflare_server.engine.sandbox import scratch_base
+from runflare_server.engine.jupyter.provisioner import PROVISIONER_NAME, RunflareSandboxProvisioner
+from runflare_server.engine.sandbox import policy
+from runflare_server.engine.sandbox.process import scratch_base
 
 REPO_FILE = Path(__file__).resolve().parents[1] / "pyproject.toml"
 SMALL = {"memory_limit": 160_000, "max_file_size": 1024, "max_processes_and_or_threads": 64}

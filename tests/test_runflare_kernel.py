@@ -15,7 +15,7 @@ import pytest
 from jupyter_client.kernelspec import KernelSpecManager
 from jupyter_client.manager import start_new_kernel
 
-from runflare_server.engine import languages
+from runflare_server.engine.runs import languages
 from runflare_server.kernels.install import install_kernelspecs
 
 AVAILABLE = {info.id for info in languages.language_infos()}

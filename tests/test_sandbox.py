@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from runflare_server.engine import cgroups, policy, sandbox, seccomp
 from runflare_server.engine.interface import Limits
+from runflare_server.engine.sandbox import cgroups, policy, seccomp
+from runflare_server.engine.sandbox import process as sandbox
 from runflare_server.kernels.runner import Runner
 
 PY = os.path.realpath(sys.executable)
@@ -105,7 +106,7 @@ def test_bwrap_isolation(workdir, monkeypatch):
 def test_bwrap_network_flag_gives_a_user_mode_network_never_the_hosts(workdir):
     if sandbox.resolve_mode("auto") != "bwrap":
         pytest.skip("bwrap not usable here")
-    from runflare_server.engine import network
+    from runflare_server.engine.sandbox import network
 
     network.prepare_tun()
     lease = policy.UidLease.acquire()

@@ -16,8 +16,8 @@ import pytest
 from conftest import skip_or_fail, wait_until
 from jupyter_client.blocking import BlockingKernelClient
 
-from runflare_server.engine import kernel_sandbox as sb
-from runflare_server.engine import tcp_bridge, zygote
+from runflare_server.engine.sandbox import kernel_sandbox as sb
+from runflare_server.engine.sandbox import tcp_bridge, zygote
 
 ALLOWED_IMPORTS = {"zygote": {"ipykernel"}, "tcp_bridge": {"zmq"}}
 

@@ -106,13 +106,14 @@ def install_kernels(args: argparse.Namespace) -> int:
     where = {"user": args.user, "prefix": args.prefix}
     sandboxed = getattr(args, "sandboxed", [])
     if not sandboxed:
-        from .engine.kernel_runs import install_kernelspecs as install_third_party
+        from runflare_server.engine.runs.kernel_runs import install_kernelspecs as install_third_party
+
         from .kernels.install import install_kernelspecs as install_runflare
 
         for line in [*install_runflare(**where), *install_third_party(**where)]:
             print(line)
         return 0
-    from .engine.provisioner import install_sandboxed
+    from runflare_server.engine.jupyter.provisioner import install_sandboxed
 
     if args.name and len(sandboxed) > 1:
         print("runflare: --name goes with a single --sandboxed NAME", file=sys.stderr)

@@ -19,8 +19,8 @@ class KernelEngine:
     """Dispatches each run to the program-run pool or the kernel-run pools."""
 
     def __init__(self, settings: Settings):
-        from .kernel_runs import KernelRuns
-        from .program_runs import ProgramRuns
+        from runflare_server.engine.runs.kernel_runs import KernelRuns
+        from runflare_server.engine.runs.program_runs import ProgramRuns
 
         self.sandbox = settings.sandbox
         self.allow_network = settings.allow_enable_network
@@ -34,15 +34,15 @@ class KernelEngine:
                                       extra_ids=settings.kernel_language_ids, max_output_bytes=settings.max_output_size)
 
     async def start(self) -> None:
-        from . import scratch
-        from .cgroups import sweep_stale
-        from .policy import check
+        from runflare_server.engine.sandbox import scratch
+        from runflare_server.engine.sandbox.cgroups import sweep_stale
+        from runflare_server.engine.sandbox.policy import check
 
         if self.sandbox != "none":
             # says clearly what is wrong; what is in force goes to /health
             self.policy = await asyncio.get_running_loop().run_in_executor(None, check, self.sandbox)
         if self.allow_network:
-            from . import network
+            from runflare_server.engine.sandbox import network
 
             network.prepare_tun()  # pasta runs as the slot uid
         sweep_stale()  # groups a killed server left behind
@@ -76,14 +76,15 @@ class KernelEngine:
 
 def detect_languages() -> list[LanguageInfo]:
     """The program-run languages this machine can run, without starting any kernel."""
-    from . import languages
+    from runflare_server.engine.runs import languages
 
     return sorted(languages.language_infos(), key=lambda lang: lang.name.lower())
 
 
 def install_kernelspecs(prefix: str | None = None) -> list[str]:
     """Install the Run-Flare kernelspecs (one per program language) and the bash and Deno kernels."""
+    from runflare_server.engine.runs.kernel_runs import install_kernelspecs as install_third_party
+
     from ..kernels.install import install_kernelspecs as install_runflare
-    from .kernel_runs import install_kernelspecs as install_third_party
 
     return [*install_runflare(prefix), *install_third_party()]

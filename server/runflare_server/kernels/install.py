@@ -16,7 +16,7 @@ from pathlib import Path
 
 from jupyter_client.kernelspec import KernelSpecManager
 
-from runflare_server.engine import languages as langs
+from runflare_server.engine.runs import languages as langs
 
 
 def kernelspec_json(lang: langs.Language) -> dict:

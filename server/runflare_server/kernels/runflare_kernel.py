@@ -28,8 +28,8 @@ from typing import Any
 import zmq
 from ipykernel.kernelbase import Kernel
 
-from runflare_server.engine import languages as langs
 from runflare_server.engine.interface import Limits
+from runflare_server.engine.runs import languages as langs
 from runflare_server.kernels.runner import Runner
 
 _LIMIT_FIELDS = {f.name for f in dataclasses.fields(Limits)}
@@ -147,7 +147,7 @@ def main() -> None:
     """Launch the kernel (``python -m runflare_server.kernels -f CONNECTION_FILE``)."""
     from ipykernel.kernelapp import IPKernelApp
 
-    from runflare_server.engine.sandbox import private_runs_mount
+    from runflare_server.engine.sandbox.process import private_runs_mount
 
     if os.environ.get("RUNFLARE_SANDBOX", "auto") != "none":
         private_runs_mount()  # first: unshare needs a process with no other thread yet

@@ -28,10 +28,17 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from runflare_server.engine import cgroups, policy, sandbox, seccomp
-from runflare_server.engine import languages as langs
-from runflare_server.engine.cgroups import GroupPool, RunCgroup, exec_prefix, rlimit_preexec, rlimit_values
 from runflare_server.engine.interface import Limits
+from runflare_server.engine.runs import languages as langs
+from runflare_server.engine.sandbox import cgroups, policy, seccomp
+from runflare_server.engine.sandbox import process as sandbox
+from runflare_server.engine.sandbox.cgroups import (
+    GroupPool,
+    RunCgroup,
+    exec_prefix,
+    rlimit_preexec,
+    rlimit_values,
+)
 
 # Limits of the compile step when the request names none: Judge0's maxima (config_info's max_*), as Judge0
 # compiles with the maximum limits. The server sends its own configured maxima (never above config_info's).

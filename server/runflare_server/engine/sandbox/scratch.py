@@ -83,7 +83,7 @@ def creator_alive(name: str) -> bool | None:
 
 def default_bases() -> list[Path]:
     """Where the engine makes its private dirs: memory-backed scratch, the temp dir and the runs root."""
-    from . import sandbox
+    from runflare_server.engine.sandbox import process as sandbox
 
     bases = [sandbox.scratch_base(), Path(tempfile.gettempdir())]
     with contextlib.suppress(OSError):

@@ -30,8 +30,8 @@ from typing import Any
 
 import psutil
 
-from . import cgroups, policy, seccomp
-from .adapters import adapter_for
+from runflare_server.engine.jupyter.adapters import adapter_for
+from runflare_server.engine.sandbox import cgroups, policy, seccomp
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +140,7 @@ def network_argv(argv: list[str], conn_dir: Path, *, env: dict[str, str], ro_ext
     """A kernel with ``enable_network``: ``userns_launcher`` binds the trees the kernel needs (and its
     connection dir) where the slot uid can reach them, becomes that uid, and starts pasta
     (``network.wrap``) around an unprivileged bubblewrap with the same view as ``bwrap_argv``."""
-    from . import network as usernet
+    from runflare_server.engine.sandbox import network as usernet
 
     if not usernet.available():
         raise RuntimeError(f"enable_network needs pasta here: {usernet.describe().get('reason')}")
@@ -344,7 +344,7 @@ def zygote_argv(runtime_dir: Path, env: dict[str, str]) -> list[str]:
     extra = [p for p in readonly_paths([sys.executable]) if p not in policy.SYSTEM_DIRS]
     view = str(policy.VIEW_DIR)
     sources = ",".join([*extra, f"rw:{runtime_dir}"])  # the runtime dir may sit below a private dir too
-    cmd = [sys.executable, "-m", "runflare_server.engine.userns_launcher", view, sources, "--"]
+    cmd = [sys.executable, "-m", "runflare_server.engine.sandbox.userns_launcher", view, sources, "--"]
     cmd += ["bwrap", "--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try",
             "--die-with-parent", "--new-session", "--clearenv", "--cap-drop", "ALL"]
     for cap in ("CAP_SYS_ADMIN", "CAP_SETUID", "CAP_SETGID", "CAP_SETPCAP", "CAP_DAC_OVERRIDE"):

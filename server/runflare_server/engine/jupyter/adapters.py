@@ -18,7 +18,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
-from .interface import RunRequest
+from runflare_server.engine.interface import RunRequest
 
 
 class KernelAdapter:

@@ -21,7 +21,7 @@ Semantics (documented for the API):
   stack and core size as rlimits set on the kernel's processes when the run starts.
 - Every kernel starts through ``AsyncKernelManager`` and the ``runflare-sandbox`` provisioner (see
   ``kernel_pool.SandboxedKernel``). ipykernel kernels come from a fork server (ipykernel imported once,
-  each kernel forked into fresh namespaces, see engine/zygote.py) when bwrap is used as root; other
+  each kernel forked into fresh namespaces, see engine/sandbox/zygote.py) when bwrap is used as root; other
   kernelspecs, and runs with enable_network, get a bubblewrap of their own.
 - stdin: Python sees it whole (sys.stdin) and by input(); other kernels get input_request answers
   (Deno's prompt()), bash a here-document around the program. argv: sys.argv / bash "$@".
@@ -48,11 +48,10 @@ from typing import Any
 
 import psutil
 
-from . import bounded_client, scratch
-from . import kernel_sandbox as sb
-from .incidents import incident
-from .interface import Emit, Event, LanguageInfo, RunRequest, RunResult
-from .kernel_pool import (
+from runflare_server.engine.incidents import incident
+from runflare_server.engine.interface import Emit, Event, LanguageInfo, RunRequest, RunResult
+from runflare_server.engine.jupyter import bounded_client
+from runflare_server.engine.jupyter.kernel_pool import (
     ForkServer,
     KernelPool,
     KernelSpecInfo,
@@ -60,7 +59,9 @@ from .kernel_pool import (
     installed_kernelspecs,
     load_spec,
 )
-from .sandbox import scratch_base
+from runflare_server.engine.sandbox import kernel_sandbox as sb
+from runflare_server.engine.sandbox import scratch
+from runflare_server.engine.sandbox.process import scratch_base
 
 log = logging.getLogger(__name__)
 

@@ -28,7 +28,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import seccomp
+from runflare_server.engine.sandbox import seccomp
 
 log = logging.getLogger(__name__)
 SERVER_DIR = str(Path(__file__).resolve().parents[2])  # .../server: what imports runflare_server
@@ -286,7 +286,7 @@ def bwrap_command(argv: list[str], *, uid: int | None, binds: list[str], env: Ma
     for k, v in env.items():
         cmd += ["--setenv", k, v]
     if network:
-        from . import network as usernet
+        from runflare_server.engine.sandbox import network as usernet
 
         cmd += ["--ro-bind", usernet.resolv_conf_path(), "/etc/resolv.conf"]
     prefix = drop_to(uid) if uid is not None and privileged else []
@@ -298,7 +298,7 @@ def network_launch(argv: list[str], *, uid: int, view_sources: list[str]) -> lis
     through ``userns_launcher``: it binds ``view_sources`` under ``VIEW_DIR/<n>`` (``rw:`` for writable),
     where the slot uid can reach them whatever their host parents, then becomes ``uid``."""
     VIEW_DIR.mkdir(mode=0o755, parents=True, exist_ok=True)
-    return [sys.executable, "-m", "runflare_server.engine.userns_launcher", str(VIEW_DIR), ",".join(view_sources),
+    return [sys.executable, "-m", "runflare_server.engine.sandbox.userns_launcher", str(VIEW_DIR), ",".join(view_sources),
             "--become", str(uid), "--", *argv]
 
 

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import psutil
 
-from . import kernel_sandbox as sb
-from . import policy
+from runflare_server.engine.sandbox import kernel_sandbox as sb
+from runflare_server.engine.sandbox import policy
 
 log = logging.getLogger(__name__)
 _SHARED: dict[str, ForkServer] = {}

@@ -31,13 +31,13 @@ import psutil
 from jupyter_client.kernelspec import KernelSpec, KernelSpecManager, NoSuchKernel
 from jupyter_client.manager import AsyncKernelManager
 
-from . import kernel_sandbox as sb
-from . import policy
-from .adapters import KernelAdapter, adapter_for
-from .bounded_client import BoundedKernelClient
-from .fork_server import ForkServer
-from .kernelspecs import StaticKernelSpecManager
-from .provisioner import PROVISIONER_NAME, RunflareSandboxProvisioner
+from runflare_server.engine.jupyter.adapters import KernelAdapter, adapter_for
+from runflare_server.engine.jupyter.bounded_client import BoundedKernelClient
+from runflare_server.engine.jupyter.fork_server import ForkServer
+from runflare_server.engine.jupyter.kernelspecs import StaticKernelSpecManager
+from runflare_server.engine.jupyter.provisioner import PROVISIONER_NAME, RunflareSandboxProvisioner
+from runflare_server.engine.sandbox import kernel_sandbox as sb
+from runflare_server.engine.sandbox import policy
 
 log = logging.getLogger(__name__)
 

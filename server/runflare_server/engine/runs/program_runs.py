@@ -45,12 +45,14 @@ from typing import Any
 from jupyter_client.kernelspec import KernelSpec
 from jupyter_client.manager import AsyncKernelManager
 
-from . import cgroups, languages, policy, sandbox, scratch
-from .bounded_client import BoundedKernelClient, message_bound
-from .incidents import has_host_detail, incident, shown_or_incident
-from .interface import Emit, LanguageInfo, RunRequest, RunResult
-from .kernel_pool import Pool
-from .kernelspecs import StaticKernelSpecManager
+from runflare_server.engine.incidents import has_host_detail, incident, shown_or_incident
+from runflare_server.engine.interface import Emit, LanguageInfo, RunRequest, RunResult
+from runflare_server.engine.jupyter.bounded_client import BoundedKernelClient, message_bound
+from runflare_server.engine.jupyter.kernel_pool import Pool
+from runflare_server.engine.jupyter.kernelspecs import StaticKernelSpecManager
+from runflare_server.engine.runs import languages
+from runflare_server.engine.sandbox import cgroups, policy, scratch
+from runflare_server.engine.sandbox import process as sandbox
 
 log = logging.getLogger(__name__)
 REPLY_GRACE = 30.0  # seconds past the run's own limits before a kernel is declared stuck

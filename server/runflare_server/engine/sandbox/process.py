@@ -19,7 +19,7 @@ import uuid
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
-from . import policy
+from runflare_server.engine.sandbox import policy
 
 log = logging.getLogger(__name__)
 
@@ -160,7 +160,7 @@ def _bwrap(argv: list[str], workdir: Path, env: Mapping[str, str], network: bool
     if not network:
         return policy.bwrap_command(argv, uid=uid, binds=["--bind", str(workdir), BOX], env=env, ro_paths=ro,
                                     chdir=BOX, seccomp_fd=seccomp_fd)
-    from . import network as usernet
+    from runflare_server.engine.sandbox import network as usernet
 
     if not usernet.available():
         raise SandboxUnavailable(f"enable_network needs pasta: {usernet.describe().get('reason')}")

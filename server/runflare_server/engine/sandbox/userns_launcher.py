@@ -1,7 +1,7 @@
 """Start a command as uid 0 of a new user namespace that the server maps onto a leased block of host uids.
 
 Usage (as root, by the server):
-``python -m runflare_server.engine.userns_launcher VIEW_DIR SRC[,SRC...] [--become UID] -- ARGV``.
+``python -m runflare_server.engine.sandbox.userns_launcher VIEW_DIR SRC[,SRC...] [--become UID] -- ARGV``.
 
 1. A private mount namespace with a tmpfs on ``VIEW_DIR`` (an empty, world-traversable host dir), where each
    SRC (a tree the sandbox needs, possibly below a private dir such as ``/root``) is bound read-only as

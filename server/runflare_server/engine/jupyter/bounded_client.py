@@ -23,7 +23,7 @@ import zmq.asyncio
 from jupyter_client.asynchronous import AsyncKernelClient
 from zmq.utils.monitor import recv_monitor_message
 
-from .interface import Limits
+from runflare_server.engine.interface import Limits
 
 HEADROOM = 64 * 1024
 SETTLE = 0.25  # seconds after a disconnect with no reconnect attempt: the connection was refused, not lost

@@ -18,7 +18,7 @@ import sysconfig
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .interface import LanguageInfo
+from runflare_server.engine.interface import LanguageInfo
 
 
 @dataclass(frozen=True)

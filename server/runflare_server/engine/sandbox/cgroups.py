@@ -35,7 +35,7 @@ from pathlib import Path
 
 import psutil
 
-from .interface import Limits
+from runflare_server.engine.interface import Limits
 
 _CGROUP_ROOT = Path("/sys/fs/cgroup")
 _PARENT = "runflare"

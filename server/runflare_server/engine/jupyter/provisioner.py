@@ -69,12 +69,12 @@ from jupyter_client.connect import KernelConnectionInfo
 from jupyter_client.provisioning.provisioner_base import KernelProvisionerBase
 from traitlets import Bool, Float, Int, List, Unicode
 
-from . import cgroups, policy, scratch, seccomp
-from . import kernel_sandbox as sb
-from .adapters import adapter_for
-from .fork_server import ForkServer
-from .interface import Limits
-from .sandbox import scratch_base
+from runflare_server.engine.interface import Limits
+from runflare_server.engine.jupyter.adapters import adapter_for
+from runflare_server.engine.jupyter.fork_server import ForkServer
+from runflare_server.engine.sandbox import cgroups, policy, scratch, seccomp
+from runflare_server.engine.sandbox import kernel_sandbox as sb
+from runflare_server.engine.sandbox.process import scratch_base
 
 PROVISIONER_NAME = "runflare-sandbox"
 CONNECTION_INSIDE = f"{sb.SANDBOX_CONN}/connection.json"
