@@ -446,9 +446,16 @@ def test_a_socket_follows_a_run_whose_events_redis_lost(tmp_path: Path, own_redi
     cluster = start_cluster(tmp_path, store, url, apis=1, workers=1)
     try:
         api = cluster.apis[0]
-        token = post(api.api + "/submissions", {"source_code": "print('got', input())", "language_id": 71,
+        src = "print('ready', flush=True)\nprint('got', input())"
+        token = post(api.api + "/submissions", {"source_code": src, "language_id": 71,
                                                 "interactive": True}).json["token"]
-        wait_until(lambda: get(api.api + f"/submissions/{token}").json["status"]["id"] == 2)
+        seen: list[dict] = []
+        with connect(ws_url(api, token)) as before:  # until the program blocks on input(): no more events
+            while not any("ready" in (m.get("text") or "") for m in seen):
+                try:
+                    seen.append(json.loads(before.recv(timeout=60)))
+                except ConnectionClosed:
+                    raise AssertionError(f"the run ended before it read stdin: {seen}") from None
         redis.Redis.from_url(url).flushall()  # the run's event stream is gone; the run goes on
         with connect(ws_url(api, token)) as ws:
             first = json.loads(ws.recv(timeout=30))
@@ -463,7 +470,7 @@ def test_a_socket_follows_a_run_whose_events_redis_lost(tmp_path: Path, own_redi
             except ConnectionClosed:
                 pass
         final = [m for m in messages if m["type"] == "status_update"][-1]
-        assert final["status"]["id"] == 3 and final["data"]["stdout"] == "got through\n"
+        assert final["status"]["id"] == 3 and final["data"]["stdout"] == "ready\ngot through\n"
         assert [m["seq"] for m in messages if m["type"] != "pong"] == list(range(2, 2 + len(messages)))
     finally:
         cluster.stop()

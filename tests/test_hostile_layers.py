@@ -642,7 +642,7 @@ def test_work_dir_on_a_private_tmpfs_like_a_kernel() -> None:
     import subprocess
     import sys
 
-    code = ("from runflare_server.engine import sandbox\n"
+    code = ("from runflare_server.engine.sandbox import process as sandbox\n"
             "from runflare_server.kernels.runner import Runner\n"
             "assert sandbox.private_runs_mount()\n"
             f"r = Runner('bwrap').run(71, {MOUNTINFO_PY!r})\n"

@@ -46,7 +46,7 @@ def test_leases_are_exclusive_across_processes_and_freed_by_death():
     assert first.uid != second.uid and {first.uid, second.uid} <= set(range(uids.base, uids.base + 64))
     # another process cannot take a held uid; when it dies holding one, the uid is free again
     code = ("import sys; sys.path[:0] = %r\n"
-            "from runflare_server.engine import policy\n"
+            "from runflare_server.engine.sandbox import policy\n"
             "l = policy.UidLease.acquire(uids=policy.UidRange(1900060000, 64)); print(l.uid, flush=True)\n"
             "import os; os._exit(0)") % (sys.path,)
     other = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
