@@ -221,15 +221,17 @@ async def test_a_reopened_log_continues_its_seq(backend: Backend):
 
 
 async def test_stdin_in_order_with_eof_and_a_cap_on_unread_input(backend: Backend):
-    async with backend.broker(max_pending_input=10) as broker:
+    async with backend.broker(max_pending_input=11) as broker:
         assert await broker.send_input("t", "abc")  # sent before the run opens it: it waits
         assert await broker.send_input("t", "defg")
-        assert not await broker.send_input("t", "12345")  # 7 unread + 5 > 10
+        assert not await broker.send_input("t", "12345")  # 7 unread + 5 > 11
         channel = await broker.open_input("t")
         assert await bounded(channel.get()) == "abc"
         assert await broker.send_input("t", "12345")  # 4 + 5
-        assert await broker.send_input("t", "")
+        assert await broker.send_input("t", "")  # an empty chunk and the end count 1 each
         assert await broker.send_input("t", None)
+        assert not await broker.send_input("t", "")  # so a flood of empty chunks is capped too
+        assert not await broker.send_input("t", None)
         assert [await bounded(channel.get()) for _ in range(4)] == ["defg", "12345", "", None]
         await channel.close()
 

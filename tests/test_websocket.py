@@ -363,3 +363,21 @@ def test_stdin_sent_right_before_closing_still_reaches_the_program(live_server):
         ws.send(json.dumps({"type": "stdin", "data": "olleh\n", "eof": True}))
     sub = wait_until(lambda: (s := get(f"{live_server.api}/submissions/{token}").json)["status"]["id"] >= 3 and s)
     assert sub["status"]["id"] == 3 and sub["stdout"] == "hello\n"
+
+
+def test_stdin_beyond_what_the_server_holds_closes_the_socket_1008(tmp_path):
+    server = start_server(tmp_path, env={"RUNFLARE_KERNEL_POOL": "{}", "RUNFLARE_MAX_STDIN_SIZE": "1000"})
+    try:
+        token = post(f"{server.api}/submissions", {"source_code": "print(input())", "language_id": 71,
+                                                   "interactive": True}).json["token"]
+        with connect(ws_url(server, token)) as ws:
+            ws.recv(timeout=30)  # connected
+            ws.send(json.dumps({"type": "stdin", "data": "x" * 2000}))
+            read_all(ws)
+        assert ws.close_code == 1008 and "too much stdin" in ws.close_reason
+        with connect(ws_url(server, token)) as ws:  # the run goes on; another socket can still feed it
+            ws.send(json.dumps({"type": "stdin", "data": "fits\n", "eof": True}))
+            final = [m for m in read_all(ws) if m["type"] == "status_update"][-1]
+        assert final["status"]["id"] == 3 and final["data"]["stdout"] == "fits\n"
+    finally:
+        server.stop()

@@ -88,7 +88,10 @@ class Worker:
 
     async def recover(self) -> int:
         """At start: queue again what is unfinished in the store and not in the queue (a previous process
-        left it queued or running, or the broker lost it)."""
+        left it queued or running). Only the in-process broker does it at once: with a shared broker, an API
+        node may have stored a submission it has not queued yet, so the periodic reconcile's grace applies."""
+        if self.broker.kind != "memory":
+            return 0
         return await self.reconcile(grace=0.0)
 
     async def reconcile(self, grace: float) -> int:

@@ -17,6 +17,10 @@ from .base import INTEGER, ApiError, allowed_origin, check_auth, raw_query, unav
 log = logging.getLogger(__name__)
 
 
+MAX_INBOX_MESSAGES = 256  # stdin messages a socket may have waiting for the broker
+MAX_UNREAD_REPLIES = 16  # pongs and errors a socket may have unflushed before it gets no more
+
+
 class SubmissionSocket(websocket.WebSocketHandler):
     """One client following one submission.
 
@@ -95,7 +99,10 @@ class SubmissionSocket(websocket.WebSocketHandler):
         self.settings_ = self.service.settings
         self.sent_seq = self.since
         self.inflight_since: float | None = None
-        self.inbox: asyncio.Queue[dict[str, Any] | None] | None = None
+        self.inbox: asyncio.Queue[tuple[dict[str, Any], int] | None] | None = None
+        self.inbox_bytes = 0  # stdin received and not yet handed to the broker
+        self.run_over = False
+        self.unread_replies = 0  # pongs and errors written and not yet flushed
         self.last_activity = self.last_heard = time.monotonic()
         self.send_now(events.message("connected", token, message=f"Connected to submission {token}"))
         self.service.sockets.add(self)
@@ -163,22 +170,44 @@ class SubmissionSocket(websocket.WebSocketHandler):
         except ValueError:
             kind, message = None, None
         if kind == "ping":
-            self.send_now(events.message("pong", self.token))
+            self.reply(events.message("pong", self.token))
         elif kind == "stdin" and isinstance(message, dict):
             if self.inbox is None:  # one consumer per socket keeps the chunks in order
                 self.inbox = asyncio.Queue()
                 self.stdin_feeder = asyncio.create_task(self.feed_stdin_loop())
-            self.inbox.put_nowait(message)
+            size = len(raw)
+            if self.inbox.qsize() >= MAX_INBOX_MESSAGES or self.inbox_bytes + size > self.settings_.max_stdin_size:
+                self.close(1008, "too much stdin waiting to be delivered")
+                return
+            self.inbox_bytes += size
+            self.inbox.put_nowait((message, size))
         else:
-            self.send_now(events.message("error", self.token, error="unknown message",
-                                         details='send {"type": "ping"} or {"type": "stdin", "data": "..."}'))
+            self.reply(events.message("error", self.token, error="unknown message",
+                                      details='send {"type": "ping"} or {"type": "stdin", "data": "..."}'))
+
+    def reply(self, message: dict[str, Any]) -> None:
+        """A pong or an error, unless MAX_UNREAD_REPLIES are still unflushed: a client that sends without
+        reading gets no more replies (they would pile up in the server's write buffer)."""
+        if self.unread_replies >= MAX_UNREAD_REPLIES:
+            return
+        sent = self.send_now(message)
+        if sent is not None:
+            self.unread_replies += 1
+            sent.add_done_callback(self._reply_flushed)
+
+    def _reply_flushed(self, future: asyncio.Future) -> None:
+        if not future.cancelled():
+            future.exception()  # retrieved: a closed socket is on_close's business
+        self.unread_replies -= 1
 
     async def feed_stdin_loop(self) -> None:
         assert self.inbox is not None
         while True:
-            message = await self.inbox.get()
-            if message is None:
+            item = await self.inbox.get()
+            if item is None:
                 return
+            message, size = item
+            self.inbox_bytes -= size
             try:
                 await self.feed_stdin(message)
             except Exception as exc:
@@ -196,8 +225,10 @@ class SubmissionSocket(websocket.WebSocketHandler):
             self.send_now(events.message("error", self.token, error="not interactive",
                                          details="create the submission with \"interactive\": true"))
             return
-        sub = await self.service.submissions.get(self.token)
-        if sub is None or is_final(sub["status_id"]):
+        if not self.run_over:
+            sub = await self.service.submissions.get(self.token)
+            self.run_over = sub is None or is_final(sub["status_id"])
+        if self.run_over:  # known once: a flood after the end costs no store reads
             self.send_now(events.message("error", self.token, error="stdin not accepted",
                                          details="the program has finished"))
             return

@@ -63,12 +63,12 @@ class InputQueue(asyncio.Queue):
             self._on_close()
 
     def _put(self, item: str | None) -> None:
-        self.pending += len(item or "")
+        self.pending += max(1, len(item or ""))  # an empty chunk or end-of-input counts too
         super()._put(item)
 
     def _get(self) -> str | None:
         item = super()._get()
-        self.pending -= len(item or "")
+        self.pending -= max(1, len(item or ""))
         return item
 
 
@@ -165,7 +165,7 @@ class MemoryBroker:
 
     async def send_input(self, token: str, chunk: str | None) -> bool:
         queue = self._input(token)  # input sent before the run starts waits for it
-        if chunk and queue.pending + len(chunk) > self.max_pending_input:
+        if queue.pending + max(1, len(chunk or "")) > self.max_pending_input:
             return False
         queue.put_nowait(chunk)
         return True

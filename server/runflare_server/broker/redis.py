@@ -114,16 +114,20 @@ return n
 # KEYS: stdin list, pending counter. ARGV: item, its length, cap, ttl ms. 0 when over the cap.
 SEND_INPUT = """
 local size = tonumber(ARGV[2])
-if size > 0 then
-  local pending = tonumber(redis.call('GET', KEYS[2]) or '0')
-  if pending + size > tonumber(ARGV[3]) then return 0 end
-  redis.call('INCRBY', KEYS[2], size)
-end
+local pending = tonumber(redis.call('GET', KEYS[2]) or '0')
+if pending + size > tonumber(ARGV[3]) then return 0 end
+redis.call('INCRBY', KEYS[2], size)
 redis.call('RPUSH', KEYS[1], ARGV[1])
 redis.call('PEXPIRE', KEYS[1], ARGV[4])
 redis.call('PEXPIRE', KEYS[2], ARGV[4])
 return 1
 """
+
+
+def item_cost(chunk: str | None) -> int:
+    """What a stdin item counts against the pending cap: its length, and at least 1, so that a flood of
+    empty chunks or end-of-input markers is capped too."""
+    return max(1, len(chunk or ""))
 
 
 class StoredEvent(LoggedEvent):
@@ -218,12 +222,9 @@ class RedisInputChannel:
             if popped is None:
                 continue
             item = popped[1]
-            if item.startswith("e"):
-                return None
-            chunk = item[1:]
-            if chunk:
-                with unavailable():
-                    await self._broker._redis.decrby(self._pending, len(chunk))
+            chunk = None if item.startswith("e") else item[1:]
+            with unavailable():
+                await self._broker._redis.decrby(self._pending, item_cost(chunk))
             return chunk
 
     async def close(self) -> None:
@@ -550,7 +551,7 @@ class RedisBroker:
     async def send_input(self, token: str, chunk: str | None) -> bool:
         item = "e" if chunk is None else "d" + chunk
         keys = [self._key("stdin", token), self._key("stdin-pending", token)]
-        args = [item, len(chunk or ""), self.max_pending_input, LIVE_TTL * 1000]
+        args = [item, item_cost(chunk), self.max_pending_input, LIVE_TTL * 1000]
         with unavailable():
             return bool(await self._send_input(keys=keys, args=args))
 

@@ -613,12 +613,13 @@ class KernelRuns:
                 tasks += p.num_threads()
         cgroup = sb.create_cgroup(f"run-{os.getpid()}-k{kernel.id}", lim.memory_limit, tasks + lim.max_processes_and_or_threads)
         if cgroup is None:
-            return None
+            if self.cgroups.startswith("cgroup"):  # cgroups are in use here: no run without its limits
+                raise RuntimeError(f"kernel {kernel.id}: no cgroup could be made for the run's limits")
+            return None  # rlimits only, as on a host without a writable hierarchy
         try:
             for p in procs:
                 cgroup.add_pid(p.pid)
         except OSError as e:
-            log.warning("could not move kernel into its cgroup: %s", e)
             cgroup.remove()
-            return None
+            raise RuntimeError(f"kernel {kernel.id}: could not move it into its run's cgroup") from e
         return cgroup
