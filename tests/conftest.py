@@ -133,3 +133,24 @@ def own_descendants() -> list:
         except psutil.Error:
             continue
     return mine
+
+
+def ws_url(server: LiveServer, token: str, query: str = "") -> str:
+    """The submission's WebSocket URL on `server`."""
+    return server.url.replace("http://", "ws://") + f"/api/v1/submissions/{token}/ws" + query
+
+
+def read_all(ws, limit: float = 60) -> list[dict]:
+    """Every message of a (websockets sync client) socket until the server closes it."""
+    import json
+
+    from websockets.exceptions import ConnectionClosed
+
+    messages = []
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        try:
+            messages.append(json.loads(ws.recv(timeout=deadline - time.monotonic())))
+        except ConnectionClosed:
+            return messages
+    raise AssertionError("socket did not close")

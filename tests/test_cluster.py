@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from conftest import LiveServer, free_port, skip_or_fail, start_server, wait_until
+from conftest import LiveServer, free_port, read_all, skip_or_fail, start_server, wait_until, ws_url
 from http_client import call, get, post
 from prometheus_client.parser import text_string_to_metric_families
 from websockets.exceptions import ConnectionClosed
@@ -98,21 +98,10 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     next(schemas, None)
 
 
-def ws_url(server: LiveServer, token: str) -> str:
-    return server.url.replace("http://", "ws://") + f"/api/v1/submissions/{token}/ws"
-
-
-def follow(server: LiveServer, token: str, limit: float = 60) -> list[dict]:
+def follow(server: LiveServer, token: str) -> list[dict]:
     """Every message of the submission's WebSocket on `server`, until the server closes it."""
-    messages = []
     with connect(ws_url(server, token)) as ws:
-        deadline = time.monotonic() + limit
-        while time.monotonic() < deadline:
-            try:
-                messages.append(json.loads(ws.recv(timeout=deadline - time.monotonic())))
-            except ConnectionClosed:
-                return messages
-    raise AssertionError("socket did not close")
+        return read_all(ws)
 
 
 def finished(server: LiveServer, token: str) -> dict | None:
@@ -163,12 +152,7 @@ def test_interactive_stdin_typed_on_one_node_reaches_the_worker(cluster: Cluster
     token = post(a.api + "/submissions", {"source_code": src, "language_id": 71, "interactive": True}).json["token"]
     with connect(ws_url(b, token)) as ws:
         ws.send(json.dumps({"type": "stdin", "data": "cluster\n", "eof": True}))
-        messages = []
-        try:
-            while True:
-                messages.append(json.loads(ws.recv(timeout=60)))
-        except ConnectionClosed:
-            pass
+        messages = read_all(ws)
     final = [m for m in messages if m["type"] == "status_update"][-1]
     assert final["status"]["id"] == 3 and final["data"]["stdout"] == "hello cluster\n"
 
@@ -463,12 +447,7 @@ def test_a_socket_follows_a_run_whose_events_redis_lost(tmp_path: Path, own_redi
             status = json.loads(ws.recv(timeout=30))  # the stream, started again from the store
             assert status["type"] == "status_update" and status["status"]["id"] == 2 and status["seq"] == 1
             ws.send(json.dumps({"type": "stdin", "data": "through\n", "eof": True}))
-            messages = []
-            try:
-                while True:
-                    messages.append(json.loads(ws.recv(timeout=60)))
-            except ConnectionClosed:
-                pass
+            messages = read_all(ws)
         final = [m for m in messages if m["type"] == "status_update"][-1]
         assert final["status"]["id"] == 3 and final["data"]["stdout"] == "ready\ngot through\n"
         assert [m["seq"] for m in messages if m["type"] != "pong"] == list(range(2, 2 + len(messages)))

@@ -8,7 +8,7 @@ import socket
 import time
 
 import pytest
-from conftest import start_server, wait_until
+from conftest import read_all, start_server, wait_until, ws_url
 from http_client import get, post
 from tornado.websocket import websocket_connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
@@ -16,22 +16,6 @@ from websockets.sync.client import connect
 
 TICKER = {"source_code": "import time\nfor i in range(8):\n    print('line', i, flush=True)\n    time.sleep(0.1)\n",
           "language_id": 71}
-
-
-def ws_url(server, token: str, query: str = "") -> str:
-    return server.url.replace("http://", "ws://") + f"/api/v1/submissions/{token}/ws" + query
-
-
-def read_all(ws, limit: float = 60) -> list[dict]:
-    """Every message until the server closes the socket."""
-    messages = []
-    deadline = time.monotonic() + limit
-    while time.monotonic() < deadline:
-        try:
-            messages.append(json.loads(ws.recv(timeout=deadline - time.monotonic())))
-        except ConnectionClosed:
-            return messages
-    raise AssertionError("socket did not close")
 
 
 def events_only(messages: list[dict]) -> list[dict]:

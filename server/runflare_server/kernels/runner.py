@@ -324,7 +324,7 @@ class Runner:
             else:
                 cg.remove()
             if self.reap_orphans:
-                _reap_exited()
+                _reap_orphans(timeout=0)  # only those already gone, waiting for none
         elif self.reap_orphans:
             _reap_orphans()
 
@@ -538,18 +538,6 @@ def _become_subreaper() -> bool:
         return ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0) == 0
     except (OSError, AttributeError):
         return False
-
-
-def _reap_exited() -> None:
-    """Collect every child that has already exited (dying sandbox inits re-parented to this subreaper),
-    without waiting for the others."""
-    while True:
-        try:
-            pid, _ = os.waitpid(-1, os.WNOHANG)
-        except ChildProcessError:
-            return
-        if pid == 0:
-            return
 
 
 def _reap_orphans(timeout: float = 1.0) -> None:
