@@ -3,6 +3,7 @@ zero, every limit still holds, nothing of a run survives it, and nothing of the 
 
 from __future__ import annotations
 
+import ctypes
 import os
 import subprocess
 import sys
@@ -185,6 +186,7 @@ def test_switching_cgroups_off_gives_rlimits_even_with_groups_ready(runner, monk
 def test_close_leaves_no_group_and_no_thread():
     require_cgroups()
     r = Runner(subreaper=True)
+    assert is_subreaper()
     ready(r.groups)
     assert r.run(71, "print(1)").stdout == b"1\n"
     r.close()
@@ -192,6 +194,13 @@ def test_close_leaves_no_group_and_no_thread():
         r.lease.release()
     assert my_groups() == set()
     assert not [t for t in threading.enumerate() if t.name == "runflare-cgroups"]
+    assert not is_subreaper()  # orphans of later tests in this process go to init again, not to a zombie here
+
+
+def is_subreaper() -> bool:
+    flag = ctypes.c_int(0)
+    assert ctypes.CDLL(None, use_errno=True).prctl(37, ctypes.byref(flag), 0, 0, 0) == 0  # PR_GET_CHILD_SUBREAPER
+    return bool(flag.value)
 
 
 def test_the_preexec_path_still_applies_every_limit(runner):

@@ -127,7 +127,7 @@ class Runner:
     def __init__(self, mode: str = "auto", *, subreaper: bool = False, pool: int = 2) -> None:
         self.mode = sandbox.resolve_mode(mode)
         # bwrap's inner process outlives the outer one by a moment; a subreaper collects it (not init).
-        self.reap_orphans = subreaper and _become_subreaper()
+        self.reap_orphans = subreaper and _set_subreaper(True)
         # This runner's slot: one host uid, held while the process lives (programs run one at a time).
         self.lease = policy.UidLease.acquire() if self.mode != "none" and policy.per_slot_uids() else None
         self.uid = self.lease.uid if self.lease else None
@@ -139,9 +139,14 @@ class Runner:
         self.exec_setup = cgroups.exec_prefix_usable()
 
     def close(self) -> None:
-        """Stop the group pool's thread and delete the groups it holds."""
+        """Stop the group pool's thread, delete the groups it holds, and stop being a subreaper (orphans
+        from then on go to init again, not to a process that may never reap them)."""
         if self._closer:
             self._closer()
+        if self.reap_orphans:
+            _set_subreaper(False)
+            self.reap_orphans = False
+            _reap_orphans(timeout=0)
 
     def _language_env(self, lang: langs.Language) -> tuple[dict[str, str], list[str]]:
         """The sandbox environment and read-only toolchain paths of a language (fixed for the process)."""
@@ -530,12 +535,12 @@ def _start_feeder(proc: subprocess.Popen, reader: Callable[[], bytes | None]):
     return t
 
 
-def _become_subreaper() -> bool:
-    """Make this process the reaper of its orphaned descendants (Linux prctl PR_SET_CHILD_SUBREAPER)."""
+def _set_subreaper(on: bool) -> bool:
+    """Make this process the reaper of its orphaned descendants, or stop (prctl PR_SET_CHILD_SUBREAPER)."""
     import ctypes
 
     try:
-        return ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0) == 0
+        return ctypes.CDLL(None, use_errno=True).prctl(36, int(on), 0, 0, 0) == 0
     except (OSError, AttributeError):
         return False
 
