@@ -22,6 +22,7 @@ from runflare_server.engine.jupyter.kernel_pool import (
     ForkServer,
     KernelPool,
     KernelSpecInfo,
+    Pool,
     SandboxedKernel,
     load_spec,
 )
@@ -150,6 +151,85 @@ def test_cold_pool_starts_concurrent_kernels(loop: asyncio.AbstractEventLoop, mo
         await asyncio.gather(*(k.shutdown() for k in kernels))
         await pool.stop()
         return kernels
+
+    loop.run_until_complete(go())
+    assert descendants() == []
+
+
+async def until(predicate, timeout: float = 60) -> None:
+    """Wait for a state inside the loop (the timeout only bounds a broken run)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"not true within {timeout} s"
+        await asyncio.sleep(0.02)
+
+
+class TimedKernel:
+    """A stand-in kernel for the pool's sizing policy alone: it takes a known time to start."""
+
+    def __init__(self) -> None:
+        self.shut = False
+
+    def alive(self) -> bool:
+        return not self.shut
+
+    async def shutdown(self) -> None:
+        self.shut = True
+
+
+def test_pool_grows_with_its_arrival_rate_and_shrinks_when_quiet(loop: asyncio.AbstractEventLoop) -> None:
+    made: list[TimedKernel] = []
+
+    async def factory() -> TimedKernel:
+        await asyncio.sleep(0.2)
+        made.append(TimedKernel())
+        return made[-1]
+
+    async def go() -> None:
+        pool: Pool[TimedKernel] = Pool("timed", factory, 1, max_size=5, window=1.0)
+        await pool.start()
+        assert await pool.wait_full(10)
+        assert pool.demand.start_seconds >= 0.2
+        taken = await asyncio.gather(*(pool.acquire() for _ in range(6)))  # 6 arrivals/s, 0.2 s+ per start
+        assert pool.size >= 2 and pool.health()["max_size"] == 5
+        await until(lambda: len(pool._ready) == pool.size)  # refilled to the grown target, not to 1
+        grown = list(pool._ready)
+        await until(lambda: pool.size == 1, timeout=10)  # a quiet window later: back to its floor
+        assert len(pool._ready) == 1
+        await until(lambda: sum(k.shut for k in grown) == len(grown) - 1)  # the extra ready ones shut down
+        assert not any(k.shut for k in taken)  # never a kernel already handed out
+        await pool.stop()
+        assert all(k.shut for k in made if k not in taken)
+
+    loop.run_until_complete(go())
+
+
+def test_a_reusing_pool_keeps_its_size(loop: asyncio.AbstractEventLoop) -> None:
+    async def factory() -> TimedKernel:
+        return TimedKernel()
+
+    async def go() -> None:
+        pool: Pool[TimedKernel] = Pool("reused", factory, 2, reuse=10, max_size=8, window=1.0)
+        assert pool.max_size == 2  # program runs' kernels are a fixed set
+        await pool.stop()
+
+    loop.run_until_complete(go())
+
+
+def test_an_adaptive_pool_of_real_kernels_shuts_down_what_it_no_longer_needs(
+        loop: asyncio.AbstractEventLoop, mode: str, tmp_path: Path) -> None:
+    pool = KernelPool(load_spec("python3"), 0, mode, tmp_path, max_size=2, window=1.0)
+
+    async def go() -> None:
+        kernels = await asyncio.gather(*(pool.acquire() for _ in range(3)))
+        await asyncio.gather(*(k.shutdown() for k in kernels))
+        assert pool.size >= 1  # a cold kernelspec that was just used keeps a kernel warm
+        await until(lambda: len(pool._ready) >= 1)
+        warm = list(pool._ready)
+        await until(lambda: pool.size == 0 and not pool._ready, timeout=30)
+        await until(lambda: not pool._closing)
+        assert not any(k.alive() for k in warm) and not any(k.dir.exists() for k in warm)
+        await pool.stop()
 
     loop.run_until_complete(go())
     assert descendants() == []

@@ -16,6 +16,7 @@ import pytest
 from conftest import skip_or_fail, wait_until
 from jupyter_client.blocking import BlockingKernelClient
 
+from runflare_server.engine.jupyter.adapters import PythonKernel
 from runflare_server.engine.sandbox import kernel_sandbox as sb
 from runflare_server.engine.sandbox import tcp_bridge, zygote
 
@@ -171,3 +172,26 @@ def test_bridge_relays_a_tcp_kernel_to_ipc_sockets(tmp_path: Path) -> None:
         proc.wait()
         proc.stderr.close()
 
+
+
+def test_the_fork_server_imports_what_a_kernel_imports_at_start(tmp_path: Path) -> None:
+    """A forked kernel imports nothing heavy at its start: the zygote's preimports cover what
+    ``IPKernelApp.initialize`` pulls in (its debugger: debugpy, pdb, xmlrpc, http.server...)."""
+    probe = f"""
+import json, sys
+ns = {{"__name__": "not_main"}}
+exec(compile({sb.program_source("zygote")!r}, "<zygote>", "exec"), ns)
+assert ns["preimport"]() == [], "a preimport is missing"
+before = set(sys.modules)
+from ipykernel.kernelapp import IPKernelApp
+app = IPKernelApp.instance()
+app.initialize(["-f", {str(tmp_path / "c.json")!r}, *{PythonKernel.LEAN_ARGS!r}])
+new = sorted(set(sys.modules) - before)
+sys.__stdout__.write(json.dumps(new))
+app.close()
+"""
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    new = json.loads(out.stdout.strip().splitlines()[-1])
+    heavy = ("debugpy", "pydevd", "IPython", "ipykernel", "pdb", "pydoc", "xmlrpc", "http", "psutil", "tornado")
+    assert [m for m in new if m.split(".")[0] in heavy] == []

@@ -34,7 +34,8 @@ class Settings(BaseSettings):
     reconcile_interval: float = 10.0  # how often workers look for accepted work the broker lost
     sandbox: Literal["auto", "bwrap", "unshare", "none"] = "auto"
     workers: int = 0  # concurrent runs; 0 = number of CPUs
-    kernel_pool: dict[str, int] = Field(default_factory=lambda: {"python3": 2})
+    kernel_pool: dict[str, int] = Field(default_factory=lambda: {"python3": 2})  # ready kernels kept at least
+    kernel_pool_max: int = Field(default=0, ge=0)  # ready kernels a busy kernelspec may grow to; 0 = 4 per core
     kernel_language_ids: dict[int, str] = Field(default_factory=dict)  # extra id -> kernelspec
 
     # Auth and CORS.

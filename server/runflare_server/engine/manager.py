@@ -31,7 +31,8 @@ class KernelEngine:
         self.program_runs = ProgramRuns(size=settings.workers or os.cpu_count() or 1, sandbox_mode=settings.sandbox,
                                         max_output_bytes=settings.max_output_size)
         self.kernel_runs = KernelRuns(pool_sizes=settings.kernel_pool, sandbox=settings.sandbox,
-                                      extra_ids=settings.kernel_language_ids, max_output_bytes=settings.max_output_size)
+                                      extra_ids=settings.kernel_language_ids, max_output_bytes=settings.max_output_size,
+                                      pool_max=settings.kernel_pool_max)
 
     async def start(self) -> None:
         from runflare_server.engine.sandbox import scratch

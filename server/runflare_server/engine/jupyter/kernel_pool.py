@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import os
 import queue
 import secrets
@@ -318,19 +319,54 @@ class PoolKernel(Protocol):
 K = TypeVar("K", bound=PoolKernel)
 
 
+class Demand:
+    """Arrivals over a sliding window and the time a kernel takes to start: how many ready kernels a pool
+    needs so that a request arriving at the current rate finds one (Little's law, with half again as margin)."""
+
+    def __init__(self, window: float) -> None:
+        self.window = window
+        self.arrivals: deque[float] = deque()
+        self.start_seconds = 0.0  # moving average of recent starts
+
+    def arrive(self, now: float) -> None:
+        self.arrivals.append(now)
+
+    def started(self, seconds: float) -> None:
+        self.start_seconds = seconds if not self.start_seconds else 0.7 * self.start_seconds + 0.3 * seconds
+
+    def rate(self, now: float) -> float:
+        """Arrivals per second over the window."""
+        while self.arrivals and self.arrivals[0] < now - self.window:
+            self.arrivals.popleft()
+        return len(self.arrivals) / self.window
+
+    def wanted(self, now: float) -> int:
+        """Kernels taken while one starts, at the current rate (0 once the window saw no arrival)."""
+        return math.ceil(1.5 * self.rate(now) * self.start_seconds)
+
+
 class Pool(Generic[K]):
     """Ready kernels made by one factory, handed out and reused by one policy: a kernel serves up to
     ``reuse`` runs (1: used once, as kernel runs' kernels; more: program runs' Run-Flare kernels, recycled
     after ``recycle_after`` runs). ``size`` 0 means cold (start on demand). It refills in the background (a
     few starts in parallel), replaces kernels that die while waiting or fail to start, and leaves nothing
-    behind on stop."""
+    behind on stop.
+
+    A used-once pool with ``max_size`` above ``size`` adapts to its arrival rate: it keeps as many ready as
+    are taken while one starts (``Demand``), between ``size`` and ``max_size``, and gives back what a
+    quieter window no longer needs."""
 
     def __init__(self, name: str, factory: Callable[[], Awaitable[K]], size: int, *, reuse: int = 1,
-                 starts: asyncio.Semaphore | None = None, retries: int = 3) -> None:
+                 starts: asyncio.Semaphore | None = None, retries: int = 3, max_size: int | None = None,
+                 window: float = 10.0) -> None:
         self.name = name
         self.factory = factory
-        self.size = size
+        self.min_size = size
+        self.size = size  # the current target: min_size, more while demand needs it
         self.reuse = max(1, reuse)
+        self.max_size = max(size, max_size or size) if self.reuse == 1 else size
+        self.demand = Demand(window)
+        self._shrink_timer: asyncio.TimerHandle | None = None
         self.retries = retries
         self._starts = starts or asyncio.Semaphore(2)
         self._ready: deque[K] = deque()
@@ -353,7 +389,7 @@ class Pool(Generic[K]):
         self._refill()
 
     async def wait_full(self, timeout: float = 60.0) -> bool:
-        """Wait until the pool holds ``size`` ready kernels."""
+        """Wait until the pool holds its current target of ready kernels."""
         deadline = time.monotonic() + timeout
         while len(self._ready) < self.size and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
@@ -365,6 +401,26 @@ class Pool(Generic[K]):
         while self._filling and len(self._ready) < self.size:
             await asyncio.sleep(0.05)
         return len(self._ready)
+
+    def _retarget(self) -> None:
+        """Set the target from the demand; ready kernels beyond a lower target are shut down. While above
+        ``min_size`` it checks again every half window, so an idle pool shrinks back."""
+        if self.max_size == self.min_size or self._stopped:
+            return
+        target = min(self.max_size, max(self.min_size, self.demand.wanted(time.monotonic())))
+        grew = target > self.size
+        if target != self.size:
+            log.debug("pool %s: target %d -> %d", self.name, self.size, target)
+        self.size = target
+        while len(self._ready) > target:
+            self._discard(self._ready.popleft())  # the longest idle
+        if self._shrink_timer is not None:
+            self._shrink_timer.cancel()
+            self._shrink_timer = None
+        if target > self.min_size:
+            self._shrink_timer = asyncio.get_running_loop().call_later(self.demand.window / 2, self._retarget)
+        if grew:
+            self._refill()
 
     def _refill(self) -> None:
         if self._stopped:
@@ -411,11 +467,15 @@ class Pool(Generic[K]):
             if not w.done():
                 w.set_result(kernel)
                 return
+        if self.reuse == 1 and len(self._ready) >= self.size:  # started for a demand that has passed
+            self._discard(kernel)
+            return
         self._ready.append(kernel)
 
     async def new_kernel(self) -> K:
         """Start one kernel now (limited to a few concurrent starts); it belongs to the pool."""
         async with self._starts:
+            t0 = time.monotonic()
             try:
                 kernel = await self.factory()
             except BaseException as e:
@@ -423,14 +483,18 @@ class Pool(Generic[K]):
                     self.stats["failed"] += 1
                     self.stats["last_error"] = str(e)[-500:]
                 raise
+        self.demand.started(time.monotonic() - t0)
         self.stats["started"] += 1
         self._uses[kernel] = 0
+        self._retarget()  # the start time just measured may change what the demand needs
         return kernel
 
     async def acquire(self) -> K:
         """A ready kernel for one run; give it back with ``release``."""
         if self._stopped:
             raise RuntimeError("pool stopped")
+        self.demand.arrive(time.monotonic())
+        self._retarget()
         while self._ready:
             kernel = self._ready.popleft()
             if kernel.alive():
@@ -483,6 +547,8 @@ class Pool(Generic[K]):
     async def stop(self) -> None:
         """Cancel refills and shut every kernel of the pool down (idle or handed out)."""
         self._stopped = True
+        if self._shrink_timer is not None:
+            self._shrink_timer.cancel()
         for t in list(self._tasks):
             t.cancel()
         for t in list(self._tasks):
@@ -500,7 +566,7 @@ class Pool(Generic[K]):
 
     def health(self) -> dict[str, Any]:
         """Pool size, ready kernels and start figures."""
-        return {"size": self.size, "ready": len(self._ready), "starting": self._filling, "kernels": len(self._uses),
+        return {"size": self.size, "min_size": self.min_size, "max_size": self.max_size, "ready": len(self._ready), "starting": self._filling, "kernels": len(self._uses),
                 "started": self.stats["started"], "failed": self.stats["failed"], "replaced": self.stats["replaced"],
                 "handed_out": self.stats["handed_out"], "last_error": self.stats["last_error"]}
 
@@ -510,8 +576,10 @@ class KernelPool(Pool[SandboxedKernel]):
 
     def __init__(self, spec: KernelSpecInfo, size: int, mode: str, runtime_dir: Path,
                  start_timeout: float = 30.0, starts: asyncio.Semaphore | None = None,
-                 retries: int = 3, fork_server: ForkServer | None = None) -> None:
-        super().__init__(spec.name, self._start_kernel, size, reuse=1, starts=starts, retries=retries)
+                 retries: int = 3, fork_server: ForkServer | None = None, max_size: int | None = None,
+                 window: float = 10.0) -> None:
+        super().__init__(spec.name, self._start_kernel, size, reuse=1, starts=starts, retries=retries,
+                         max_size=max_size, window=window)
         self.spec = spec
         self.fork_server = fork_server.register() if fork_server is not None and spec.adapter.forkable else None
         self.mode = mode

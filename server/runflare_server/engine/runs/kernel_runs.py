@@ -442,11 +442,16 @@ class KernelRuns:
 
     def __init__(self, pool_sizes: dict[str, int] | None = None, sandbox: str = "auto",
                  extra_ids: dict[int, str] | None = None, runtime_dir: str | Path | None = None,
-                 start_timeout: float = 30.0, max_parallel_starts: int = 2, fork_server: bool = True,
-                 max_output_bytes: int | None = None) -> None:
+                 start_timeout: float = 30.0, max_parallel_starts: int | None = None, fork_server: bool = True,
+                 max_output_bytes: int | None = None, pool_max: int = 0, pool_window: float = 10.0) -> None:
         if max_output_bytes:  # kernel messages are bounded from it (see bounded_client)
             bounded_client.allow_output(max_output_bytes)
         self.pool_sizes = {"python3": 2} if pool_sizes is None else dict(pool_sizes)
+        cpus = os.cpu_count() or 1
+        # a pool grows with its arrival rate up to pool_max ready kernels (0: 4 per core), and shrinks
+        # back to its pool_sizes entry (0 for a kernelspec not listed) once a window passes quieter
+        self.pool_max = pool_max or 4 * cpus
+        self.pool_window = pool_window
         self.requested_sandbox = sandbox
         self.extra_ids = dict(extra_ids or {})
         # ipc socket paths must fit in sun_path (107 bytes): "<runtime>/k-<12 hex>/k-1"
@@ -459,7 +464,7 @@ class KernelRuns:
         self.start_timeout = start_timeout
         self.use_fork_server = fork_server
         self.fork_server: ForkServer | None = None
-        self.max_parallel_starts = max_parallel_starts
+        self.max_parallel_starts = max_parallel_starts or cpus  # kernel starts are CPU-bound
         self.mode = "unavailable"
         self.cgroups = "rlimits"
         self.pools: dict[str, KernelPool] = {}
@@ -503,9 +508,10 @@ class KernelRuns:
 
     def _pool(self, name: str) -> KernelPool:
         if name not in self.pools:
-            self.pools[name] = KernelPool(self._specs[name], self.pool_sizes.get(name, 0), self.mode,
-                                          self.runtime_dir, self.start_timeout, self._starts,
-                                          fork_server=self.fork_server)
+            size = self.pool_sizes.get(name, 0)
+            self.pools[name] = KernelPool(self._specs[name], size, self.mode, self.runtime_dir, self.start_timeout,
+                                          self._starts, fork_server=self.fork_server,
+                                          max_size=max(size, self.pool_max), window=self.pool_window)
         return self.pools[name]
 
     async def wait_ready(self, timeout: float = 60.0) -> bool:

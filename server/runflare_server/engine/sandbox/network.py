@@ -291,12 +291,16 @@ def tun_problem() -> str | None:
 
 def prepare_tun() -> int | None:
     """As root: make /dev/net/tun 0666 (what udev does on a standard host; creating a tun device still
-    needs CAP_NET_ADMIN in the namespace). Returns the previous mode if it was changed, else None."""
+    needs CAP_NET_ADMIN in the namespace). Returns the previous mode if it was changed, else None. A
+    probe made before the change is forgotten (it said pasta could not open the device)."""
+    global _probe
     st = os.stat("/dev/net/tun")
     mode = stat.S_IMODE(st.st_mode)
     if mode & 0o666 == 0o666:
         return None
     os.chmod("/dev/net/tun", mode | 0o666)
+    with _lock:
+        _probe = None
     return mode
 
 
