@@ -27,11 +27,11 @@ FAST = Limits(cpu_time_limit=1.0, cpu_extra_time=0.5, wall_time_limit=3.0)
 
 
 class Engine:
-    """A started KernelRuns (no warm pool) on its own event loop."""
+    """A started KernelRuns (no warm pool, and none grown from the demand) on its own event loop."""
 
     def __init__(self, runtime_dir: Path) -> None:
         self.loop = asyncio.new_event_loop()
-        self.engine = KernelRuns(pool_sizes={}, runtime_dir=runtime_dir)
+        self.engine = KernelRuns(pool_sizes={}, runtime_dir=runtime_dir, pool_max=0)
         self.loop.run_until_complete(self.engine.start())
 
     def run(self, code: str, language_id: int = 1071, **kw) -> RunResult:

@@ -35,7 +35,9 @@ class Settings(BaseSettings):
     sandbox: Literal["auto", "bwrap", "unshare", "none"] = "auto"
     workers: int = 0  # concurrent runs; 0 = number of CPUs
     kernel_pool: dict[str, int] = Field(default_factory=lambda: {"python3": 2})  # ready kernels kept at least
-    kernel_pool_max: int = Field(default=0, ge=0)  # ready kernels a busy kernelspec may grow to; 0 = 4 per core
+    # ready kernels a busy kernelspec may grow to (never below its kernel_pool entry); None: 4 per core;
+    # 0: pools keep their kernel_pool size
+    kernel_pool_max: int | None = Field(default=None, ge=0)
     kernel_language_ids: dict[int, str] = Field(default_factory=dict)  # extra id -> kernelspec
 
     # Auth and CORS.

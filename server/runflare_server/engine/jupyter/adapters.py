@@ -61,6 +61,12 @@ class KernelAdapter:
         """A silent set-up cell run before the code (stdin, argv, output cap), or None."""
         return None
 
+    def warmup(self) -> str | None:
+        """A silent, side-effect-free cell run while the kernel waits in the pool, so that a run's first
+        execution does not pay the kernel's first-execution costs (lazy imports, copy-on-write faults of a
+        forked kernel); None for none."""
+        return None
+
     def code(self, request: RunRequest) -> str:
         """The code to execute for a submission."""
         return request.source_code
@@ -100,6 +106,9 @@ class PythonKernel(KernelAdapter):
 
     def preamble(self, request: RunRequest, source_file: str) -> str | None:
         return python_preamble(request, source_file, request.stdin_queue is not None)
+
+    def warmup(self) -> str | None:
+        return "pass"
 
 
 class DenoKernel(KernelAdapter):

@@ -53,6 +53,8 @@ class BoundedKernelClient(AsyncKernelClient):
         context.setsockopt(zmq.MAXMSGSIZE, bound)  # a default for every socket this context makes
         # and nothing waits at close: a client dropped without stop_channels must not hang term() (in GC)
         context.setsockopt(zmq.LINGER, 0)
+        # a kernel binds its sockets a moment after the client connects: retry every 10 ms, not ZMQ's 100
+        context.setsockopt(zmq.RECONNECT_IVL, 10)
         super().__init__(context=context, **kwargs)
         self.max_message_bytes = bound
         self._monitors: dict[str, zmq.Socket] = {}

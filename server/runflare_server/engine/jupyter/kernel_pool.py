@@ -190,6 +190,8 @@ class SandboxedKernel:
             raise RuntimeError(f"kernel {self.spec.name} exited at start ({rc}): " + self.log_tail())
         if time.monotonic() > deadline:
             raise TimeoutError(f"kernel {self.spec.name} did not answer in time")
+    IOPUB_PROBE = 0.05  # seconds between kernel_info probes while iopub's subscription is not through yet
+
     async def _wait_ready(self, deadline: float) -> None:
         """kernel_info answered on shell, and iopub delivering (its subscription is asynchronous)."""
         kc = self.client
@@ -205,16 +207,30 @@ class SandboxedKernel:
                 break
             except queue.Empty:
                 continue
-        while True:
+        probe_at = time.monotonic() + self.IOPUB_PROBE
+        while True:  # the status messages of a kernel_info show iopub delivering
             try:
-                await kc.get_iopub_msg(timeout=0.2)
+                await kc.get_iopub_msg(timeout=0.01)
                 break
             except queue.Empty:
                 self._check(deadline)
-                kc.kernel_info()
-        while True:  # drain what the start-up and the probes published
+                if time.monotonic() >= probe_at:
+                    kc.kernel_info()
+                    probe_at = time.monotonic() + self.IOPUB_PROBE
+        warmup = self.spec.adapter.warmup()
+        if warmup is not None:  # silent: no execution count, no history, nothing in the user's namespace
+            msg_id = kc.execute(warmup, silent=True, store_history=False)
+            while True:
+                try:
+                    msg = await kc.get_shell_msg(timeout=0.5)
+                except queue.Empty:
+                    self._check(deadline)
+                    continue
+                if msg["parent_header"].get("msg_id") == msg_id:
+                    break
+        while True:  # drain what the start-up and the probes published (a run ignores other parents anyway)
             try:
-                await kc.get_iopub_msg(timeout=0.05)
+                await kc.get_iopub_msg(timeout=0.01)
             except queue.Empty:
                 break
         with contextlib.suppress(queue.Empty):
@@ -356,6 +372,8 @@ class Pool(Generic[K]):
     are taken while one starts (``Demand``), between ``size`` and ``max_size``, and gives back what a
     quieter window no longer needs."""
 
+    REFILL_DELAY = 0.1  # seconds between a hand-out that leaves kernels ready and its refill
+
     def __init__(self, name: str, factory: Callable[[], Awaitable[K]], size: int, *, reuse: int = 1,
                  starts: asyncio.Semaphore | None = None, retries: int = 3, max_size: int | None = None,
                  window: float = 10.0) -> None:
@@ -367,6 +385,7 @@ class Pool(Generic[K]):
         self.max_size = max(size, max_size or size) if self.reuse == 1 else size
         self.demand = Demand(window)
         self._shrink_timer: asyncio.TimerHandle | None = None
+        self._refill_timer: asyncio.TimerHandle | None = None
         self.retries = retries
         self._starts = starts or asyncio.Semaphore(2)
         self._ready: deque[K] = deque()
@@ -421,6 +440,20 @@ class Pool(Generic[K]):
             self._shrink_timer = asyncio.get_running_loop().call_later(self.demand.window / 2, self._retarget)
         if grew:
             self._refill()
+
+    def _refill_soon(self) -> None:
+        """Refill at once when no kernel is left ready; else a moment later, so that the start (CPU and
+        this loop's time) does not compete with the run that just took a kernel, which is usually over
+        by then."""
+        if not self._ready or self._refill_timer is not None:
+            self._refill()
+            return
+
+        def later() -> None:
+            self._refill_timer = None
+            self._refill()
+
+        self._refill_timer = asyncio.get_running_loop().call_later(self.REFILL_DELAY, later)
 
     def _refill(self) -> None:
         if self._stopped:
@@ -499,7 +532,7 @@ class Pool(Generic[K]):
             kernel = self._ready.popleft()
             if kernel.alive():
                 self.stats["handed_out"] += 1
-                self._refill()
+                self._refill_soon()
                 return kernel
             self.stats["replaced"] += 1
             self._discard(kernel)
@@ -547,8 +580,9 @@ class Pool(Generic[K]):
     async def stop(self) -> None:
         """Cancel refills and shut every kernel of the pool down (idle or handed out)."""
         self._stopped = True
-        if self._shrink_timer is not None:
-            self._shrink_timer.cancel()
+        for timer in (self._shrink_timer, self._refill_timer):
+            if timer is not None:
+                timer.cancel()
         for t in list(self._tasks):
             t.cancel()
         for t in list(self._tasks):
@@ -627,7 +661,7 @@ class KernelPool(Pool[SandboxedKernel]):
             return kernel
         kernel = await super().acquire()
         self._uses.pop(kernel, None)  # used once: the caller owns it from now on
-        self._refill()
+        self._refill_soon()
         return kernel
 
     def health(self) -> dict[str, Any]:

@@ -443,14 +443,15 @@ class KernelRuns:
     def __init__(self, pool_sizes: dict[str, int] | None = None, sandbox: str = "auto",
                  extra_ids: dict[int, str] | None = None, runtime_dir: str | Path | None = None,
                  start_timeout: float = 30.0, max_parallel_starts: int | None = None, fork_server: bool = True,
-                 max_output_bytes: int | None = None, pool_max: int = 0, pool_window: float = 10.0) -> None:
+                 max_output_bytes: int | None = None, pool_max: int | None = None,
+                 pool_window: float = 10.0) -> None:
         if max_output_bytes:  # kernel messages are bounded from it (see bounded_client)
             bounded_client.allow_output(max_output_bytes)
         self.pool_sizes = {"python3": 2} if pool_sizes is None else dict(pool_sizes)
         cpus = os.cpu_count() or 1
-        # a pool grows with its arrival rate up to pool_max ready kernels (0: 4 per core), and shrinks
-        # back to its pool_sizes entry (0 for a kernelspec not listed) once a window passes quieter
-        self.pool_max = pool_max or 4 * cpus
+        # a pool grows with its arrival rate up to pool_max ready kernels (None: 4 per core; 0: no growth),
+        # and shrinks back to its pool_sizes entry (0 for a kernelspec not listed) once a window passes quieter
+        self.pool_max = 4 * cpus if pool_max is None else pool_max
         self.pool_window = pool_window
         self.requested_sandbox = sandbox
         self.extra_ids = dict(extra_ids or {})

@@ -18,6 +18,7 @@ Each kernel's exact exit status (``-N`` for a signal) goes to ``/run/kernels/sta
 from __future__ import annotations
 
 import ctypes
+import gc
 import json
 import os
 import random
@@ -223,6 +224,7 @@ def preimport() -> list[str]:
     """Import what every kernel would import at its start; the names that could not be imported."""
     import importlib
 
+    os.environ["PYDEVD_DISABLE_FILE_VALIDATION"] = "1"  # debugpy's import-time warning (kernels get their own env)
     missing = []
     for name in PREIMPORTS:
         try:
@@ -238,6 +240,8 @@ def main(argv: list[str]) -> None:
     import ipykernel.kernelapp  # noqa: F401 - the expensive part, once (fails loudly when ipykernel is missing)
 
     preimport()
+    # what is imported stays out of the collector: a kernel's GC does not touch (and copy) the shared pages
+    gc.freeze()
 
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # children are reaped by the system
     sys.stdout.write("ready\n")
