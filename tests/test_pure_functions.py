@@ -195,3 +195,18 @@ def test_client_asks_for_outputs_and_falls_back_to_judge0_fields():
         {"fields": "*", "base64_encoded": "true"}
     assert p.judge0_fallback(HTTPError(400, {"error": "wait not allowed"}), {"fields": p.FINAL_FIELDS}) is None
     assert p.judge0_fallback(refused, {"fields": "stdout,outputs"}) is None  # the caller's own choice stands
+
+
+def test_iso_timestamps_match_datetime_formatting() -> None:
+    import random
+    from datetime import datetime, timezone
+
+    from runflare_server.models import iso
+
+    rng = random.Random(7)
+    samples = [0.0, 1.0, 1796204813.6759994, 1319410099.1029994, 1796204813.9999996, 1796204813.0004999]
+    samples += [rng.uniform(0, 4e9) for _ in range(2000)] + [round(rng.uniform(1e9, 2e9), 3) for _ in range(2000)]
+    for ts in samples:
+        expected = datetime.fromtimestamp(ts, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+        assert iso(ts) == expected, ts
+    assert iso(None) is None

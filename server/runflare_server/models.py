@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
+import math
 import re
 from datetime import datetime, timezone
 from typing import Any
@@ -308,10 +310,21 @@ def parse_fields(raw: str | None) -> list[str]:
 
 
 def iso(ts: float | None) -> str | None:
-    """Seconds since the epoch → ISO 8601, UTC, milliseconds, Z."""
+    """Seconds since the epoch → ISO 8601, UTC, milliseconds, Z (as datetime rounds to microseconds,
+    then cut to milliseconds)."""
     if ts is None:
         return None
-    return datetime.fromtimestamp(ts, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+    frac, second = math.modf(ts)
+    micro = round(frac * 1_000_000)
+    if micro >= 1_000_000:
+        second, micro = second + 1, micro - 1_000_000
+    return f"{_iso_second(int(second))}.{micro // 1000:03d}Z"
+
+
+@functools.lru_cache(maxsize=8)
+def _iso_second(second: int) -> str:
+    """One second's ISO 8601 text (every event of a second shares it; formatting it is the slow part)."""
+    return datetime.fromtimestamp(second, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")
 
 
 def seconds(value: float | None) -> str | None:
