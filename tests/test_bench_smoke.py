@@ -14,7 +14,7 @@ from conftest import skip_or_fail
 
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 ROWS = {
-    "latency": {"program_run_p50", "program_run_p99", "kernel_run_p50"},
+    "latency": {"program_run_p50", "program_run_p99", "kernel_run_p50", "kernel_run_ready_p50"},
     "throughput": {"program_throughput", "kernel_throughput"},
     "websocket": {"ws_latency_1_p50", "ws_latency_1_p99", "ws_latency_100_p50", "ws_latency_100_p99",
                   "ws_idle_memory"},

@@ -210,3 +210,49 @@ def test_iso_timestamps_match_datetime_formatting() -> None:
         expected = datetime.fromtimestamp(ts, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
         assert iso(ts) == expected, ts
     assert iso(None) is None
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_output_is_sent_at_once_below_the_rate_and_batched_in_a_flood() -> None:
+    from runflare_server.kernels.runner import _Coalescer
+
+    clock, sent = FakeClock(), []
+    out = _Coalescer(lambda name, text: sent.append((clock.now, name, text)), clock=clock)
+    for i in range(10):  # a line every 20 ms, with the jitter of a busy machine: each goes out as it comes
+        clock.now += 0.02 + (0.003 if i % 2 else -0.003)
+        out.add("stdout", f"{i}\n")
+    assert [t for _, _, t in sent] == [f"{i}\n" for i in range(10)] and not out.pending
+
+    sent.clear()
+    for i in range(1000):  # a flood: 1000 chunks within 0.1 s
+        clock.now += 0.0001
+        out.add("stdout" if i % 3 else "stderr", "x")
+        out.flush_if_due(clock.now)
+    out.flush()
+    flushes = len({at for at, _, _ in sent})  # one flush sends a message per run of one stream
+    assert flushes <= 0.1 / _Coalescer.SPACING + _Coalescer.BURST + 1
+    assert "".join(n[3] * len(t) for _, n, t in sent) == "".join("o" if i % 3 else "e" for i in range(1000))
+
+
+def test_a_pending_batch_tells_the_reader_when_it_is_due() -> None:
+    from runflare_server.kernels.runner import _Coalescer
+
+    clock, sent = FakeClock(), []
+    out = _Coalescer(lambda name, text: sent.append(text), clock=clock)
+    assert out.timeout(0.05) == 0.05  # nothing pending: the reader's own poll
+    for _ in range(_Coalescer.BURST):
+        out.add("stdout", "a")
+    out.add("stdout", "b")  # the burst is used up: held
+    assert sent == ["a"] * _Coalescer.BURST and out.pending
+    wait = out.timeout(0.05)
+    assert 0 < wait <= _Coalescer.BURST * _Coalescer.SPACING + 1e-9
+    clock.now += wait
+    out.flush_if_due(clock.now)
+    assert sent[-1] == "b" and not out.pending

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import codecs
+import collections
 import contextlib
 import errno
 import os
@@ -396,17 +397,27 @@ class Runner:
 
 
 class _Coalescer:
-    """Turns output chunks into stream messages: a chunk after a quiet spell goes out at once; a flood is
-    batched into one message per FLUSH seconds (or MAX characters), keeping the order across streams."""
+    """Turns output chunks into stream messages. A chunk goes out at once while the last ``BURST``
+    messages took at least ``BURST * SPACING`` seconds (a program printing now and then, or steadily below
+    1 / SPACING lines a second, is never held back); a flood is batched, at most one message per
+    ``SPACING`` on average, or one per ``MAX`` characters. The order across streams is kept."""
 
-    FLUSH = 0.02
+    SPACING = 0.01
+    BURST = 4
     MAX = 64 * 1024
 
-    def __init__(self, sink: OnOutput | None) -> None:
+    def __init__(self, sink: OnOutput | None, clock: Callable[[], float] = time.monotonic) -> None:
         self.sink = sink
+        self.clock = clock
         self.pending: list[list[str]] = []  # [name, text] runs, in order
         self.size = 0
-        self.last_flush = 0.0
+        self.sent: collections.deque[float] = collections.deque(maxlen=self.BURST)  # the last flushes' times
+
+    def due(self) -> float:
+        """When the pending batch may go out (now or earlier: at once)."""
+        if len(self.sent) < self.BURST:
+            return 0.0
+        return self.sent[0] + self.BURST * self.SPACING
 
     def add(self, name: str, text: str) -> None:
         if not self.sink or not text:
@@ -416,22 +427,24 @@ class _Coalescer:
         else:
             self.pending.append([name, text])
         self.size += len(text)
-        if self.size >= self.MAX or time.monotonic() - self.last_flush >= self.FLUSH:
+        if self.size >= self.MAX or self.clock() >= self.due():
             self.flush()
 
     def timeout(self, idle: float) -> float:
         """How long the reader may wait for more output before the batch is due."""
         if not self.pending:
             return idle
-        return max(0.0, min(idle, self.last_flush + self.FLUSH - time.monotonic()))
+        return max(0.0, min(idle, self.due() - self.clock()))
 
     def flush_if_due(self, now: float) -> None:
-        if self.pending and now - self.last_flush >= self.FLUSH:
+        if self.pending and now >= self.due():
             self.flush()
 
     def flush(self) -> None:
+        if not self.pending:
+            return
         pending, self.pending, self.size = self.pending, [], 0
-        self.last_flush = time.monotonic()
+        self.sent.append(self.clock())
         for name, text in pending:
             self.sink(name, text)
 
