@@ -68,6 +68,11 @@ def test_python_preamble_sets_stdin_and_argv() -> None:
                                                      "script.py")
     compile(pre, "<preamble>", "exec")  # valid Python
     assert "['script.py', '-v', 'two words']" in pre and "'5\\n'" in pre
+    assert pre.count("\n") == 1  # one call: the set-up function itself is defined by the warm-up cell
+    warmup = adapter_for(IPYKERNEL, "python").warmup()
+    namespace: dict = {}
+    exec(compile(warmup, "<warm-up>", "exec"), namespace)  # defines it out of the user's namespace
+    assert set(namespace) == {"__builtins__"} and callable(sys.modules.pop("_rf_setup")._rf_setup)
 
 
 def test_bash_wraps_the_program_with_argv_and_stdin() -> None:

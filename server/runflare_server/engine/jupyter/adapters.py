@@ -108,7 +108,7 @@ class PythonKernel(KernelAdapter):
         return python_preamble(request, source_file, request.stdin_queue is not None)
 
     def warmup(self) -> str | None:
-        return "pass"
+        return PYTHON_WARMUP
 
 
 class DenoKernel(KernelAdapter):
@@ -189,14 +189,12 @@ def _run(argv: list[str]) -> str:
         return ""
 
 
-def python_preamble(request: RunRequest, source_file: str, interactive: bool) -> str:
-    """Silent set-up cell: sys.stdin (whole and via input()), sys.argv, __file__, quiet SystemExit."""
-    argv = [source_file, *shlex.split(request.command_line_arguments or "")]
-    data = request.stdin or ""
-    cap = request.limits.max_output_bytes
-    return f"""
-def _rf_setup(data, argv, interactive, cap):
+# The set-up function of Python kernel runs. The warm-up cell defines it, while the kernel waits in its
+# pool, in a module of its own (never the user's namespace); the run's preamble takes it out of
+# sys.modules and calls it: no compile of this text on the path of a run.
+PYTHON_SETUP = r'''def _rf_setup(data, argv, interactive, cap):
     import builtins, io, sys, warnings
+    from IPython import get_ipython
     warnings.filterwarnings("ignore", message="To exit: use")
     kernel = get_ipython().kernel
     if interactive:
@@ -206,7 +204,7 @@ def _rf_setup(data, argv, interactive, cap):
                 return True
             def readline(self, size=-1):
                 try:
-                    return ask("") + "\\n"
+                    return ask("") + "\n"
                 except EOFError:
                     return ""
             def read(self, size=-1):
@@ -220,7 +218,7 @@ def _rf_setup(data, argv, interactive, cap):
             line = sys.stdin.readline()
             if not line:
                 raise EOFError("EOF when reading a line")
-            return line[:-1] if line.endswith("\\n") else line
+            return line[:-1] if line.endswith("\n") else line
         kernel.raw_input = _input
         kernel.getpass = lambda prompt="Password: ", stream=None: _input(prompt)
     sys.argv = argv
@@ -259,9 +257,22 @@ def _rf_setup(data, argv, interactive, cap):
     else:
         for s in (sys.stdout, sys.stderr):
             s.write = capped(s.write, s.flush)
-_rf_setup({data!r}, {argv!r}, {interactive!r}, {cap!r})
-del _rf_setup
-"""
+'''
+
+PYTHON_WARMUP = (
+    "__import__('sys').modules['_rf_setup'] = __import__('types').ModuleType('_rf_setup')\n"
+    f"exec({PYTHON_SETUP!r}, __import__('sys').modules['_rf_setup'].__dict__)\n"
+)
+
+
+def python_preamble(request: RunRequest, source_file: str, interactive: bool) -> str:
+    """Silent set-up cell: sys.stdin (whole and via input()), sys.argv, __file__, quiet SystemExit, the
+    output cap; a call of the set-up function the warm-up cell defined (``PYTHON_WARMUP``)."""
+    argv = [source_file, *shlex.split(request.command_line_arguments or "")]
+    data = request.stdin or ""
+    cap = request.limits.max_output_bytes
+    return (f"__import__('sys').modules.pop('_rf_setup')._rf_setup({data!r}, {argv!r}, {interactive!r}, "
+            f"{cap!r})\n")
 
 
 def deno_preamble(request: RunRequest, interactive: bool) -> str:

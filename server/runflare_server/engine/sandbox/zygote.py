@@ -205,6 +205,9 @@ def exec_kernel() -> None:
     os.environ.clear()
     os.environ.update(launch["env"])
     random.seed()
+    # the kernel's I/O threads (shell, iopub) wait for the GIL at most this long while the main thread
+    # runs Python code: a reply is out within ~0.5 ms, not up to CPython's 5 ms switch interval
+    sys.setswitchinterval(0.0005)
     sys.argv = launch["argv"]
     IPKernelApp.launch_instance(argv=launch["argv"][1:])
     os._exit(0)
