@@ -379,3 +379,28 @@ def test_ready_kernels_wait_in_a_cgroup_of_their_own(loop: asyncio.AbstractEvent
 
     dirs = loop.run_until_complete(go())
     assert dirs and not any(d.exists() for d in dirs)
+
+
+def test_tree_finds_every_descendant_even_those_forked_by_a_thread() -> None:
+    """sb.tree reads each process's children files: a child forked from a non-main thread is listed
+    under that thread, a grandchild under its parent; the same set as psutil's whole-host scan."""
+    code = textwrap.dedent("""
+        import subprocess, sys, threading, time
+        subprocess.Popen(["sh", "-c", "sleep 60 & sleep 60"])
+        t = threading.Thread(target=lambda: subprocess.Popen(["sleep", "60"]))
+        t.start(); t.join()
+        print("ready", flush=True)
+        time.sleep(60)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline() == "ready\n"
+        expected = {proc.pid, *(p.pid for p in psutil.Process(proc.pid).children(recursive=True))}
+        found = sb.tree(proc.pid)
+        assert found[0].pid == proc.pid and {p.pid for p in found} == expected and len(expected) == 5
+        assert sb.tree(2 ** 22 + 12345) == []  # no such process
+    finally:
+        for p in reversed(sb.tree(proc.pid)):
+            with contextlib.suppress(psutil.Error):
+                p.kill()
+        proc.wait(10)
