@@ -111,7 +111,7 @@ def idle_memory(n: int, processes: int) -> tuple[dict, dict]:
 
 def run(n: int, tiny: bool = False) -> Result:
     n = 20 if tiny else n
-    fanout, lines = (4, 10) if tiny else (100, 150)
+    fanout, lines = (4, 10) if tiny else (100, 500)
     raise_nofile(n + 1000)
     live = server(env=SERVER_ENV)
     try:

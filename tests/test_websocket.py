@@ -365,3 +365,30 @@ def test_stdin_beyond_what_the_server_holds_closes_the_socket_1008(tmp_path):
         assert final["status"]["id"] == 3 and final["data"]["stdout"] == "fits\n"
     finally:
         server.stop()
+
+
+def test_events_of_every_frame_length_reach_a_strict_client(live_server):
+    """Events are written as frames built once for every client: 7-bit, 16-bit and 64-bit payload lengths
+    (RFC 6455 5.2), non-ASCII text included, parse in the `websockets` client and carry the program's output."""
+    src = ("import sys\nfor n in (10, 300, 70000):\n    sys.stdout.write('é' * n + '\\n'); sys.stdout.flush()\n"
+           "    __import__('time').sleep(0.3)\n")
+    token = post(f"{live_server.api}/submissions", {"source_code": src, "language_id": 71}).json["token"]
+    with connect(ws_url(live_server, token), max_size=None) as ws:
+        messages = events_only(read_all(ws))
+    streamed = "".join(m["text"] for m in messages if m.get("stream") == "stdout")
+    assert streamed == "".join("é" * n + "\n" for n in (10, 300, 70000))
+    assert messages[-1]["data"]["stdout"] == streamed
+    sizes = [len(json.dumps(m)) for m in messages if m.get("stream") == "stdout"]
+    assert min(sizes) < 1 << 16 < max(sizes)  # 16- and 64-bit lengths on the wire
+
+
+@pytest.mark.parametrize("n", [0, 1, 125, 126, 127, 65535, 65536, 200_000])
+def test_an_event_frame_is_the_frame_an_independent_implementation_makes(n):
+    from websockets.frames import Frame, Opcode
+
+    from runflare_server.broker.memory import LoggedEvent, text_frame
+
+    text = ("é" * n)[:n] if n % 2 else "a" * n
+    assert text_frame(text) == Frame(Opcode.TEXT, text.encode()).serialize(mask=False, extensions=[])
+    event = LoggedEvent({"type": "progress_update", "text": text})
+    assert event.frame == text_frame(event.raw) and event.frame is event.frame  # built once

@@ -9,6 +9,7 @@ import time
 from typing import Any
 
 from tornado import websocket
+from tornado.iostream import StreamClosedError
 
 from .. import events
 from ..statuses import is_final
@@ -120,11 +121,17 @@ class SubmissionSocket(websocket.WebSocketHandler):
             return None
 
     def send_event(self, event: Any) -> asyncio.Future | None:
-        """An event of the stream: its JSON was encoded once for every client."""
+        """An event of the stream, as the frame built once for every client: written straight to the
+        connection's stream (``write_message`` would frame it again and start a task per message). The
+        future resolves once the frame is flushed. Compression is never negotiated here (no
+        ``get_compression_options``), so every client takes the same bytes."""
         self.last_activity = time.monotonic()
+        conn = self.ws_connection
+        if conn is None or conn.is_closing():
+            return None
         try:
-            return self.write_message(event.raw)
-        except websocket.WebSocketClosedError:
+            return conn.stream.write(event.frame)
+        except StreamClosedError:
             return None
 
     def finished(self, code: int, reason: str) -> None:

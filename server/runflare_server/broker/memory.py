@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import struct
 import time
 from collections import Counter, OrderedDict
 from collections.abc import AsyncIterator
@@ -18,13 +19,35 @@ from .base import Event, Job
 
 
 class LoggedEvent(dict):
-    """An event with its JSON text, encoded once however many clients receive it."""
+    """An event with its JSON text, encoded once however many clients receive it, and its WebSocket
+    frame, built once on first use."""
 
-    __slots__ = ("raw",)
+    __slots__ = ("raw", "_frame")
 
     def __init__(self, event: Event):
         super().__init__(event)
         self.raw = json.dumps(self)
+        self._frame: bytes | None = None
+
+    @property
+    def frame(self) -> bytes:
+        """The event as one unmasked WebSocket text frame (a server's, RFC 6455 section 5.2)."""
+        if self._frame is None:
+            self._frame = text_frame(self.raw)
+        return self._frame
+
+
+def text_frame(text: str) -> bytes:
+    """One final, unmasked, uncompressed WebSocket text frame carrying ``text``."""
+    payload = text.encode("utf-8")
+    n = len(payload)
+    if n < 126:
+        header = struct.pack("!BB", 0x81, n)
+    elif n < 1 << 16:
+        header = struct.pack("!BBH", 0x81, 126, n)
+    else:
+        header = struct.pack("!BBQ", 0x81, 127, n)
+    return header + payload
 
 
 class EventLog:

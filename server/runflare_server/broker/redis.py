@@ -138,6 +138,7 @@ class StoredEvent(LoggedEvent):
     def __init__(self, raw: str):
         dict.__init__(self, json.loads(raw))
         self.raw = raw
+        self._frame = None
 
 
 @contextlib.contextmanager
