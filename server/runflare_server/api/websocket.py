@@ -91,6 +91,10 @@ class SubmissionSocket(websocket.WebSocketHandler):
         self.set_header("Content-Type", "application/json; charset=UTF-8")
         self.finish(json.dumps(body))
 
+    def get_compression_options(self) -> None:
+        """No permessage-deflate: ``send_event`` writes one pre-built, uncompressed frame to every client."""
+        return None
+
     def check_origin(self, origin: str) -> bool:
         if allowed_origin(self.service.settings.cors_origins, origin):
             return True
