@@ -36,6 +36,9 @@ def test_metrics_count_runs_by_status_and_language(live_server: LiveServer) -> N
     assert "runflare_websockets_open" in after and "runflare_sandbox_failures" in after
     starts = after["runflare_kernel_start_seconds"]
     assert value([s for s in starts if s.name.endswith("_count")], pool="python3") >= 1
+    targets = after["runflare_pool_target"]
+    low, now, high = (value(targets, pool="python3", bound=b) for b in ("min", "current", "max"))
+    assert 0 <= low <= now <= high and high >= 1
 
 
 def test_metrics_behind_the_auth_token(tmp_path) -> None:

@@ -82,6 +82,8 @@ class _LiveState:
                                      labels=["pool"])
         failed = GaugeMetricFamily("runflare_kernel_start_failures", "Kernels that failed to start, per pool",
                                    labels=["pool"])
+        target = GaugeMetricFamily("runflare_pool_target", "Ready kernels a kernel-run pool keeps now (it follows "
+                                   "the arrival rate between its minimum and maximum)", labels=["pool", "bound"])
         program = health.get("program_runs") or {}
         if "kernels" in program:
             pool.add_metric(["program", "total"], program["kernels"])
@@ -89,9 +91,13 @@ class _LiveState:
         for name, stats in ((health.get("kernel_runs") or {}).get("pools") or {}).items():
             pool.add_metric([name, "ready"], stats.get("ready", 0))
             pool.add_metric([name, "starting"], stats.get("starting", 0))
+            target.add_metric([name, "current"], stats.get("size", 0))
+            target.add_metric([name, "min"], stats.get("min_size", 0))
+            target.add_metric([name, "max"], stats.get("max_size", 0))
             started = stats.get("started", 0)
             starts.add_metric([name], started, started * stats.get("avg_start_wall_s", 0.0))
             failed.add_metric([name], stats.get("failed", 0))
         yield pool
+        yield target
         yield starts
         yield failed
