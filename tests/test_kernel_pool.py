@@ -204,6 +204,34 @@ def test_pool_grows_with_its_arrival_rate_and_shrinks_when_quiet(loop: asyncio.A
     loop.run_until_complete(go())
 
 
+def test_a_refill_waits_a_moment_while_kernels_remain_ready(loop: asyncio.AbstractEventLoop) -> None:
+    async def factory() -> TimedKernel:
+        await asyncio.sleep(0.01)
+        return TimedKernel()
+
+    class Handed(Pool[TimedKernel]):
+        async def acquire(self) -> TimedKernel:  # the caller owns what it took, as with KernelPool
+            kernel = await super().acquire()
+            self._uses.pop(kernel, None)
+            self._refill_soon()
+            return kernel
+
+    async def go() -> None:
+        pool = Handed("refill", factory, 2, max_size=2)
+        await pool.start()
+        assert await pool.wait_full(10)
+        await pool.acquire()
+        assert pool.health()["starting"] == 0 and len(pool._ready) == 1  # the run that took one goes first
+        await until(lambda: len(pool._ready) == 2)  # refilled REFILL_DELAY later
+        await pool.acquire()
+        await pool.acquire()
+        assert pool.health()["starting"] >= 1  # none left ready: at once
+        await until(lambda: len(pool._ready) == 2)
+        await pool.stop()
+
+    loop.run_until_complete(go())
+
+
 def test_a_reusing_pool_keeps_its_size(loop: asyncio.AbstractEventLoop) -> None:
     async def factory() -> TimedKernel:
         return TimedKernel()

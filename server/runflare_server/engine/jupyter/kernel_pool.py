@@ -190,6 +190,7 @@ class SandboxedKernel:
             raise RuntimeError(f"kernel {self.spec.name} exited at start ({rc}): " + self.log_tail())
         if time.monotonic() > deadline:
             raise TimeoutError(f"kernel {self.spec.name} did not answer in time")
+
     IOPUB_PROBE = 0.05  # seconds between kernel_info probes while iopub's subscription is not through yet
 
     async def _wait_ready(self, deadline: float) -> None:
@@ -445,15 +446,14 @@ class Pool(Generic[K]):
         """Refill at once when no kernel is left ready; else a moment later, so that the start (CPU and
         this loop's time) does not compete with the run that just took a kernel, which is usually over
         by then."""
-        if not self._ready or self._refill_timer is not None:
+        if not self._ready:
             self._refill()
-            return
+        elif self._refill_timer is None:  # (one pending refill counts the pool when it fires)
+            self._refill_timer = asyncio.get_running_loop().call_later(self.REFILL_DELAY, self._refill_later)
 
-        def later() -> None:
-            self._refill_timer = None
-            self._refill()
-
-        self._refill_timer = asyncio.get_running_loop().call_later(self.REFILL_DELAY, later)
+    def _refill_later(self) -> None:
+        self._refill_timer = None
+        self._refill()
 
     def _refill(self) -> None:
         if self._stopped:
@@ -600,7 +600,8 @@ class Pool(Generic[K]):
 
     def health(self) -> dict[str, Any]:
         """Pool size, ready kernels and start figures."""
-        return {"size": self.size, "min_size": self.min_size, "max_size": self.max_size, "ready": len(self._ready), "starting": self._filling, "kernels": len(self._uses),
+        return {"size": self.size, "min_size": self.min_size, "max_size": self.max_size, "ready": len(self._ready),
+                "starting": self._filling, "kernels": len(self._uses),
                 "started": self.stats["started"], "failed": self.stats["failed"], "replaced": self.stats["replaced"],
                 "handed_out": self.stats["handed_out"], "last_error": self.stats["last_error"]}
 
