@@ -434,8 +434,11 @@ def test_a_socket_follows_a_run_whose_events_redis_lost(tmp_path: Path, own_redi
         token = post(api.api + "/submissions", {"source_code": src, "language_id": 71,
                                                 "interactive": True}).json["token"]
         seen: list[dict] = []
-        with connect(ws_url(api, token)) as before:  # until the program blocks on input(): no more events
-            while not any("ready" in (m.get("text") or "") for m in seen):
+        # until the program blocks on input(): no more events. Its whole line, which may come in two messages
+        # ("ready", then "\n": the interactive program writes unbuffered), else the second one could open
+        # the stream again after the flush below.
+        with connect(ws_url(api, token)) as before:
+            while "".join(m.get("text") or "" for m in seen if m.get("stream") == "stdout") != "ready\n":
                 try:
                     seen.append(json.loads(before.recv(timeout=60)))
                 except ConnectionClosed:
