@@ -423,6 +423,8 @@ def test_tree_finds_every_descendant_even_those_forked_by_a_thread() -> None:
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout.readline() == "ready\n"
+        # sh forks its two sleeps on its own time: wait until psutil's whole-host scan sees all four
+        wait_until(lambda: len(psutil.Process(proc.pid).children(recursive=True)) == 4)
         expected = {proc.pid, *(p.pid for p in psutil.Process(proc.pid).children(recursive=True))}
         found = sb.tree(proc.pid)
         assert found[0].pid == proc.pid and {p.pid for p in found} == expected and len(expected) == 5
