@@ -246,7 +246,7 @@ def test_a_reusing_pool_keeps_its_size(loop: asyncio.AbstractEventLoop) -> None:
 
 def test_an_adaptive_pool_of_real_kernels_shuts_down_what_it_no_longer_needs(
         loop: asyncio.AbstractEventLoop, mode: str, tmp_path: Path) -> None:
-    pool = KernelPool(load_spec("python3"), 0, mode, tmp_path, max_size=2, window=1.0)
+    pool = KernelPool(load_spec("python3"), 0, mode, tmp_path, max_size=2, window=4.0)  # starts fit in it
 
     async def go() -> None:
         kernels = await asyncio.gather(*(pool.acquire() for _ in range(3)))
