@@ -127,8 +127,8 @@ class SubmissionSocket(websocket.WebSocketHandler):
     def send_event(self, event: Any) -> asyncio.Future | None:
         """An event of the stream, as the frame built once for every client: written straight to the
         connection's stream (``write_message`` would frame it again and start a task per message). The
-        future resolves once the frame is flushed. Compression is never negotiated here (no
-        ``get_compression_options``), so every client takes the same bytes."""
+        future resolves once the frame is flushed. Compression is never negotiated here
+        (``get_compression_options`` returns None), so every client takes the same bytes."""
         self.last_activity = time.monotonic()
         conn = self.ws_connection
         if conn is None or conn.is_closing():
