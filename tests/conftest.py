@@ -118,6 +118,31 @@ def live_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer
     server.stop()
 
 
+NEXT_SANDBOX = ["bwrap", "bwrap", "perl"]  # what a Run-Flare kernel holds between runs (see below)
+
+
+def between_runs(kernel_pid: int, timeout: float = 20.0) -> list:
+    """The processes under a Run-Flare kernel between runs that are not its next run's sandbox waiting:
+    bubblewrap, bubblewrap's init and the reaper, the reaper with no program (``Runner.ready_next``).
+    Waits (bounded) for that sandbox's start to settle; [] when the kernel holds nothing else."""
+    import psutil
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            kids = [c for c in psutil.Process(kernel_pid).children(recursive=True)
+                    if c.status() != psutil.STATUS_ZOMBIE]
+            names = sorted(c.name() for c in kids)
+            if names == [] or (names == NEXT_SANDBOX
+                               and not next(c for c in kids if c.name() == "perl").children()):
+                return []
+        except psutil.Error:
+            kids = []
+        if time.monotonic() > deadline:
+            return kids
+        time.sleep(0.02)
+
+
 def own_descendants() -> list:
     """Processes this test process started, leaving out the subtrees of the `runflare serve` servers that
     fixtures keep running (their warm pools come and go on their own)."""

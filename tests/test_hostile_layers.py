@@ -53,12 +53,13 @@ def need_x86_64() -> None:
 @pytest.fixture(scope="module")
 def runner() -> Runner:
     try:
-        r = Runner("bwrap")
+        r = Runner("bwrap", ready_next=True)  # as in the Run-Flare kernel: each run's sandbox started ahead
     except sandbox.SandboxUnavailable as e:
         require(False, f"bwrap unusable: {e}")
     require(policy.per_slot_uids(), "not root: sandboxes run in a user namespace, not as a leased host uid")
     assert r.uid in policy.UidRange.from_env() and r.uid != 0
     yield r
+    r.close()
     r.lease.release()
 
 

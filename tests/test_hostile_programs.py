@@ -11,6 +11,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from conftest import between_runs
 
 from runflare_server.engine.interface import Limits, RunRequest
 from runflare_server.engine.runs import languages
@@ -43,11 +44,12 @@ def env(tmp_path_factory: pytest.TempPathFactory):
 def pool(env):
     pr, _, runs = env
     yield pr
-    # After every hostile run: no process under any kernel, no work dir, and the next run is fine.
+    # After every hostile run: no process under any kernel but its next run's sandbox, waiting; no work
+    # dir but those sandboxes' (empty); and the next run is fine.
     for k in pr.engine._all:
-        kids = psutil.Process(k.km.provisioner.process.pid).children(recursive=True)
-        assert [c for c in kids if c.status() != psutil.STATUS_ZOMBIE] == [], kids
-    assert list(runs.iterdir()) == []
+        assert between_runs(k.km.provisioner.process.pid) == []
+    left = list(runs.iterdir())
+    assert len(left) <= len(pr.engine._all) and all(p.is_dir() and not any(p.iterdir()) for p in left), left
     after, _ = pr.run(req("print('next run ok')"))
     assert (after.outcome, after.stdout) == ("exited", "next run ok\n")
 

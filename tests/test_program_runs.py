@@ -231,7 +231,9 @@ def test_stop_leaves_nothing(tmp_path):
     for pid in pids:
         assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
     children = psutil.Process(os.getpid()).children(recursive=True)
-    assert not [c for c in children if c.pid not in before and c.status() != psutil.STATUS_ZOMBIE]
+    # (kernels of the module's pool start their next run's sandbox at any time: not this engine's)
+    assert not [c for c in children if c.pid not in before and c.status() != psutil.STATUS_ZOMBIE
+                and not before & {p.pid for p in c.parents()}]
 
 
 def test_no_free_kernel_is_an_internal_error(tmp_path):

@@ -45,7 +45,7 @@ class RunFlareKernel(Kernel):
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.default_language = int(os.environ.get("RUNFLARE_LANGUAGE", "71"))
-        self.runner = Runner(os.environ.get("RUNFLARE_SANDBOX", "auto"), subreaper=True)
+        self.runner = Runner(os.environ.get("RUNFLARE_SANDBOX", "auto"), subreaper=True, ready_next=True)
         self._last: dict[str, Any] | None = None
         self.runs = 0
 

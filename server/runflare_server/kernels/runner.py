@@ -15,11 +15,11 @@ import contextlib
 import errno
 import os
 import platform
+import resource
 import selectors
 import shlex
 import signal
 import subprocess
-import tempfile
 import threading
 import time
 import uuid
@@ -36,8 +36,8 @@ from runflare_server.engine.sandbox import process as sandbox
 from runflare_server.engine.sandbox.cgroups import (
     GroupPool,
     RunCgroup,
+    child_setup,
     exec_prefix,
-    rlimit_preexec,
     rlimit_values,
 )
 
@@ -48,16 +48,45 @@ COMPILE_LIMITS = Limits(cpu_time_limit=15.0, cpu_extra_time=5.0, wall_time_limit
                         max_output_bytes=64 * 1024)
 PERL = "/usr/bin/perl"
 SANDBOX_PROCESSES = 3  # bwrap, bwrap's init in the new PID namespace, the reaper: not the program's to count
+# The reaper: started with the sandbox, it waits on its control pipe for the program (a sandbox may be
+# started ahead of its run, see Runner.ready_next). The message, NUL-separated: the rlimit count n, n
+# (resource, soft, hard) triples, the stdin ("" = /dev/null, "-" = inherited, else a file in the work dir,
+# opened then unlinked), "1" to send stderr to stdout, then the program's argv. End of file without a
+# message: the sandbox was discarded, nothing runs. Failures before the program runs write "launch ...".
 REAPER = r"""
-my $fd = shift @ARGV;
-my $nr = shift @ARGV;
-my $prctl = shift @ARGV;
+my ($fd, $ctl, $nr, $prctl, $rlim) = splice(@ARGV, 0, 5);
 syscall($prctl, 4, 0) if $prctl > 0;  # PR_SET_DUMPABLE 0: the program cannot open /proc/<reaper>/fd
 open(my $st, '>&=', $fd) or exit 120;
 fcntl($st, 2, 1);  # F_SETFD, FD_CLOEXEC: the program must not inherit the status pipe
+open(my $c, '<&=', $ctl) or exit 120;
+my $msg = do { local $/; <$c> };
+close $c;
+exit 0 if !defined $msg || $msg eq "";
+my @f = split /\0/, $msg, -1;
+my $n = shift @f;
+my @lim = splice(@f, 0, 3 * $n);
+my ($in, $merge) = splice(@f, 0, 2);
+sub launch { syswrite $st, "launch $_[0]\n"; exit 125; }
+if ($in ne "-") {
+    my $path = $in eq "" ? "/dev/null" : $in;
+    open(STDIN, '<', $path) or launch("cannot open the program's stdin: $!");
+    unlink $path if $in ne "";
+}
+open(STDERR, '>&', \*STDOUT) or launch("cannot merge stderr: $!") if $merge;
 my $pid = fork;
 defined $pid or exit 121;
-if (!$pid) { exec { $ARGV[0] } @ARGV; syswrite $st, "exec " . ($! + 0) . " $!\n"; exit 127; }
+if (!$pid) {
+    for (my $i = 0; $i < @lim; $i += 3) {  # prlimit64(0, res, new, NULL); never above what was asked
+        my ($r, $soft, $hard) = (0 + $lim[$i], 0 + $lim[$i + 1], 0 + $lim[$i + 2]);
+        next if syscall($rlim, 0, $r, pack("Q2", $soft, $hard), 0) == 0;
+        my $old = "\0" x 16;
+        syscall($rlim, 0, $r, 0, $old) == 0 or launch("cannot read rlimit $r: $!");
+        my $cap = (unpack("Q2", $old))[1];
+        ($soft, $hard) = map { $_ < $cap ? $_ : $cap } ($soft, $hard);
+        syscall($rlim, 0, $r, pack("Q2", $soft, $hard), 0) == 0 or launch("cannot set rlimit $r: $!");
+    }
+    exec { $f[0] } @f; syswrite $st, "exec " . ($! + 0) . " $!\n"; exit 127;
+}
 $SIG{$_} = 'IGNORE' for qw(HUP INT QUIT TERM PIPE USR1 USR2 ALRM);
 while (waitpid($pid, 0) < 0) { }
 my $s = $?;
@@ -75,6 +104,7 @@ exit(($s & 127) ? 128 + ($s & 127) : ($s >> 8));
 POLL = 0.05
 GETRUSAGE_NR = {"x86_64": 98, "aarch64": 165, "arm64": 165}.get(platform.machine(), -1)  # 64-bit struct layout
 PRCTL_NR = {"x86_64": 157, "aarch64": 167, "arm64": 167}.get(platform.machine(), -1)
+PRLIMIT_NR = {"x86_64": 302, "aarch64": 261, "arm64": 261}.get(platform.machine(), -1)
 
 
 @dataclass
@@ -122,10 +152,36 @@ class ProgramResult:
 OnOutput = Callable[[str, str], None]  # (stream name, decoded text)
 
 
+@dataclass(eq=False)
+class Sandbox:
+    """A started sandbox whose reaper waits for its program: its process, group, work dir and pipes."""
+
+    key: Any
+    workdir: Path
+    status_fd: int
+    control_fd: int
+    ahead: bool  # started before its run's limits were known: _go sets them
+    proc: subprocess.Popen | None = None
+    cg: RunCgroup | None = None
+    cpu_before: float = 0.0  # the group's CPU time when the program was sent (the sandbox's own start)
+
+    def usable(self) -> bool:
+        """Whether it still waits for a program (nothing killed it, its set-up did not fail)."""
+        return self.proc is not None and self.control_fd >= 0 and self.proc.poll() is None
+
+    def close_fds(self) -> None:
+        for name in ("status_fd", "control_fd"):
+            fd = getattr(self, name)
+            if fd >= 0:
+                os.close(fd)
+                setattr(self, name, -1)
+
+
 class Runner:
     """Compiles and runs programs of any available language in fresh sandboxes."""
 
-    def __init__(self, mode: str = "auto", *, subreaper: bool = False, pool: int = 2) -> None:
+    def __init__(self, mode: str = "auto", *, subreaper: bool = False, pool: int = 2,
+                 ready_next: bool = False) -> None:
         self.mode = sandbox.resolve_mode(mode)
         # bwrap's inner process outlives the outer one by a moment; a subreaper collects it (not init).
         self.reap_orphans = subreaper and _set_subreaper(True)
@@ -138,10 +194,18 @@ class Runner:
         self._lang_env: dict[int, tuple[dict[str, str], list[str]]] = {}
         # Join the group and set rlimits by exec (sh, prlimit) rather than in a preexec_fn, so Popen vforks.
         self.exec_setup = cgroups.exec_prefix_usable()
+        # After each run, start the next run's sandbox for the same language (its reaper sets the rlimits).
+        self.ready_next = ready_next and PRLIMIT_NR > 0
+        self._ready: Sandbox | None = None
+        self._readying: threading.Thread | None = None
+        self._ready_lock = threading.RLock()  # close() may come from another thread (a kernel's control thread)
 
     def close(self) -> None:
         """Stop the group pool's thread, delete the groups it holds, and stop being a subreaper (orphans
         from then on go to init again, not to a process that may never reap them)."""
+        with self._ready_lock:
+            self.ready_next = False
+            self._take_ready(None)
         if self._closer:
             self._closer()
         if self.reap_orphans:
@@ -176,7 +240,9 @@ class Runner:
             copts = shlex.split(compiler_options or "")
         except ValueError as e:
             return ProgramResult("internal", message=f"cannot split arguments: {e}")
-        workdir = sandbox.new_workdir(uid=self.uid)
+        network = limits.enable_network
+        ready = self._take_ready(lang.id) if not network and stdin_reader is None else None
+        workdir = ready.workdir if ready else sandbox.new_workdir(uid=self.uid)
         try:
             source_path = workdir / lang.source_file
             source_path.write_text(source, encoding="utf-8", errors="surrogateescape")
@@ -188,7 +254,8 @@ class Runner:
                 if on_stage:
                     on_stage("compiling")
                 cmd = langs.expand(lang.compile_cmd, compiler_options=copts, memory_kb=compile_limits.memory_limit)
-                step = self.step(cmd, workdir, env, ro, compile_limits, merge_stderr=True)
+                step = self.step(cmd, workdir, env, ro, compile_limits, merge_stderr=True, started=ready)
+                ready = None
                 compile_output = step.stdout.decode("utf-8", "replace") or None
                 if step.exit_code != 0:
                     why = ("compilation time limit exceeded" if step.time_limit else
@@ -204,12 +271,51 @@ class Runner:
                 on_stage("running")
             cmd = langs.expand(lang.run_cmd, args=argv, memory_kb=limits.memory_limit)
             step = self.step(cmd, workdir, env, ro, limits, stdin=stdin, merge_stderr=redirect_stderr,
-                             on_output=on_output, stdin_reader=stdin_reader, network=limits.enable_network)
+                             on_output=on_output, stdin_reader=stdin_reader, network=network, started=ready)
+            ready = None
             return self._result(step, limits, compile_output)
         except Exception as e:  # noqa: BLE001 - the kernel must answer even when the host fails
             return ProgramResult("internal", message=f"{type(e).__name__}: {e}")
         finally:
+            if ready is not None:
+                self.discard(ready)
             sandbox.remove_workdir(workdir)
+            if self.ready_next:
+                self._ready_soon(lang)
+
+    def _take_ready(self, lang_id: int | None) -> Sandbox | None:
+        """The sandbox started ahead for a run of ``lang_id``, if it still waits; one for another language
+        (or any, with None) is discarded and not returned."""
+        with self._ready_lock:
+            if self._readying is not None:
+                self._readying.join()
+                self._readying = None
+            ready, self._ready = self._ready, None
+            if ready is None:
+                return None
+            if lang_id is not None and ready.key == (lang_id, cgroups.mechanism()) and ready.usable():
+                return ready
+            self.discard(ready)
+            sandbox.remove_workdir(ready.workdir)
+            return None
+
+    def _ready_soon(self, lang: langs.Language) -> None:
+        """Start the next run's sandbox for ``lang`` in a thread (after this run's processes are gone:
+        the two never live at once under this runner's uid)."""
+        def start() -> None:
+            workdir = sandbox.new_workdir(uid=self.uid)
+            try:
+                env, ro = self._language_env(lang)
+                self._ready = self.launch(workdir, env, ro, key=(lang.id, cgroups.mechanism()))
+            except Exception:  # noqa: BLE001 - the next run starts its own sandbox then
+                sandbox.remove_workdir(workdir)
+
+        with self._ready_lock:
+            if not self.ready_next:  # closed meanwhile
+                return
+            self._take_ready(None)
+            self._readying = threading.Thread(target=start, name="runflare-ready-sandbox", daemon=True)
+            self._readying.start()
 
     @staticmethod
     def _result(step: StepResult, limits: Limits, compile_output: str | None) -> ProgramResult:
@@ -240,53 +346,93 @@ class Runner:
 
     def step(self, argv: list[str], workdir: Path, env: dict[str, str], ro: list[str], limits: Limits, *,
              stdin: bytes | None = None, merge_stderr: bool = False, on_output: OnOutput | None = None,
-             stdin_reader: Callable[[], bytes | None] | None = None, network: bool = False) -> StepResult:
-        """Run ``argv`` as one fresh sandboxed process under ``limits`` and wait for it."""
-        res = StepResult()
-        # Judge0's per-process flags: the limit applies to each process (rlimits), not to the whole group.
-        group_memory = None if limits.enable_per_process_and_thread_memory_limit else limits.memory_limit
-        max_pids = limits.max_processes_and_or_threads + SANDBOX_PROCESSES
-        proc: subprocess.Popen | None = None
-        cg: RunCgroup | None = None
-        stdin_file = None
-        waited = False
+             stdin_reader: Callable[[], bytes | None] | None = None, network: bool = False,
+             started: Sandbox | None = None) -> StepResult:
+        """Run ``argv`` as one fresh sandboxed process under ``limits`` and wait for it (in ``started``, a
+        sandbox started ahead for ``workdir``, else in one started now)."""
+        sb = started or self.launch(workdir, env, ro, limits, network=network, stdin_pipe=stdin_reader is not None)
+        return self._go(sb, argv, limits, stdin=stdin, merge_stderr=merge_stderr, on_output=on_output,
+                        stdin_reader=stdin_reader)
+
+    def launch(self, workdir: Path, env: dict[str, str], ro: list[str], limits: Limits | None = None, *,
+               network: bool = False, stdin_pipe: bool = False, key: Any = None) -> Sandbox:
+        """Start a fresh sandbox on ``workdir`` whose reaper waits for its program (``_go``). With
+        ``limits`` its rlimits and cgroup limits are set now (a sandbox for a run at hand); without, it is
+        started ahead of its run and ``_go`` sets them all before the program starts."""
         st_r, st_w = os.pipe()
+        ctl_r, ctl_w = os.pipe()
         filter_fd = seccomp.bpf_fd() if self.mode == "bwrap" else -1
+        sb = Sandbox(key=key, workdir=workdir, status_fd=st_r, control_fd=ctl_w, ahead=limits is None)
         try:
-            cmd = sandbox.wrap([PERL, "-e", REAPER, str(st_w), str(GETRUSAGE_NR), str(PRCTL_NR), *argv],
-                               workdir=workdir, mode=self.mode, env=env, network=network, ro_paths=ro, uid=self.uid,
-                               seccomp_fd=filter_fd if filter_fd >= 0 else None)
+            cmd = sandbox.wrap([PERL, "-e", REAPER, str(st_w), str(ctl_r), str(GETRUSAGE_NR), str(PRCTL_NR),
+                                str(PRLIMIT_NR)], workdir=workdir, mode=self.mode, env=env, network=network,
+                               ro_paths=ro, uid=self.uid, seccomp_fd=filter_fd if filter_fd >= 0 else None)
+            if limits is not None:
+                group_memory = None if limits.enable_per_process_and_thread_memory_limit else limits.memory_limit
+                max_pids = limits.max_processes_and_or_threads + SANDBOX_PROCESSES
+            else:
+                group_memory = max_pids = None
             if self.groups is not None:
-                cg = self.groups.take(group_memory, max_pids)
+                sb.cg = self.groups.take(group_memory, max_pids)
             else:
-                cg = RunCgroup.create(f"run-{os.getpid()}-{uuid.uuid4().hex[:12]}", group_memory, max_pids)
-            if stdin_reader is not None:
-                stdin_arg: Any = subprocess.PIPE
-            elif stdin:
-                stdin_file = tempfile.TemporaryFile()  # noqa: SIM115 - closed in finally
-                stdin_file.write(stdin)
-                stdin_file.seek(0)
-                stdin_arg = stdin_file
-            else:
-                stdin_arg = subprocess.DEVNULL
+                sb.cg = RunCgroup.create(f"run-{os.getpid()}-{uuid.uuid4().hex[:12]}", group_memory, max_pids)
+            values = rlimit_values(limits, sb.cg is not None) if limits is not None else {resource.RLIMIT_CORE: (0, 0)}
             if self.exec_setup:
-                cmd = exec_prefix(rlimit_values(limits, cg is not None), cg, st_w) + cmd
+                cmd = exec_prefix(values, sb.cg, st_w) + cmd
                 preexec = None
             else:
-                preexec = rlimit_preexec(limits, cg)
+                preexec = child_setup(values, sb.cg)
+            sb.proc = subprocess.Popen(
+                cmd, stdin=subprocess.PIPE if stdin_pipe else subprocess.DEVNULL, stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE, pass_fds=(st_w, ctl_r, filter_fd) if filter_fd >= 0 else (st_w, ctl_r),
+                cwd=workdir, start_new_session=True, env=_outer_env(self.mode, env, network), preexec_fn=preexec)
+            return sb
+        except BaseException:
+            self.discard(sb)
+            raise
+        finally:
+            for fd in (st_w, ctl_r, filter_fd):
+                if fd >= 0:
+                    os.close(fd)
+
+    def _go(self, sb: Sandbox, argv: list[str], limits: Limits, *, stdin: bytes | None = None,
+            merge_stderr: bool = False, on_output: OnOutput | None = None,
+            stdin_reader: Callable[[], bytes | None] | None = None) -> StepResult:
+        """Run the program in ``sb`` (its limits set first), stream its output, wait for it, clean up."""
+        res = StepResult()
+        waited = False
+        proc, cg = sb.proc, sb.cg
+        try:
+            stdin_name = ""
+            if stdin_reader is not None:
+                stdin_name = "-"
+            elif stdin:
+                stdin_name = f".stdin-{uuid.uuid4().hex}"  # opened then unlinked by the reaper, before the program
+                fd = os.open(sb.workdir / stdin_name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+                with os.fdopen(fd, "wb") as f:
+                    if self.uid is not None:
+                        os.fchown(f.fileno(), self.uid, self.uid)
+                    f.write(stdin)
+            if cg is not None and sb.ahead:
+                group_memory = None if limits.enable_per_process_and_thread_memory_limit else limits.memory_limit
+                cg.set_limits(group_memory, limits.max_processes_and_or_threads + SANDBOX_PROCESSES)
+                sb.cpu_before = cg.cpu_seconds() or 0.0  # the sandbox's own start, before the program's
+            values = rlimit_values(limits, cg is not None)
+            fields = [str(len(values))]
+            for r, (soft, hard) in values.items():
+                fields += [str(r), str(soft), str(hard)]
+            fields += [stdin_name, "1" if merge_stderr else "", *argv]
             start = time.monotonic()
-            proc = subprocess.Popen(
-                cmd, stdin=stdin_arg, stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT if merge_stderr else subprocess.PIPE,
-                pass_fds=(st_w, filter_fd) if filter_fd >= 0 else (st_w,), cwd=workdir, start_new_session=True,
-                env=_outer_env(self.mode, env, network), preexec_fn=preexec)
-            os.close(st_w)
-            st_w = -1
-            if filter_fd >= 0:
-                os.close(filter_fd)
-                filter_fd = -1
+            try:
+                _send_all(sb.control_fd, "\0".join(fields).encode("utf-8", "surrogateescape"))
+            except BrokenPipeError:  # the sandbox ended before its reaper read: say why if it wrote it
+                _wait(proc)
+                waited = True
+                raise OSError(_launch_line(_read_all(sb.status_fd)) or "the sandbox ended before its program started") from None
+            os.close(sb.control_fd)
+            sb.control_fd = -1
             feeder = _start_feeder(proc, stdin_reader) if stdin_reader is not None else None
-            self._pump(proc, res, limits, cg, start, on_output)
+            self._pump(proc, res, limits, cg, start, on_output, sb.cpu_before)
             _, status, rusage = _wait(proc)
             waited = True
             res.wall = round(time.monotonic() - start, 3)
@@ -294,11 +440,13 @@ class Runner:
                 feeder.join(timeout=1)
             if cg:
                 res.oom = cg.oom_killed()
-                res.cpu = cg.cpu_seconds()
+                used = cg.cpu_seconds()
+                res.cpu = None if used is None else max(0.0, used - sb.cpu_before)
                 res.memory = cg.peak_memory_kb()
-            status_text = _read_all(st_r)
-            if status_text.startswith("launch "):  # the exec prefix failed before the sandbox started
-                raise OSError(status_text.strip())
+            status_text = _read_all(sb.status_fd)
+            launch = _launch_line(status_text)
+            if launch:  # the set-up failed before the program ran
+                raise OSError(launch)
             _parse_status(status_text, status, res)
             if res.cpu is None:
                 res.cpu = res.reaper_cpu if res.reaper_cpu is not None else rusage.ru_utime + rusage.ru_stime
@@ -307,16 +455,21 @@ class Runner:
             res.cpu = round(res.cpu, 3)
             return res
         finally:
-            if proc is not None and not waited:
+            if not waited:
                 _kill(proc, cg)
                 with contextlib.suppress(ChildProcessError):
                     _wait(proc)
             self._collect(cg)
-            for fd in (st_w, filter_fd, st_r):
-                if fd >= 0:
-                    os.close(fd)
-            if stdin_file:
-                stdin_file.close()
+            sb.close_fds()
+
+    def discard(self, sb: Sandbox) -> None:
+        """Stop a sandbox whose program never ran (or failed to start) and free what it holds."""
+        if sb.proc is not None:
+            _kill(sb.proc, sb.cg)
+            with contextlib.suppress(ChildProcessError):
+                _wait(sb.proc)
+        self._collect(sb.cg)
+        sb.close_fds()
 
     def _collect(self, cg: RunCgroup | None) -> None:
         """Make sure nothing of the step lives on. With a group: every process in it is killed (one read of
@@ -336,7 +489,7 @@ class Runner:
 
     @staticmethod
     def _pump(proc: subprocess.Popen, res: StepResult, limits: Limits, cg: RunCgroup | None, start: float,
-              on_output: OnOutput | None) -> None:
+              on_output: OnOutput | None, cpu_before: float = 0.0) -> None:
         """Read stdout/stderr until EOF, keeping up to the cap, killing the sandbox on a time limit."""
         sel = selectors.DefaultSelector()
         names = {}
@@ -382,7 +535,7 @@ class Runner:
                 if res.time_limit is None:
                     if elapsed > limits.wall_time_limit:
                         res.time_limit = "wall"
-                    elif cg and group_cpu and (cg.cpu_seconds() or 0) > cpu_cap:
+                    elif cg and group_cpu and (cg.cpu_seconds() or 0) - cpu_before > cpu_cap:
                         res.time_limit = "cpu"
                     if res.time_limit:
                         _kill(proc, cg)
@@ -473,6 +626,18 @@ def _wait(proc: subprocess.Popen) -> tuple[int, int, Any]:
             with contextlib.suppress(OSError):
                 pipe.close()
     return pid, status, rusage
+
+
+def _launch_line(status_text: str) -> str | None:
+    """The line saying why a sandbox's set-up failed before its program ran, if any."""
+    return next((line for line in status_text.splitlines() if line.startswith("launch ")), None)
+
+
+def _send_all(fd: int, data: bytes) -> None:
+    """Write all of ``data`` to a blocking pipe."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
 
 
 def _read_all(fd: int) -> str:
