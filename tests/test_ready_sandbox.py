@@ -9,6 +9,7 @@ starts only once the previous run's processes are gone, and that nothing of it o
 from __future__ import annotations
 
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -43,7 +44,7 @@ def waiting(r: Runner):
     """The sandbox the runner started for its next run (after its start thread is done)."""
     with r._ready_lock:
         if r._readying is not None:
-            r._readying.join()
+            r._readying.result()
         return r._ready
 
 
@@ -181,3 +182,27 @@ def test_the_reaper_refuses_to_run_a_program_when_its_stdin_cannot_be_opened(run
         if ahead.workdir.exists():
             ahead.workdir.chmod(0o700)
     assert r.outcome == "internal" and "cannot open the program's stdin" in r.message and r.stdout == b"", r
+
+
+def test_sandboxes_started_ahead_outlive_the_threads_that_asked_for_them(runner, monkeypatch):
+    """bubblewrap's --die-with-parent is PR_SET_PDEATHSIG: it fires when the *thread* that forked bwrap
+    exits (under load, a short-lived starter thread killed about one sandbox in ten). Runs made from
+    short-lived threads: every sandbox started ahead comes from one thread that is still alive."""
+    starters = []
+    launch = runner.launch
+
+    def recorded(*args, **kw):
+        if kw.get("key") is not None:
+            starters.append(threading.current_thread())
+        return launch(*args, **kw)
+
+    monkeypatch.setattr(runner, "launch", recorded)
+    results = []
+    for _ in range(6):
+        t = threading.Thread(target=lambda: results.append(runner.run(71, "print('hi')", limits=QUICK)))
+        t.start()
+        t.join()
+        reaper_of(waiting(runner))
+        assert waiting(runner).usable()
+    assert [(r.stdout, r.exit_code, r.exit_signal) for r in results] == [(b"hi\n", 0, None)] * 6
+    assert len(starters) == 6 and len(set(starters)) == 1 and starters[0].is_alive()

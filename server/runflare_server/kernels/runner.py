@@ -25,6 +25,7 @@ import time
 import uuid
 import weakref
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -197,7 +198,10 @@ class Runner:
         # After each run, start the next run's sandbox for the same language (its reaper sets the rlimits).
         self.ready_next = ready_next and PRLIMIT_NR > 0
         self._ready: Sandbox | None = None
-        self._readying: threading.Thread | None = None
+        self._readying: Future | None = None
+        # One long-lived thread starts them: bubblewrap ties its life to the thread that forked it
+        # (--die-with-parent is PR_SET_PDEATHSIG, which fires when that thread exits, not the process).
+        self._launcher = ThreadPoolExecutor(1, thread_name_prefix="runflare-ready-sandbox") if self.ready_next else None
         self._ready_lock = threading.RLock()  # close() may come from another thread (a kernel's control thread)
 
     def close(self) -> None:
@@ -206,6 +210,8 @@ class Runner:
         with self._ready_lock:
             self.ready_next = False
             self._take_ready(None)
+        if self._launcher is not None:
+            self._launcher.shutdown(wait=True)
         if self._closer:
             self._closer()
         if self.reap_orphans:
@@ -288,7 +294,7 @@ class Runner:
         (or any, with None) is discarded and not returned."""
         with self._ready_lock:
             if self._readying is not None:
-                self._readying.join()
+                self._readying.result()
                 self._readying = None
             ready, self._ready = self._ready, None
             if ready is None:
@@ -300,8 +306,8 @@ class Runner:
             return None
 
     def _ready_soon(self, lang: langs.Language) -> None:
-        """Start the next run's sandbox for ``lang`` in a thread (after this run's processes are gone:
-        the two never live at once under this runner's uid)."""
+        """Start the next run's sandbox for ``lang`` on the launcher thread (after this run's processes are
+        gone: the two never live at once under this runner's uid)."""
         def start() -> None:
             workdir = sandbox.new_workdir(uid=self.uid)
             try:
@@ -314,8 +320,7 @@ class Runner:
             if not self.ready_next:  # closed meanwhile
                 return
             self._take_ready(None)
-            self._readying = threading.Thread(target=start, name="runflare-ready-sandbox", daemon=True)
-            self._readying.start()
+            self._readying = self._launcher.submit(start)
 
     @staticmethod
     def _result(step: StepResult, limits: Limits, compile_output: str | None) -> ProgramResult:
