@@ -4,6 +4,11 @@ Runs inside the Run-Flare kernel process (never inside the server). Each step (c
 process in one fresh sandbox and one fresh cgroup; a tiny Perl reaper (perl-base is Essential on Debian)
 sits between the sandbox and the program so the exact exit code / signal / exec failure is reported
 through a status pipe, which bubblewrap alone cannot do (it folds signals into 128+n).
+
+A sandbox is started (``Runner.launch``) before its program is known: its reaper waits on a control
+pipe for the argv, the rlimits and the stdin (``_go``). With ``ready_next`` (the Run-Flare kernel) the
+next run's sandbox is started as soon as a run ends, so a run of the same language only pays for its
+program: bubblewrap's set-up (~10 ms here) is off its path. See docs/security.md, "Sandboxes started ahead".
 """
 
 from __future__ import annotations
