@@ -342,8 +342,9 @@ class RunflareSandboxProvisioner(KernelProvisionerBase):
         if not procs:
             return []
         wrappers = {procs[0].pid}
+        below = sb.child_pids(procs[0].pid)
         with contextlib.suppress(psutil.Error):
-            wrappers |= {c.pid for c in procs[0].children() if c.name() == "bwrap"}
+            wrappers |= {p.pid for p in procs if p.pid in below and p.name() == "bwrap"}
         return [p for p in procs if p.pid not in wrappers]
 
     async def poll(self) -> int | None:

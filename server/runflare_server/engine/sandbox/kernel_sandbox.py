@@ -249,6 +249,16 @@ def tree(pid: int) -> list[psutil.Process]:
     return procs
 
 
+def child_pids(pid: int) -> set[int]:
+    """The pids of a process's direct children (read like ``tree``; empty once it is gone)."""
+    if _children_files():
+        return set(_children_of(pid))
+    try:
+        return {c.pid for c in psutil.Process(pid).children()}
+    except psutil.Error:
+        return set()
+
+
 @functools.cache
 def _children_files() -> bool:
     """Whether this kernel has /proc/PID/task/TID/children (CONFIG_PROC_CHILDREN) and we may read them."""
