@@ -82,7 +82,7 @@ open(STDERR, '>&', \*STDOUT) or launch("cannot merge stderr: $!") if $merge;
 my $pid = fork;
 defined $pid or exit 121;
 if (!$pid) {
-    for (my $i = 0; $i < @lim; $i += 3) {  # prlimit64(0, res, new, NULL); never above what was asked
+    for (my $i = 0; $rlim > 0 && $i < @lim; $i += 3) {  # prlimit64(0, res, new, NULL); never above what was asked
         my ($r, $soft, $hard) = (0 + $lim[$i], 0 + $lim[$i + 1], 0 + $lim[$i + 2]);
         next if syscall($rlim, 0, $r, pack("Q2", $soft, $hard), 0) == 0;
         my $old = "\0" x 16;
@@ -200,7 +200,8 @@ class Runner:
         self._lang_env: dict[int, tuple[dict[str, str], list[str]]] = {}
         # Join the group and set rlimits by exec (sh, prlimit) rather than in a preexec_fn, so Popen vforks.
         self.exec_setup = cgroups.exec_prefix_usable()
-        # After each run, start the next run's sandbox for the same language (its reaper sets the rlimits).
+        # After each run, start the next run's sandbox for the same language (its reaper sets the rlimits;
+        # where prlimit64's number is unknown, only the launch sets them, so every sandbox starts with its run).
         self.ready_next = ready_next and PRLIMIT_NR > 0
         self._ready: Sandbox | None = None
         self._readying: Future | None = None
