@@ -209,15 +209,8 @@ def test_a_refill_waits_a_moment_while_kernels_remain_ready(loop: asyncio.Abstra
         await asyncio.sleep(0.01)
         return TimedKernel()
 
-    class Handed(Pool[TimedKernel]):
-        async def acquire(self) -> TimedKernel:  # the caller owns what it took, as with KernelPool
-            kernel = await super().acquire()
-            self._uses.pop(kernel, None)
-            self._refill_soon()
-            return kernel
-
     async def go() -> None:
-        pool = Handed("refill", factory, 2, max_size=2)
+        pool = Pool("refill", factory, 2, max_size=2, handed_off=True)  # the caller keeps what it took, as with KernelPool
         await pool.start()
         assert await pool.wait_full(10)
         await pool.acquire()

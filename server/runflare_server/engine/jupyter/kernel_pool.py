@@ -196,18 +196,12 @@ class SandboxedKernel:
     async def _wait_ready(self, deadline: float) -> None:
         """kernel_info answered on shell, and iopub delivering (its subscription is asynchronous)."""
         kc = self.client
-        while True:
+        while True:  # kernel_info again every 0.5 s until one is answered
             self._check(deadline)
-            msg_id = kc.kernel_info()
-            try:
-                while True:
-                    msg = await kc.get_shell_msg(timeout=0.5)
-                    if msg["parent_header"].get("msg_id") == msg_id:
-                        self.kernel_info = msg["content"]
-                        break
+            reply = await self._shell_reply(kc.kernel_info(), 0.5)
+            if reply is not None:
+                self.kernel_info = reply["content"]
                 break
-            except queue.Empty:
-                continue
         probe_at = time.monotonic() + self.IOPUB_PROBE
         while True:  # the status messages of a kernel_info show iopub delivering
             try:
@@ -221,14 +215,8 @@ class SandboxedKernel:
         warmup = self.spec.adapter.warmup()
         if warmup is not None:  # silent: no execution count, no history, nothing in the user's namespace
             msg_id = kc.execute(warmup, silent=True, store_history=False)
-            while True:
-                try:
-                    msg = await kc.get_shell_msg(timeout=0.5)
-                except queue.Empty:
-                    self._check(deadline)
-                    continue
-                if msg["parent_header"].get("msg_id") == msg_id:
-                    break
+            while await self._shell_reply(msg_id, 0.5) is None:
+                self._check(deadline)
         while True:  # drain what the start-up and the probes published (a run ignores other parents anyway)
             try:
                 await kc.get_iopub_msg(timeout=0.01)
@@ -237,6 +225,18 @@ class SandboxedKernel:
         with contextlib.suppress(queue.Empty):
             while True:
                 await kc.get_shell_msg(timeout=0)
+
+    async def _shell_reply(self, msg_id: str, wait: float) -> dict[str, Any] | None:
+        """The shell reply to ``msg_id`` (replies to other requests are skipped), or None if it did not
+        come within ``wait`` seconds."""
+        end = time.monotonic() + wait
+        while True:
+            try:
+                msg = await self.client.get_shell_msg(timeout=max(0.0, end - time.monotonic()))
+            except queue.Empty:
+                return None
+            if msg["parent_header"].get("msg_id") == msg_id:
+                return msg
 
     def prepare_cgroup(self) -> None:
         """Put the kernel's whole tree in a fresh cgroup of its own while it waits in the pool, so that no
@@ -371,15 +371,19 @@ class Pool(Generic[K]):
 
     A used-once pool with ``max_size`` above ``size`` adapts to its arrival rate: it keeps as many ready as
     are taken while one starts (``Demand``), between ``size`` and ``max_size``, and gives back what a
-    quieter window no longer needs."""
+    quieter window no longer needs.
+
+    ``handed_off``: the caller keeps what it takes and never gives it back (``release``); the pool forgets a
+    kernel when it hands it out (kernel runs: the run shuts its kernel down)."""
 
     REFILL_DELAY = 0.1  # seconds between a hand-out that leaves kernels ready and its refill
 
     def __init__(self, name: str, factory: Callable[[], Awaitable[K]], size: int, *, reuse: int = 1,
                  starts: asyncio.Semaphore | None = None, retries: int = 3, max_size: int | None = None,
-                 window: float = 10.0) -> None:
+                 window: float = 10.0, handed_off: bool = False) -> None:
         self.name = name
         self.factory = factory
+        self.handed_off = handed_off
         self.min_size = size
         self.size = size  # the current target: min_size, more while demand needs it
         self.reuse = max(1, reuse)
@@ -531,7 +535,7 @@ class Pool(Generic[K]):
         while self._ready:
             kernel = self._ready.popleft()
             if kernel.alive():
-                self.stats["handed_out"] += 1
+                self._hand_out(kernel)
                 self._refill_soon()
                 return kernel
             self.stats["replaced"] += 1
@@ -545,9 +549,14 @@ class Pool(Generic[K]):
             if fut.done() and not fut.cancelled() and fut.exception() is None:
                 self._deliver(fut.result())
             raise
-        self.stats["handed_out"] += 1
+        self._hand_out(kernel)
         self._refill()
         return kernel
+
+    def _hand_out(self, kernel: K) -> None:
+        self.stats["handed_out"] += 1
+        if self.handed_off:
+            self._uses.pop(kernel, None)  # the caller's from now on
 
     async def release(self, kernel: K, healthy: bool = True) -> None:
         """Take a kernel back after a run: ready again while it is healthy, alive and under ``reuse`` runs,
@@ -614,7 +623,7 @@ class KernelPool(Pool[SandboxedKernel]):
                  retries: int = 3, fork_server: ForkServer | None = None, max_size: int | None = None,
                  window: float = 10.0) -> None:
         super().__init__(spec.name, self._start_kernel, size, reuse=1, starts=starts, retries=retries,
-                         max_size=max_size, window=window)
+                         max_size=max_size, window=window, handed_off=True)
         self.spec = spec
         self.fork_server = fork_server.register() if fork_server is not None and spec.adapter.forkable else None
         self.mode = mode
@@ -660,10 +669,7 @@ class KernelPool(Pool[SandboxedKernel]):
             self.stats["started"] += 1
             self.stats["handed_out"] += 1
             return kernel
-        kernel = await super().acquire()
-        self._uses.pop(kernel, None)  # used once: the caller owns it from now on
-        self._refill_soon()
-        return kernel
+        return await super().acquire()
 
     def health(self) -> dict[str, Any]:
         """Pool size, ready kernels and start-cost figures."""

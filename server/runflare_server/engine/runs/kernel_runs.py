@@ -512,7 +512,7 @@ class KernelRuns:
             size = self.pool_sizes.get(name, 0)
             self.pools[name] = KernelPool(self._specs[name], size, self.mode, self.runtime_dir, self.start_timeout,
                                           self._starts, fork_server=self.fork_server,
-                                          max_size=max(size, self.pool_max), window=self.pool_window)
+                                          max_size=self.pool_max, window=self.pool_window)
         return self.pools[name]
 
     async def wait_ready(self, timeout: float = 60.0) -> bool:
