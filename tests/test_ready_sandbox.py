@@ -206,3 +206,26 @@ def test_sandboxes_started_ahead_outlive_the_threads_that_asked_for_them(runner,
         assert waiting(runner).usable()
     assert [(r.stdout, r.exit_code, r.exit_signal) for r in results] == [(b"hi\n", 0, None)] * 6
     assert len(starters) == 6 and len(set(starters)) == 1 and starters[0].is_alive()
+
+
+def test_a_deferred_runner_starts_the_next_sandbox_when_told(monkeypatch):
+    """The Run-Flare kernel's runner (``defer_next``) starts the next sandbox only once the run's reply is
+    out (``start_next``): its set-up does not compete with the reply."""
+    if sandbox.resolve_mode("auto") != "bwrap":
+        skip_or_fail("bwrap is missing")
+    r = Runner(subreaper=True, ready_next=True, defer_next=True)
+    try:
+        assert r.run(71, "print(2)", limits=QUICK).stdout == b"2\n"
+        assert waiting(r) is None
+        r.start_next()
+        ahead = waiting(r)
+        assert ahead is not None and ahead.key[0] == 71
+        reaper_of(ahead)
+        r.start_next()  # nothing pending: no second sandbox
+        assert waiting(r) is ahead
+        assert r.run(71, "import os; print(os.listdir('.'))", limits=QUICK).stdout == b"['script.py']\n"
+        assert not ahead.workdir.exists()
+    finally:
+        r.close()
+        if r.lease:
+            r.lease.release()

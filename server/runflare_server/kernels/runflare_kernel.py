@@ -45,7 +45,8 @@ class RunFlareKernel(Kernel):
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.default_language = int(os.environ.get("RUNFLARE_LANGUAGE", "71"))
-        self.runner = Runner(os.environ.get("RUNFLARE_SANDBOX", "auto"), subreaper=True, ready_next=True)
+        self.runner = Runner(os.environ.get("RUNFLARE_SANDBOX", "auto"), subreaper=True, ready_next=True,
+                             defer_next=True)
         self._last: dict[str, Any] | None = None
         self.runs = 0
 
@@ -97,6 +98,10 @@ class RunFlareKernel(Kernel):
                                {"ename": result.outcome, "evalue": evalue, "traceback": [evalue]})
         return {"status": "error", "execution_count": self.execution_count, "ename": result.outcome,
                 "evalue": evalue, "traceback": [evalue]}
+
+    async def execute_request(self, stream: Any, ident: Any, parent: dict) -> None:
+        await super().execute_request(stream, ident, parent)
+        self.runner.start_next()  # the next run's sandbox: once this run's reply is out
 
     def _publish_execute_input(self, code: str, parent: dict, execution_count: int) -> None:
         """The engine never reads execute_input (it sent the code): one iopub message less per run."""

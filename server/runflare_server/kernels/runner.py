@@ -187,7 +187,7 @@ class Runner:
     """Compiles and runs programs of any available language in fresh sandboxes."""
 
     def __init__(self, mode: str = "auto", *, subreaper: bool = False, pool: int = 2,
-                 ready_next: bool = False) -> None:
+                 ready_next: bool = False, defer_next: bool = False) -> None:
         self.mode = sandbox.resolve_mode(mode)
         # bwrap's inner process outlives the outer one by a moment; a subreaper collects it (not init).
         self.reap_orphans = subreaper and _set_subreaper(True)
@@ -203,6 +203,9 @@ class Runner:
         # After each run, start the next run's sandbox for the same language (its reaper sets the rlimits;
         # where prlimit64's number is unknown, only the launch sets them, so every sandbox starts with its run).
         self.ready_next = ready_next and PRLIMIT_NR > 0
+        # With defer_next the caller says when (start_next): the kernel, once the run's reply is sent.
+        self.defer_next = defer_next
+        self._next_lang: langs.Language | None = None
         self._ready: Sandbox | None = None
         self._readying: Future | None = None
         # One long-lived thread starts them: bubblewrap ties its life to the thread that forked it
@@ -293,7 +296,9 @@ class Runner:
                 self.discard(ready)
             sandbox.remove_workdir(workdir)
             if self.ready_next:
-                self._ready_soon(lang)
+                self._next_lang = lang
+                if not self.defer_next:
+                    self.start_next()
 
     def _take_ready(self, lang_id: int | None) -> Sandbox | None:
         """The sandbox started ahead for a run of ``lang_id``, if it still waits; one for another language
@@ -310,6 +315,12 @@ class Runner:
             self.discard(ready)
             sandbox.remove_workdir(ready.workdir)
             return None
+
+    def start_next(self) -> None:
+        """Start the sandbox of the next run, for the last run's language (with ``ready_next``)."""
+        lang, self._next_lang = self._next_lang, None
+        if lang is not None and self.ready_next:
+            self._ready_soon(lang)
 
     def _ready_soon(self, lang: langs.Language) -> None:
         """Start the next run's sandbox for ``lang`` on the launcher thread (after this run's processes are
