@@ -20,7 +20,6 @@ import contextlib
 import errno
 import os
 import platform
-import resource
 import selectors
 import shlex
 import signal
@@ -398,7 +397,7 @@ class Runner:
                 sb.cg = self.groups.take(group_memory, max_pids)
             else:
                 sb.cg = RunCgroup.create(f"run-{os.getpid()}-{uuid.uuid4().hex[:12]}", group_memory, max_pids)
-            values = rlimit_values(limits, sb.cg is not None) if limits is not None else {resource.RLIMIT_CORE: (0, 0)}
+            values = rlimit_values(limits, sb.cg is not None) if limits is not None else {}  # the reaper sets them
             if self.exec_setup:
                 cmd = exec_prefix(values, sb.cg, st_w) + cmd
                 preexec = None

@@ -319,8 +319,9 @@ SH = "/bin/sh"
 PRLIMIT = "/usr/bin/prlimit"
 _PRLIMIT_NAMES = {resource.RLIMIT_CPU: "cpu", resource.RLIMIT_CORE: "core", resource.RLIMIT_FSIZE: "fsize",
                   resource.RLIMIT_STACK: "stack", resource.RLIMIT_AS: "as", resource.RLIMIT_NPROC: "nproc"}
-# $1: the status fd; then the files to write 0 to, "--", the command (prlimit ... -- the sandbox).
-_JOIN_SH = ('s=$1; shift; while [ "$1" != -- ]; do { echo 0 > "$1"; } 2>/dev/null || '
+# $1: the status fd; then the files to write 0 to, "--", the command (prlimit ... -- the sandbox, or the
+# sandbox itself when there are no rlimits to set). No core files either way.
+_JOIN_SH = ('ulimit -c 0; s=$1; shift; while [ "$1" != -- ]; do { echo 0 > "$1"; } 2>/dev/null || '
             '{ echo "launch cannot join cgroup $1" > "/proc/self/fd/$s"; exit 125; }; shift; done; shift; exec "$@"')
 
 
@@ -334,14 +335,15 @@ def exec_prefix(values: dict[int, tuple[int, int]], cgroup: RunCgroup | None, st
     """An argv prefix doing what ``child_setup`` does, without a ``preexec_fn``, so that Popen can vfork
     instead of copying this (large) process: /bin/sh joins the group (0 to each join file: sh is
     single-threaded) and execs prlimit, which sets the rlimits and execs the command, all in the same
-    process before the command's first instruction. A failed join writes ``launch ...`` to ``status_fd``
-    and exits 125 before running anything."""
+    process before the command's first instruction (no prlimit without rlimits to set: a sandbox started
+    ahead of its run, whose reaper sets them). A failed join writes ``launch ...`` to ``status_fd`` and
+    exits 125 before running anything."""
     limits = []
     for res, (soft, hard) in values.items():
         fmt = ["unlimited" if v == resource.RLIM_INFINITY else str(v) for v in (soft, hard)]
         limits.append(f"--{_PRLIMIT_NAMES[res]}={fmt[0]}:{fmt[1]}")
     join = cgroup.join_files() if cgroup else []
-    return [SH, "-c", _JOIN_SH, "sh", str(status_fd), *join, "--", PRLIMIT, *limits, "--"]
+    return [SH, "-c", _JOIN_SH, "sh", str(status_fd), *join, "--", *([PRLIMIT, *limits, "--"] if limits else [])]
 
 
 def child_setup(values: dict[int, tuple[int, int]], cgroup: RunCgroup | None = None) -> Callable[[], None]:
