@@ -155,8 +155,8 @@ def test_close_leaves_no_process_group_or_work_dir(runner):
     assert not ahead.workdir.exists()
     assert not [pid for pid in pids if psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
     assert not [d for d in group_dirs if Path(d).exists()]
-    runner.run(71, "pass", limits=QUICK)  # a closed runner starts no more sandboxes ahead
-    assert waiting(runner) is None
+    runner.start_next()  # a closed runner starts no more sandboxes ahead
+    assert waiting(runner) is None and runner.ready_next is False
 
 
 def test_a_sandbox_that_died_while_waiting_is_replaced(runner):

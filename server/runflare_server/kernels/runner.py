@@ -388,11 +388,7 @@ class Runner:
             cmd = sandbox.wrap([PERL, "-e", REAPER, str(st_w), str(ctl_r), str(GETRUSAGE_NR), str(PRCTL_NR),
                                 str(PRLIMIT_NR)], workdir=workdir, mode=self.mode, env=env, network=network,
                                ro_paths=ro, uid=self.uid, seccomp_fd=filter_fd if filter_fd >= 0 else None)
-            if limits is not None:
-                group_memory = None if limits.enable_per_process_and_thread_memory_limit else limits.memory_limit
-                max_pids = limits.max_processes_and_or_threads + SANDBOX_PROCESSES
-            else:
-                group_memory = max_pids = None
+            group_memory, max_pids = _group_limits(limits) if limits is not None else (None, None)
             if self.groups is not None:
                 sb.cg = self.groups.take(group_memory, max_pids)
             else:
@@ -435,8 +431,7 @@ class Runner:
                         os.fchown(f.fileno(), self.uid, self.uid)
                     f.write(stdin)
             if cg is not None and sb.ahead:
-                group_memory = None if limits.enable_per_process_and_thread_memory_limit else limits.memory_limit
-                cg.set_limits(group_memory, limits.max_processes_and_or_threads + SANDBOX_PROCESSES)
+                cg.set_limits(*_group_limits(limits))
                 sb.cpu_before = cg.cpu_seconds() or 0.0  # the sandbox's own start, before the program's
             values = rlimit_values(limits, cg is not None)
             fields = [str(len(values))]
@@ -647,6 +642,13 @@ def _wait(proc: subprocess.Popen) -> tuple[int, int, Any]:
             with contextlib.suppress(OSError):
                 pipe.close()
     return pid, status, rusage
+
+
+def _group_limits(limits: Limits) -> tuple[int | None, int]:
+    """The run's cgroup memory (KB; None with Judge0's per-process memory flag: rlimits apply to each process
+    instead) and process limits (the sandbox's own processes not counted against the program)."""
+    memory = None if limits.enable_per_process_and_thread_memory_limit else limits.memory_limit
+    return memory, limits.max_processes_and_or_threads + SANDBOX_PROCESSES
 
 
 def _launch_line(status_text: str) -> str | None:
