@@ -229,3 +229,20 @@ def test_a_deferred_runner_starts_the_next_sandbox_when_told(monkeypatch):
         r.close()
         if r.lease:
             r.lease.release()
+
+
+def test_the_program_holds_only_its_stdio_and_cannot_reach_its_reaper(runner):
+    """The control and status pipes never reach the program (the reaper reads the one and closes it, and
+    marks the other close-on-exec); the reaper is not dumpable, so its fds stay closed to the program
+    running as the same uid; nothing but the sandbox's init, the reaper and the program is in its view."""
+    if not policy.per_slot_uids():
+        skip_or_fail("not root: the reaper's dumpable flag is the point, and needs a slot uid")
+    src = ("import os\n"
+           "print(sorted(int(f) for f in os.listdir('/proc/self/fd')))\n"
+           "try:\n    os.listdir(f'/proc/{os.getppid()}/fd')\n    print('reaper fds open')\n"
+           "except PermissionError:\n    print('reaper fds closed')\n"
+           "print(sorted(int(p) for p in os.listdir('/proc') if p.isdigit()) == sorted({1, os.getppid(), os.getpid()}))")
+    runner.run(71, "pass", limits=QUICK)
+    reaper_of(waiting(runner))
+    r = runner.run(71, src, limits=QUICK, stdin=b"in")
+    assert r.stdout.decode().splitlines() == ["[0, 1, 2, 3]", "reaper fds closed", "True"], r
