@@ -127,20 +127,18 @@ def between_runs(kernel_pid: int, timeout: float = 20.0) -> list:
     Waits (bounded) for that sandbox's start to settle; [] when the kernel holds nothing else."""
     import psutil
 
-    deadline = time.monotonic() + timeout
-    while True:
+    def settled() -> bool:
         try:
             kids = [c for c in psutil.Process(kernel_pid).children(recursive=True)
                     if c.status() != psutil.STATUS_ZOMBIE]
             names = sorted(c.name() for c in kids)
-            if names == [] or (names == NEXT_SANDBOX
-                               and not next(c for c in kids if c.name() == "perl").children()):
-                return []
+            return names == [] or (names == NEXT_SANDBOX
+                                   and not next(c for c in kids if c.name() == "perl").children())
         except psutil.Error:
-            kids = []
-        if time.monotonic() > deadline:
-            return kids
-        time.sleep(0.02)
+            return False
+
+    wait_until(settled, timeout, 0.02, f"kernel {kernel_pid} holds only its next run's sandbox")
+    return []
 
 
 def own_descendants() -> list:

@@ -10,17 +10,17 @@ from __future__ import annotations
 
 import os
 import threading
-import time
 from pathlib import Path
 
 import psutil
 import pytest
-from conftest import skip_or_fail
+from conftest import skip_or_fail, wait_until
 
 from runflare_server.engine.interface import Limits
 from runflare_server.engine.runs import languages
 from runflare_server.engine.sandbox import cgroups, policy
 from runflare_server.engine.sandbox import process as sandbox
+from runflare_server.engine.sandbox.kernel_sandbox import tree
 from runflare_server.kernels.runner import Runner
 
 pytestmark = pytest.mark.timeout(180)
@@ -50,21 +50,8 @@ def waiting(r: Runner):
 
 def reaper_of(ahead) -> psutil.Process:
     """The sandbox's reaper, once bubblewrap has set the sandbox up and exec'd it."""
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        found = [p for p in tree(ahead.proc.pid) if p.name() == "perl"]
-        if found:
-            return found[0]
-        time.sleep(0.01)
-    raise AssertionError("no reaper waits in the sandbox")
-
-
-def tree(pid: int) -> list[psutil.Process]:
-    try:
-        p = psutil.Process(pid)
-        return [p, *p.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return []
+    return wait_until(lambda: next((p for p in tree(ahead.proc.pid) if p.name() == "perl"), None), 20, 0.01,
+                      "a reaper waits in the sandbox")
 
 
 def test_the_next_run_takes_the_sandbox_started_for_it(runner):
