@@ -145,17 +145,22 @@ class Worker:
     async def stop(self, drain_timeout: float = 20.0) -> None:
         """Take no new work; let running submissions finish for up to drain_timeout (the rest re-queue on start)."""
         self._stopping = True
-        idle = [t for t in self._loops if t not in self._running.values()]
-        for task in idle:
-            task.cancel()
-        if self._running:
-            await asyncio.wait(list(self._running.values()), timeout=drain_timeout)
         for task in self._loops:
             task.cancel()
         await asyncio.gather(*self._loops, return_exceptions=True)
+        jobs = list(self._running.values())
+        if jobs:
+            await asyncio.wait(jobs, timeout=drain_timeout)
+        for task in jobs:
+            task.cancel()
+        await asyncio.gather(*jobs, return_exceptions=True)
 
     async def _loop(self) -> None:
+        """Take a job and run it; once its run is over (the engine is free again), take the next one while
+        the first one's result is being stored. So a loop holds at most one run and one result being stored,
+        and the engine does not wait for the store between runs."""
         backoff = Backoff()
+        storing: asyncio.Task | None = None
         while not self._stopping:
             try:
                 job = await self.broker.dequeue()
@@ -168,23 +173,46 @@ class Worker:
                 await self.broker.enqueue(job.token)
                 await self.broker.ack(job)
                 return
-            self._running[job.token] = asyncio.current_task()  # type: ignore[assignment]
-            try:
-                await self._handle(job)
-            finally:
-                self._running.pop(job.token, None)
+            ran = asyncio.Event()
+            task = asyncio.create_task(self._handle(job, ran))
+            self._running[job.token] = task
+            task.add_done_callback(lambda done, token=job.token: self._forget(token, done))
+            await ran.wait()
+            if storing is not None:
+                await asyncio.wait([storing])
+            storing = task
 
-    async def _handle(self, job: Job) -> None:
+    def _forget(self, token: str, task: asyncio.Task) -> None:
+        if self._running.get(token) is task:
+            del self._running[token]
+
+    async def _handle(self, job: Job, ran: asyncio.Event | None = None) -> None:
         """Run the job and acknowledge it once its final state is stored. While the store or the broker is
-        down the job stays held (not acknowledged) and is retried; it is never dropped."""
+        down the job stays held (not acknowledged) and is retried; it is never dropped. `ran` is set once the
+        run is over (or never happens), before its result is stored."""
+        ran = ran or asyncio.Event()
+        try:
+            await self._process_and_store(job, ran)
+        finally:
+            ran.set()
+        backoff = Backoff()
+        while True:
+            try:
+                await self.broker.ack(job)
+                return
+            except TRANSIENT:
+                await backoff.sleep()
+
+    async def _process_and_store(self, job: Job, ran: asyncio.Event) -> None:
         backoff = Backoff()
         while True:
             try:
                 if job.attempt > self.settings.max_attempts:
+                    ran.set()
                     await self._fail(job.token, f"gave up after {job.attempt - 1} attempts: each run stopped "
                                                 "the worker that ran it")
                 else:
-                    await self.process(job.token)
+                    await self.process(job.token, ran)
                 break
             except asyncio.CancelledError:
                 raise
@@ -193,42 +221,50 @@ class Worker:
                 await backoff.sleep()
             except Exception as exc:
                 message = incident(log, "internal error in the worker", exc=exc, detail=job.token)
+                ran.set()
                 try:
                     await self._fail(job.token, message)
                 except Exception:
                     log.exception("could not record the failure of %s", job.token)
                 break
-        while True:
-            try:
-                await self.broker.ack(job)
-                return
-            except TRANSIENT:
-                await backoff.sleep()
 
-    async def process(self, token: str) -> None:
+    async def process(self, token: str, ran: asyncio.Event | None = None) -> None:
+        """Run one submission and store its result; `ran` is set between the two."""
         sub = await self.store.get(token)
         if sub is None or is_final(sub["status_id"]):
             return
         taken_at = time.monotonic()
-        started = {"status_id": PROCESSING}
-        await self.store.update(token, started)
-        sub.update(started)  # type: ignore[typeddict-item]
+        sub["status_id"] = PROCESSING
         await self._publish(token, events.status_update(token, sub))
-
+        stored = asyncio.ensure_future(self._store_processing(token))
         results: list[RunResult] = []
-        stdin: InputChannel | None = await self.broker.open_input(token) if sub.get("interactive") else None
         try:
-            for run in range(int(sub.get("number_of_runs") or 1)):
-                result = await self._run_once(sub, stdin, live=run == 0)
-                results.append(result)
-                if status_of(result, sub.get("expected_output")) != ACCEPTED:
-                    break
+            stdin: InputChannel | None = await self.broker.open_input(token) if sub.get("interactive") else None
+            try:
+                for run in range(int(sub.get("number_of_runs") or 1)):
+                    result = await self._run_once(sub, stdin, live=run == 0)
+                    results.append(result)
+                    if status_of(result, sub.get("expected_output")) != ACCEPTED:
+                        break
+            finally:
+                if stdin is not None:
+                    await stdin.close()
         finally:
-            if stdin is not None:
-                await stdin.close()
+            await stored
+        if ran is not None:
+            ran.set()
         await self._finish(token, sub, combine(results))
         if self.metrics is not None:
             self.metrics.run_finished(sub, time.monotonic() - taken_at)
+
+    async def _store_processing(self, token: str) -> None:
+        """Store "Processing" while the run starts (the engine does not wait for the commit; the event is
+        already out, and replays come from the event log). The final result is stored whatever happens here,
+        after this write, so a store that is down costs only this status."""
+        try:
+            await self.store.update(token, {"status_id": PROCESSING})
+        except Exception as exc:  # noqa: BLE001 - the run goes on; its final write is retried until stored
+            log.warning("%s: processing status not stored: %s", token, exc)
 
     async def _publish(self, token: str, event: Event, final: bool = False) -> None:
         """Events are live news: when the broker is down they are dropped (the store keeps the result)."""
