@@ -118,7 +118,11 @@ def live_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer
     server.stop()
 
 
-NEXT_SANDBOX = ["bwrap", "bwrap", "perl"]  # what a Run-Flare kernel holds between runs (see below)
+def reaper_comm() -> str:
+    """The process name of the reaper a Run-Flare kernel's runner uses on this host (compiled, else Perl)."""
+    from runflare_server.kernels import reaper_binary
+
+    return reaper_binary.COMM if reaper_binary.fd() is not None else "perl"
 
 
 def between_runs(kernel_pid: int, timeout: float = 20.0) -> list:
@@ -132,8 +136,9 @@ def between_runs(kernel_pid: int, timeout: float = 20.0) -> list:
             kids = [c for c in psutil.Process(kernel_pid).children(recursive=True)
                     if c.status() != psutil.STATUS_ZOMBIE]
             names = sorted(c.name() for c in kids)
-            return names == [] or (names == NEXT_SANDBOX
-                                   and not next(c for c in kids if c.name() == "perl").children())
+            reaper = reaper_comm()  # what a Run-Flare kernel holds between runs: bwrap, its init, the reaper
+            return names == [] or (names == sorted(["bwrap", "bwrap", reaper])
+                                   and not next(c for c in kids if c.name() == reaper).children())
         except psutil.Error:
             return False
 

@@ -21,17 +21,21 @@ from runflare_server.engine.runs import languages
 from runflare_server.engine.sandbox import cgroups, policy
 from runflare_server.engine.sandbox import process as sandbox
 from runflare_server.engine.sandbox.kernel_sandbox import tree
+from runflare_server.kernels import reaper_binary
 from runflare_server.kernels.runner import Runner
 
 pytestmark = pytest.mark.timeout(180)
 QUICK = Limits(cpu_time_limit=5.0, cpu_extra_time=1.0, wall_time_limit=20.0)
 
 
-@pytest.fixture
-def runner():
+@pytest.fixture(params=["compiled reaper", "perl reaper"])
+def runner(request):
     if sandbox.resolve_mode("auto") != "bwrap":
         skip_or_fail("bwrap is missing")
-    r = Runner(subreaper=True, ready_next=True)
+    compiled = request.param == "compiled reaper"
+    if compiled and reaper_binary.fd() is None:
+        skip_or_fail("no C compiler to build the compiled reaper")
+    r = Runner(subreaper=True, ready_next=True, compiled_reaper=compiled)
     if not r.ready_next:
         skip_or_fail("no prlimit64 number for this architecture")
     yield r
@@ -49,8 +53,9 @@ def waiting(r: Runner):
 
 
 def reaper_of(ahead) -> psutil.Process:
-    """The sandbox's reaper, once bubblewrap has set the sandbox up and exec'd it."""
-    return wait_until(lambda: next((p for p in tree(ahead.proc.pid) if p.name() == "perl"), None), 20, 0.01,
+    """The sandbox's reaper (compiled or Perl), once bubblewrap has set the sandbox up and exec'd it."""
+    names = (reaper_binary.COMM, "perl")
+    return wait_until(lambda: next((p for p in tree(ahead.proc.pid) if p.name() in names), None), 20, 0.01,
                       "a reaper waits in the sandbox")
 
 

@@ -45,6 +45,7 @@ from runflare_server.engine.sandbox.cgroups import (
     exec_prefix,
     rlimit_values,
 )
+from runflare_server.kernels import reaper_binary
 
 # Limits of the compile step when the request names none: Judge0's maxima (config_info's max_*), as Judge0
 # compiles with the maximum limits. The server sends its own configured maxima (never above config_info's).
@@ -186,8 +187,10 @@ class Runner:
     """Compiles and runs programs of any available language in fresh sandboxes."""
 
     def __init__(self, mode: str = "auto", *, subreaper: bool = False, pool: int = 2,
-                 ready_next: bool = False, defer_next: bool = False) -> None:
+                 ready_next: bool = False, defer_next: bool = False, compiled_reaper: bool = True) -> None:
         self.mode = sandbox.resolve_mode(mode)
+        # The reaper in each sandbox: the compiled one where this host can build it (reaper.c), else Perl's.
+        self.compiled_reaper = compiled_reaper
         # bwrap's inner process outlives the outer one by a moment; a subreaper collects it (not init).
         self.reap_orphans = subreaper and _set_subreaper(True)
         # This runner's slot: one host uid, held while the process lives (programs run one at a time).
@@ -211,6 +214,11 @@ class Runner:
         # (--die-with-parent is PR_SET_PDEATHSIG, which fires when that thread exits, not the process).
         self._launcher = ThreadPoolExecutor(1, thread_name_prefix="runflare-ready-sandbox") if self.ready_next else None
         self._ready_lock = threading.RLock()  # close() may come from another thread (a kernel's control thread)
+
+    @property
+    def reaper_comm(self) -> str:
+        """The process name of this runner's reaper (``/proc/PID/comm``)."""
+        return reaper_binary.COMM if self.compiled_reaper and reaper_binary.fd() is not None else "perl"
 
     def close(self) -> None:
         """Stop the group pool's thread, delete the groups it holds, and stop being a subreaper (orphans
@@ -384,9 +392,14 @@ class Runner:
         ctl_r, ctl_w = os.pipe()
         filter_fd = seccomp.bpf_fd() if self.mode == "bwrap" else -1
         sb = Sandbox(key=key, workdir=workdir, status_fd=st_r, control_fd=ctl_w, ahead=limits is None)
+        reaper_fd = reaper_binary.fd() if self.compiled_reaper else None
+        if reaper_fd is not None:
+            reaper = [f"/proc/self/fd/{reaper_fd}", str(st_w), str(ctl_r), str(reaper_fd)]
+        else:
+            reaper = [PERL, "-e", REAPER, str(st_w), str(ctl_r), str(GETRUSAGE_NR), str(PRCTL_NR), str(PRLIMIT_NR)]
+        passed = tuple(fd for fd in (st_w, ctl_r, filter_fd, reaper_fd) if fd is not None and fd >= 0)
         try:
-            cmd = sandbox.wrap([PERL, "-e", REAPER, str(st_w), str(ctl_r), str(GETRUSAGE_NR), str(PRCTL_NR),
-                                str(PRLIMIT_NR)], workdir=workdir, mode=self.mode, env=env, network=network,
+            cmd = sandbox.wrap(reaper, workdir=workdir, mode=self.mode, env=env, network=network,
                                ro_paths=ro, uid=self.uid, seccomp_fd=filter_fd if filter_fd >= 0 else None)
             group_memory, max_pids = _group_limits(limits) if limits is not None else (None, None)
             if self.groups is not None:
@@ -401,7 +414,7 @@ class Runner:
                 preexec = child_setup(values, sb.cg)
             sb.proc = subprocess.Popen(
                 cmd, stdin=subprocess.PIPE if stdin_pipe else subprocess.DEVNULL, stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE, pass_fds=(st_w, ctl_r, filter_fd) if filter_fd >= 0 else (st_w, ctl_r),
+                stderr=subprocess.PIPE, pass_fds=passed,
                 cwd=workdir, start_new_session=True, env=_outer_env(self.mode, env, network), preexec_fn=preexec)
             return sb
         except BaseException:
