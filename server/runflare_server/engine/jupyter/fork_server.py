@@ -44,6 +44,28 @@ def read_status_file(path: Path) -> int:
         os.close(fd)
 
 
+def _gone(pid: int) -> bool:
+    """Whether the process has exited (no longer there, or a zombie): one read of its stat file."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat_line = f.read()
+    except OSError:
+        return True
+    return stat_line[stat_line.rfind(b")") + 2:][:1] in (b"Z", b"X", b"")
+
+
+def _ns_pids(pid: int) -> list[int]:
+    """A process's pid in each pid namespace it is in, outermost (the host's) first; [] once it is gone."""
+    try:
+        with open(f"/proc/{pid}/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"NSpid:"):
+                    return [int(n) for n in line.split()[1:]]
+    except (OSError, ValueError):
+        pass
+    return []
+
+
 class ForkedProcess:
     """A kernel forked by the fork server, seen from the host (a Popen look-alike)."""
 
@@ -54,15 +76,10 @@ class ForkedProcess:
         self.exact_status = True
 
     def poll(self) -> int | None:
-        if self.returncode is None:
-            try:
-                gone = psutil.Process(self.pid).status() == psutil.STATUS_ZOMBIE
-            except psutil.NoSuchProcess:
-                gone = True
-            if gone:
-                self.returncode = read_status_file(self.status_file)
-                with contextlib.suppress(OSError):
-                    self.status_file.unlink()
+        if self.returncode is None and _gone(self.pid):
+            self.returncode = read_status_file(self.status_file)
+            with contextlib.suppress(OSError):
+                self.status_file.unlink()
         return self.returncode
 
     def wait(self, timeout: float | None = None) -> int:
@@ -105,6 +122,7 @@ class ForkServer:
         self.lease: policy.UidLease | None = None
         self._kernel_uids: dict[int, ForkedProcess] = {}  # uid inside the namespace -> the kernel holding it
         self._lock = asyncio.Lock()
+        self._zygote_pid: int | None = None  # the zygote's host pid, once a fork found it
         self.forks = 0
         self.failures = 0  # consecutive kernels that failed to come up; too many → not used any more
 
@@ -194,13 +212,20 @@ class ForkServer:
         return forked
 
     def _host_pid(self, ns_pid: int) -> int:
+        """The host pid of the zygote's child ``ns_pid`` (its pid in the zygote's namespace). The zygote's
+        new children are read first (its known kernels skipped); the whole tree only to find the zygote."""
+        known = {kernel.pid for kernel in self._kernel_uids.values()}
+        if self._zygote_pid is not None:
+            for pid in sb.child_pids(self._zygote_pid) - known:
+                ids = _ns_pids(pid)
+                if len(ids) > 1 and ids[-1] == ns_pid:
+                    return pid
         for p in sb.tree(self.proc.pid if self.proc else 0):
-            try:
-                for line in Path(f"/proc/{p.pid}/status").read_text().splitlines():
-                    if line.startswith("NSpid:") and int(line.split()[-1]) == ns_pid and len(line.split()) > 2:
-                        return p.pid
-            except (OSError, ValueError):
-                continue
+            ids = _ns_pids(p.pid)
+            if len(ids) > 1 and ids[-1] == ns_pid:
+                with contextlib.suppress(psutil.Error):
+                    self._zygote_pid = p.ppid()
+                return p.pid
         raise RuntimeError(f"forked kernel {ns_pid} not found")
 
     def close(self) -> None:
@@ -211,6 +236,7 @@ class ForkServer:
                 with contextlib.suppress(Exception):
                     f.close()
             self.proc = None
+        self._zygote_pid = None
         self._kernel_uids.clear()
         if self.lease is not None:
             self.lease.release()
