@@ -1,10 +1,11 @@
 """Every bench in one run, one JSON: latency, throughput, WebSocket, classroom burst (issue 13), embedded vs
-PostgreSQL + Redis (issue 12).
+PostgreSQL + Redis (issue 12), the embedded broker's run end.
 
     python bench/all.py [--tiny] [--out DIR] [--latency N] [--throughput N] [--idle N] [--burst N] [--cluster N]
+                        [--broker N]
 
 Each size defaults to its bench's full size (latency 100, throughput 200, idle sockets 10,000, burst 300,
-cluster 100 wait=true requests per path). The cluster bench needs PostgreSQL at 127.0.0.1:5432 and Redis at
+cluster 100 wait=true requests per path, broker 2000 final events). The cluster bench needs PostgreSQL at 127.0.0.1:5432 and Redis at
 127.0.0.1:6379.
 """
 
@@ -16,6 +17,7 @@ import time
 import traceback
 from pathlib import Path
 
+import broker
 import burst
 import cluster
 import latency
@@ -23,9 +25,10 @@ import throughput
 import websocket
 from common import RESULTS, Result, print_rows, write_results
 
-BENCHES = {"latency": latency, "throughput": throughput, "websocket": websocket, "burst": burst, "cluster": cluster}
+BENCHES = {"latency": latency, "throughput": throughput, "websocket": websocket, "burst": burst, "cluster": cluster,
+           "broker": broker}
 SIZE_FLAG = {"latency": "latency", "throughput": "throughput", "websocket": "idle", "burst": "burst",
-             "cluster": "cluster"}
+             "cluster": "cluster", "broker": "broker"}
 
 
 def main() -> None:

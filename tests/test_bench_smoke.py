@@ -21,6 +21,7 @@ ROWS = {
     "burst": {"burst_last_finished", "burst_accepted"},
     "cluster": {"cluster_wait_p50", "cluster_wait_p99", "cluster_ws_p50", "cluster_ws_p99", "cluster_throughput_1",
                 "cluster_throughput_2", "cluster_scaling"},
+    "broker": {"broker_final_publish"},
 }
 
 
@@ -84,7 +85,7 @@ def test_one_bench_entry_point_tiny(tmp_path: Path) -> None:
     check_rows("latency", doc["benches"]["latency"])
 
 
-@pytest.mark.parametrize("script", ["throughput.py", "websocket.py", "burst.py", "cluster.py", "all.py"])
+@pytest.mark.parametrize("script", ["throughput.py", "websocket.py", "burst.py", "cluster.py", "broker.py", "all.py"])
 def test_every_entry_point_takes_a_size_and_tiny(script: str) -> None:
     done = bench(script, "--help", timeout=60)
     assert done.returncode == 0, done.stderr

@@ -220,6 +220,34 @@ async def test_a_reopened_log_continues_its_seq(backend: Backend):
         assert [e["seq"] for e in await bounded(following)] == [3, 4]
 
 
+async def test_memory_logs_are_evicted_oldest_finished_first_past_retention_or_the_budget():
+    broker = MemoryBroker(retention=0.3, max_logs=3)
+    for token in "abc":
+        await broker.publish(token, {"status": "queued"})
+        await broker.publish(token, {"status": "finished"}, final=True)
+    await broker.publish("d", {"status": "queued"})  # a fourth log: the budget drops the oldest finished one
+    assert [await broker.has_log(t) for t in "abcd"] == [False, True, True, True]
+    await asyncio.sleep(0.4)
+    await broker.publish("e", {"status": "finished"}, final=True)  # b and c expired meanwhile; d still runs
+    assert [await broker.has_log(t) for t in "bcde"] == [False, False, True, True]
+
+
+async def test_a_memory_log_reopened_is_kept_while_it_runs_again_and_expires_from_its_last_close():
+    broker = MemoryBroker(retention=0.3)
+    await broker.publish("r", {"status": "finished"}, final=True)
+    await broker.publish("r", {"status": "queued again"})
+    await asyncio.sleep(0.4)
+    await broker.publish("x", {"status": "finished"}, final=True)
+    assert await broker.has_log("r")  # running again: never evicted
+    await broker.publish("r", {"status": "finished again"}, final=True)
+    await asyncio.sleep(0.2)
+    await broker.publish("y", {"status": "finished"}, final=True)
+    assert await broker.has_log("r")  # its retention counts from its last close, not its first
+    await asyncio.sleep(0.2)
+    await broker.publish("z", {"status": "finished"}, final=True)
+    assert not await broker.has_log("r") and await broker.has_log("z")
+
+
 async def test_stdin_in_order_with_eof_and_a_cap_on_unread_input(backend: Backend):
     async with backend.broker(max_pending_input=11) as broker:
         assert await broker.send_input("t", "abc")  # sent before the run opens it: it waits

@@ -11,7 +11,7 @@ import asyncio
 import json
 import struct
 import time
-from collections import Counter, OrderedDict
+from collections import Counter, OrderedDict, deque
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -108,6 +108,7 @@ class MemoryBroker:
         self.max_pending_input = max_pending_input
         self._queue: asyncio.Queue[str] = asyncio.Queue()
         self._logs: OrderedDict[str, EventLog] = OrderedDict()
+        self._closed: deque[tuple[float, str]] = deque()  # (closed_at, token) of finished logs, oldest first
         self._bytes = 0
         self._inputs: dict[str, InputQueue] = {}
         self._tracked: Counter[str] = Counter()  # queued or taken, not yet acknowledged
@@ -161,6 +162,8 @@ class MemoryBroker:
         before = log.size
         logged = log.append(event, final)
         self._bytes += log.size - before
+        if final:
+            self._closed.append((log.closed_at, token))  # type: ignore[arg-type]
         if final or len(self._logs) > self.max_logs or self._bytes > self.max_bytes:
             self._evict()
         return logged
@@ -203,12 +206,18 @@ class MemoryBroker:
         return queue
 
     def _evict(self) -> None:
-        """Drop finished logs, oldest first: the expired ones, and more while over a budget."""
+        """Drop finished logs, oldest first: the expired ones, and more while over a budget. Only the head of
+        the finished logs is looked at, however many logs are kept (this runs at every run's end)."""
         now = time.monotonic()
-        for token, log in list(self._logs.items()):
-            if log.closed_at is None:
+        while self._closed:
+            closed_at, token = self._closed[0]
+            log = self._logs.get(token)
+            if log is None or log.closed_at != closed_at:  # gone, or reopened (a later close is queued anew)
+                self._closed.popleft()
                 continue
             over = len(self._logs) > self.max_logs or self._bytes > self.max_bytes
-            if over or now - log.closed_at > self.retention:
-                del self._logs[token]
-                self._bytes -= log.size
+            if not over and now - closed_at <= self.retention:
+                return
+            self._closed.popleft()
+            del self._logs[token]
+            self._bytes -= log.size
