@@ -114,7 +114,8 @@ int main(int argc, char **argv) {
     char usage[64] = " - -";
     if (getrusage(RUSAGE_CHILDREN, &ru) == 0) /* the program's own CPU time and peak RSS */
         snprintf(usage, sizeof usage, " %.6f %ld",
-                 ru.ru_utime.tv_sec + ru.ru_stime.tv_sec + (ru.ru_utime.tv_usec + ru.ru_stime.tv_usec) / 1e6,
+                 (double)(ru.ru_utime.tv_sec + ru.ru_stime.tv_sec) +
+                     (double)(ru.ru_utime.tv_usec + ru.ru_stime.tv_usec) / 1e6,
                  ru.ru_maxrss);
     if (WIFSIGNALED(status)) {
         dprintf(status_fd, "signal %d%s\n", WTERMSIG(status), usage);
