@@ -19,6 +19,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import threading
 from pathlib import Path
 
 import platformdirs
@@ -28,6 +29,7 @@ COMM = "runflare-reaper"  # its process name (PR_SET_NAME), as ps and /proc/PID/
 _SEALS = 0x0001 | 0x0002 | 0x0004 | 0x0008  # F_SEAL_SEAL, SHRINK, GROW, WRITE
 
 log = logging.getLogger(__name__)
+_lock = threading.Lock()
 
 
 def _build() -> bytes | None:
@@ -51,10 +53,15 @@ def _build() -> bytes | None:
     return cached.read_bytes()
 
 
-@functools.cache
 def fd() -> int | None:
     """A read-only, sealed memfd holding the compiled reaper, open for this process's lifetime (sandboxes
-    inherit it through ``pass_fds``), or None where it cannot be built."""
+    inherit it through ``pass_fds``), or None where it cannot be built. Made once, whichever thread asks."""
+    with _lock:
+        return _fd()
+
+
+@functools.cache
+def _fd() -> int | None:
     try:
         binary = _build()
     except (OSError, subprocess.SubprocessError) as e:
