@@ -67,6 +67,9 @@ def main(argv: list[str]) -> int:
         json.dump(tcp, f)
     kernel = subprocess.Popen(argv[3:])
     ctx = zmq.Context()
+    # nothing waits at the end: messages still queued for a kernel that is gone (heartbeats) are dropped,
+    # or the context's term at exit would wait for them forever and the bridge outlive its kernel
+    ctx.setsockopt(zmq.LINGER, 0)
     poller = zmq.Poller()
     pairs: dict[zmq.Socket, tuple[str, zmq.Socket, str]] = {}
 
@@ -88,6 +91,7 @@ def main(argv: list[str]) -> int:
             frames = router.route(channel, way, sock.recv_multipart())
             if frames is not None:
                 other.send_multipart(frames)
+    ctx.destroy(linger=0)
     return kernel.returncode
 
 
