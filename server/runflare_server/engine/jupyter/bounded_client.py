@@ -15,6 +15,7 @@ binary buffers (widgets) which are not decoded.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import time
 from typing import Any
 
@@ -29,6 +30,7 @@ HEADROOM = 64 * 1024
 SETTLE = 0.25  # seconds after a disconnect with no reconnect attempt: the connection was refused, not lost
 _WATCHED = zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECT_DELAYED | zmq.EVENT_CONNECT_RETRIED | zmq.EVENT_CONNECTED
 _output_cap = Limits().max_output_bytes
+_monitor_ids = itertools.count()
 
 
 def message_bound(max_output_bytes: int | None = None) -> int:
@@ -61,7 +63,9 @@ class BoundedKernelClient(AsyncKernelClient):
         self._cut_at: dict[str, float] = {}
 
     def _watch(self, channel: str, sock: zmq.Socket) -> zmq.Socket:
-        monitor = sock.get_monitor_socket(_WATCHED)  # tracked by the context: destroyed with it
+        # destroyed with the context. A name of its own: pyzmq's default (the socket's fd number) can still
+        # be bound by an earlier monitor whose socket had that fd ("Address already in use")
+        monitor = sock.get_monitor_socket(_WATCHED, f"inproc://runflare-monitor-{next(_monitor_ids)}")
         self._monitors[channel] = zmq.Socket.shadow(monitor.underlying)  # a blocking view, read with NOBLOCK
         return sock
 
