@@ -221,3 +221,16 @@ def test_a_group_that_cannot_be_joined_is_an_internal_error_and_runs_nothing(run
     monkeypatch.setattr(runner.groups, "take", lambda memory_kb, max_pids: gone)
     r = runner.run(71, "open('/box/ran', 'w').write('x')\nprint('ran')")
     assert r.outcome == "internal" and "cannot join cgroup" in r.message and r.stdout == b"", r
+
+
+def test_threads_detecting_the_hierarchy_at_once_all_find_it():
+    """Each detection probes with a directory of its own: two threads (a runner's launcher and its caller)
+    detecting together once made one see the other's probe vanish and fall back to rlimits."""
+    require_cgroups()
+    found: list[str] = []
+    threads = [threading.Thread(target=lambda: found.append(cgroups._detect.__wrapped__()[0])) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert found == [cgroups.mechanism()] * 8 and "rlimit" not in found

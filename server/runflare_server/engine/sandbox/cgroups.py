@@ -72,7 +72,8 @@ def _v1_mounts() -> dict[str, tuple[Path, str]]:
 def _try_make(path: Path) -> bool:
     try:
         path.mkdir(parents=True, exist_ok=True)
-        probe = path / f"probe-{os.getpid()}"
+        # a name per thread: two threads detecting at once must not remove each other's probe
+        probe = path / f"probe-{os.getpid()}-{threading.get_ident()}"
         probe.mkdir(exist_ok=True)
         probe.rmdir()
         return True
