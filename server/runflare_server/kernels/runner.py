@@ -215,11 +215,6 @@ class Runner:
         self._launcher = ThreadPoolExecutor(1, thread_name_prefix="runflare-ready-sandbox") if self.ready_next else None
         self._ready_lock = threading.RLock()  # close() may come from another thread (a kernel's control thread)
 
-    @property
-    def reaper_comm(self) -> str:
-        """The process name of this runner's reaper (``/proc/PID/comm``)."""
-        return reaper_binary.COMM if self.compiled_reaper and reaper_binary.fd() is not None else "perl"
-
     def close(self) -> None:
         """Stop the group pool's thread, delete the groups it holds, and stop being a subreaper (orphans
         from then on go to init again, not to a process that may never reap them)."""
