@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import types
 
 import pytest
 from conftest import skip_or_fail
@@ -63,16 +64,18 @@ def test_deno_is_bridged_and_drained() -> None:
     assert '["x", "y z"]' in pre and '"a\\nb"' in pre
 
 
-def test_python_preamble_sets_stdin_and_argv() -> None:
-    pre = adapter_for(IPYKERNEL, "python").preamble(req(stdin="5\n", command_line_arguments="-v 'two words'"),
-                                                     "script.py")
-    compile(pre, "<preamble>", "exec")  # valid Python
-    assert "['script.py', '-v', 'two words']" in pre and "'5\\n'" in pre
-    assert pre.count("\n") == 1  # one call: the set-up function itself is defined by the warm-up cell
-    warmup = adapter_for(IPYKERNEL, "python").warmup()
+def test_python_set_up_travels_with_the_code_and_the_warm_up_defines_it() -> None:
+    a = adapter_for(IPYKERNEL, "python")
+    request = req(stdin="5\n", command_line_arguments="-v 'two words'")
+    assert a.preamble(request, "script.py") is None  # no set-up cell: one execute request per run
+    assert a.setup(request, "script.py") == {"data": "5\n", "argv": ["script.py", "-v", "two words"],
+                                             "interactive": False, "cap": request.limits.max_output_bytes}
+    warmup = a.warmup()
     namespace: dict = {}
-    exec(compile(warmup, "<warm-up>", "exec"), namespace)  # defines it out of the user's namespace
-    assert set(namespace) == {"__builtins__"} and callable(sys.modules.pop("_rf_setup")._rf_setup)
+    module = sys.modules["_rf_setup"] = types.ModuleType("_rf_setup")
+    exec(compile(warmup.splitlines()[1], "<warm-up>", "exec"), namespace)  # defines it out of the user's namespace
+    assert set(namespace) == {"__builtins__"} and callable(module._rf_setup) and callable(module._rf_install)
+    assert sys.modules.pop("_rf_setup") is module
 
 
 def test_bash_wraps_the_program_with_argv_and_stdin() -> None:

@@ -18,6 +18,7 @@ import psutil
 import pytest
 from conftest import own_descendants, skip_or_fail, wait_until
 
+from runflare_server.engine.jupyter.adapters import PythonKernel
 from runflare_server.engine.jupyter.kernel_pool import (
     ForkServer,
     KernelPool,
@@ -134,6 +135,21 @@ def test_kernel_dying_at_start_reports_why(loop: asyncio.AbstractEventLoop, mode
 
     async def go() -> None:
         with pytest.raises(RuntimeError, match="no such luck"):
+            await pool.acquire()
+        await pool.stop()
+
+    loop.run_until_complete(go())
+    assert descendants() == []
+
+
+def test_a_kernel_whose_warm_up_fails_is_not_handed_out(loop: asyncio.AbstractEventLoop, mode: str, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    # a run relies on what the warm-up cell installs (Python kernels: the run's set-up hook)
+    monkeypatch.setattr(PythonKernel, "warmup", lambda self: "raise ValueError('no warm-up here')")
+    pool = KernelPool(load_spec("python3"), 0, mode, tmp_path, retries=1)
+
+    async def go() -> None:
+        with pytest.raises(RuntimeError, match="warm-up cell failed: ValueError: no warm-up here"):
             await pool.acquire()
         await pool.stop()
 

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 import pytest
 
 from runflare_server.engine.interface import Limits, RunRequest, RunResult
+from runflare_server.engine.jupyter.adapters import PythonKernel
 from runflare_server.engine.jupyter.kernel_pool import installed_kernelspecs
 from runflare_server.engine.runs.kernel_runs import KernelRuns, install_kernelspecs
 
@@ -91,6 +92,15 @@ def test_argv_and_file(engine: Engine) -> None:
     result, _ = engine.run("import sys; print(sys.argv, __file__, __name__)",
                            command_line_arguments="-n 3 'two words'")
     assert result.stdout == "['script.py', '-n', '3', 'two words'] script.py __main__\n"
+
+
+def test_a_failed_set_up_runs_nothing(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+    # the kernel's set-up hook gets arguments it cannot take: the run is an internal error, its code never runs
+    real = PythonKernel.setup
+    monkeypatch.setattr(PythonKernel, "setup", lambda self, *a: {**real(self, *a), "unexpected": 1})
+    result, _ = engine.run("print('the code ran')")
+    assert result.outcome == "internal" and "the code ran" not in result.stdout + result.stderr
+    assert result.stderr == "" and result.message and "incident" in result.message
 
 
 def test_exception_is_exit_1_with_plain_traceback(engine: Engine) -> None:

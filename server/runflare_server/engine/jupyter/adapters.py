@@ -61,6 +61,12 @@ class KernelAdapter:
         """A silent set-up cell run before the code (stdin, argv, output cap), or None."""
         return None
 
+    def setup(self, request: RunRequest, source_file: str) -> dict[str, Any] | None:
+        """The set-up the kernel does itself at the start of the code's own execute request (sent as its
+        ``metadata["runflare_setup"]``; the warm-up cell installed what reads it), or None. Where a family
+        has one, it needs no preamble: the run costs the kernel one request, not two."""
+        return None
+
     def warmup(self) -> str | None:
         """A silent, side-effect-free cell run while the kernel waits in the pool, so that a run's first
         execution does not pay the kernel's first-execution costs (lazy imports, copy-on-write faults of a
@@ -104,8 +110,8 @@ class PythonKernel(KernelAdapter):
                 return f"{label} (IPython kernel {parts[0]}, Python {parts[1]})"
         return super().version_name(label, display_name)
 
-    def preamble(self, request: RunRequest, source_file: str) -> str | None:
-        return python_preamble(request, source_file, request.stdin_queue is not None)
+    def setup(self, request: RunRequest, source_file: str) -> dict[str, Any] | None:
+        return python_setup(request, source_file, request.stdin_queue is not None)
 
     def warmup(self) -> str | None:
         return PYTHON_WARMUP
@@ -189,11 +195,47 @@ def _run(argv: list[str]) -> str:
         return ""
 
 
-# The set-up function of Python kernel runs. The warm-up cell defines it, while the kernel waits in its
-# pool, in a module of its own (never the user's namespace); the run's preamble takes it out of
-# sys.modules and calls it: no compile of this text on the path of a run.
-PYTHON_SETUP = r'''def _rf_setup(data, argv, interactive, cap):
-    import builtins, io, sys, warnings
+SETUP_ERROR = "RunflareSetupError"  # the ename of a Python kernel whose set-up failed (its code did not run)
+
+# The set-up of Python kernel runs. The warm-up cell defines it, while the kernel waits in its pool, in a
+# module of its own (never the user's namespace), and installs ``_rf_hook`` as IPython's first input
+# transformer (a documented extension point). The hook reads the run's set-up from its execute request's
+# metadata and calls ``_rf_setup`` once, before anything of the cell is transformed or run. If the set-up
+# fails, every transform of that request raises RunflareSetupError: IPython reports it as the cell's error
+# and the code does not run. No set-up cell, no compile of this text on the path of a run.
+PYTHON_SETUP = r'''class RunflareSetupError(Exception):
+    """The run's set-up failed in the kernel; its code was not run."""
+
+
+def _rf_install():
+    import sys
+    from IPython import get_ipython
+    shell = get_ipython()
+    failures = {}  # execute request id -> the set-up's error (None: done)
+
+    def _rf_hook(lines):
+        parent = shell.kernel.get_parent("shell") or {}
+        setup = (parent.get("metadata") or {}).get("runflare_setup")
+        if setup is None:
+            return lines
+        key = (parent.get("header") or {}).get("msg_id")
+        if key not in failures:
+            try:
+                _rf_setup(**setup)
+                failures[key] = None
+            except Exception as e:
+                failures[key] = "%s: %s" % (type(e).__name__, e)
+        if failures[key] is not None:
+            raise RunflareSetupError(failures[key])
+        return lines
+
+    _rf_hook.has_side_effects = True  # never run by IPython's is-complete checks
+    shell.input_transformers_cleanup.insert(0, _rf_hook)
+    sys.modules.pop("_rf_setup", None)
+
+
+def _rf_setup(data, argv, interactive, cap):
+    import builtins, getpass, io, sys, warnings
     from IPython import get_ipython
     warnings.filterwarnings("ignore", message="To exit: use")
     kernel = get_ipython().kernel
@@ -221,6 +263,8 @@ PYTHON_SETUP = r'''def _rf_setup(data, argv, interactive, cap):
             return line[:-1] if line.endswith("\n") else line
         kernel.raw_input = _input
         kernel.getpass = lambda prompt="Password: ", stream=None: _input(prompt)
+        builtins.input = _input  # the kernel forwarded input() to its own before the cell was transformed
+        getpass.getpass = kernel.getpass
     sys.argv = argv
     get_ipython().user_ns["__file__"] = argv[0]
     # Output cap inside the kernel too: past it, writes stop here instead of piling up in the
@@ -262,17 +306,15 @@ PYTHON_SETUP = r'''def _rf_setup(data, argv, interactive, cap):
 PYTHON_WARMUP = (
     "__import__('sys').modules['_rf_setup'] = __import__('types').ModuleType('_rf_setup')\n"
     f"exec({PYTHON_SETUP!r}, __import__('sys').modules['_rf_setup'].__dict__)\n"
+    "__import__('sys').modules['_rf_setup']._rf_install()\n"
 )
 
 
-def python_preamble(request: RunRequest, source_file: str, interactive: bool) -> str:
-    """Silent set-up cell: sys.stdin (whole and via input()), sys.argv, __file__, quiet SystemExit, the
-    output cap; a call of the set-up function the warm-up cell defined (``PYTHON_WARMUP``)."""
-    argv = [source_file, *shlex.split(request.command_line_arguments or "")]
-    data = request.stdin or ""
-    cap = request.limits.max_output_bytes
-    return (f"__import__('sys').modules.pop('_rf_setup')._rf_setup({data!r}, {argv!r}, {interactive!r}, "
-            f"{cap!r})\n")
+def python_setup(request: RunRequest, source_file: str, interactive: bool) -> dict[str, Any]:
+    """What ``_rf_setup`` (``PYTHON_SETUP``) is called with: sys.stdin (whole and via input()), sys.argv,
+    __file__, the output cap."""
+    return {"data": request.stdin or "", "argv": [source_file, *shlex.split(request.command_line_arguments or "")],
+            "interactive": interactive, "cap": request.limits.max_output_bytes}
 
 
 def deno_preamble(request: RunRequest, interactive: bool) -> str:

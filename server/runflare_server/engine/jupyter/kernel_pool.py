@@ -215,8 +215,11 @@ class SandboxedKernel:
         warmup = self.spec.adapter.warmup()
         if warmup is not None:  # silent: no execution count, no history, nothing in the user's namespace
             msg_id = kc.execute(warmup, silent=True, store_history=False)
-            while await self._shell_reply(msg_id, 0.5) is None:
+            while (reply := await self._shell_reply(msg_id, 0.5)) is None:
                 self._check(deadline)
+            if reply["content"].get("status") != "ok":  # what it installs, a run relies on
+                raise RuntimeError(f"kernel {self.spec.name}: its warm-up cell failed: "
+                                   f"{reply['content'].get('ename')}: {reply['content'].get('evalue')}")
         while True:  # drain what the start-up and the probes published (a run ignores other parents anyway)
             try:
                 await kc.get_iopub_msg(timeout=0.01)

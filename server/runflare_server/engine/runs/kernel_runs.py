@@ -51,6 +51,7 @@ import psutil
 from runflare_server.engine.incidents import incident
 from runflare_server.engine.interface import Emit, Event, LanguageInfo, RunRequest, RunResult
 from runflare_server.engine.jupyter import bounded_client
+from runflare_server.engine.jupyter.adapters import SETUP_ERROR
 from runflare_server.engine.jupyter.kernel_pool import (
     ForkServer,
     KernelPool,
@@ -246,7 +247,7 @@ class _Run:
                 return
             self.outputs.append(out)
             await _emit(self.emit, {"kind": "display", **out})
-        elif kind == "error":
+        elif kind == "error" and content.get("ename") != SETUP_ERROR:  # (that one is the shell reply's)
             await self._on_error(content)
         elif kind == "status" and content.get("execution_state") == "idle":
             self.idle = True
@@ -278,9 +279,10 @@ class _Run:
         line = await feeder.line()
         self.kernel.client.input("\x04" if line is None else line)
 
-    async def execute(self, code: str, preamble: str | None = None) -> None:
-        """Send the (silent) preamble and the code, then pump messages until idle+reply, a limit,
-        or the kernel's death. The kernel runs shell requests in order: no round trip in between."""
+    async def execute(self, code: str, preamble: str | None = None, setup: dict[str, Any] | None = None) -> None:
+        """Send the (silent) preamble and the code (with the set-up the kernel does itself in its metadata),
+        then pump messages until idle+reply, a limit, or the kernel's death. The kernel runs shell requests
+        in order: no round trip in between."""
         kc = self.kernel.client
         feeder = StdinFeeder(self.request)
         procs = self.kernel.processes()
@@ -293,7 +295,11 @@ class _Run:
         t0 = self.t0 = time.monotonic()
         if preamble:
             self.preamble_id = kc.execute(preamble, silent=True, store_history=False)
-        self.msg_id = kc.execute(code, silent=False, store_history=False, allow_stdin=True, stop_on_error=True)
+        execute_request = kc.session.msg("execute_request", {
+            "code": code, "silent": False, "store_history": False, "user_expressions": {}, "allow_stdin": True,
+            "stop_on_error": True}, metadata={"runflare_setup": setup} if setup is not None else {})
+        kc.shell_channel.send(execute_request)
+        self.msg_id = execute_request["header"]["msg_id"]
         inbox: asyncio.Queue[tuple[str, dict[str, Any]]] = asyncio.Queue()
         readers = [asyncio.ensure_future(self._read(name, get, inbox)) for name, get in
                    (("iopub", kc.get_iopub_msg), ("shell", kc.get_shell_msg), ("stdin", kc.get_stdin_msg))]
@@ -391,10 +397,12 @@ class _Run:
 
     async def _on_shell(self, msg: dict[str, Any]) -> None:
         parent = msg.get("parent_header", {}).get("msg_id")
-        if parent == self.preamble_id and msg["content"].get("status") != "ok":
+        content = msg["content"]
+        if (parent == self.preamble_id and content.get("status") != "ok") or (
+                parent == self.msg_id and content.get("ename") == SETUP_ERROR):
             self._stop("internal", message=incident(
-                log, "kernel set-up failed", detail=(self.request.token, msg["content"].get("ename"),
-                                                     msg["content"].get("evalue"))))
+                log, "kernel set-up failed", detail=(self.request.token, content.get("ename"),
+                                                     content.get("evalue"))))
         if parent != self.msg_id or msg["msg_type"] != "execute_reply":
             return
         self.reply = msg["content"]
@@ -573,7 +581,8 @@ class KernelRuns:
             adapter = kernel.spec.adapter
             await _emit(emit, {"kind": "stage", "stage": "running", "message": "running"})
             run = _Run(kernel, request, emit, cgroup)
-            await run.execute(adapter.code(request), adapter.preamble(request, source_file))
+            await run.execute(adapter.code(request), adapter.preamble(request, source_file),
+                              adapter.setup(request, source_file))
             return run.result()
         except Exception as e:
             return RunResult(outcome="internal", message=incident(log, "the kernel run failed", exc=e,
