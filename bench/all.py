@@ -1,11 +1,11 @@
 """Every bench in one run, one JSON: latency, throughput, WebSocket, classroom burst (issue 13), embedded vs
-PostgreSQL + Redis (issue 12), the embedded broker's run end.
+PostgreSQL + Redis (issue 12), the embedded broker's run end, what one more execute request costs a kernel run.
 
     python bench/all.py [--tiny] [--out DIR] [--latency N] [--throughput N] [--idle N] [--burst N] [--cluster N]
-                        [--broker N]
+                        [--broker N] [--kernel-request N]
 
 Each size defaults to its bench's full size (latency 100, throughput 200, idle sockets 10,000, burst 300,
-cluster 100 wait=true requests per path, broker 2000 final events). The cluster bench needs PostgreSQL at 127.0.0.1:5432 and Redis at
+cluster 100 wait=true requests per path, broker 2000 final events, kernel-request 40 runs each way). The cluster bench needs PostgreSQL at 127.0.0.1:5432 and Redis at
 127.0.0.1:6379.
 """
 
@@ -20,15 +20,16 @@ from pathlib import Path
 import broker
 import burst
 import cluster
+import kernel_request
 import latency
 import throughput
 import websocket
 from common import RESULTS, Result, print_rows, write_results
 
 BENCHES = {"latency": latency, "throughput": throughput, "websocket": websocket, "burst": burst, "cluster": cluster,
-           "broker": broker}
+           "broker": broker, "kernel_request": kernel_request}
 SIZE_FLAG = {"latency": "latency", "throughput": "throughput", "websocket": "idle", "burst": "burst",
-             "cluster": "cluster", "broker": "broker"}
+             "cluster": "cluster", "broker": "broker", "kernel_request": "kernel-request"}
 
 
 def main() -> None:
@@ -43,7 +44,7 @@ def main() -> None:
     for name, module in BENCHES.items():
         t0 = time.time()
         try:
-            results.append(module.run(getattr(args, SIZE_FLAG[name]), args.tiny))
+            results.append(module.run(getattr(args, SIZE_FLAG[name].replace("-", "_")), args.tiny))
         except Exception as e:  # noqa: BLE001 - the other benches still run; the JSON says what failed
             traceback.print_exc()
             results.append(Result(name, {"tiny": args.tiny}, [], {"error": f"{type(e).__name__}: {e}"}))

@@ -22,6 +22,7 @@ ROWS = {
     "cluster": {"cluster_wait_p50", "cluster_wait_p99", "cluster_ws_p50", "cluster_ws_p99", "cluster_throughput_1",
                 "cluster_throughput_2", "cluster_scaling"},
     "broker": {"broker_final_publish"},
+    "kernel_request": {"kernel_run_one_request", "kernel_run_one_request_cpu"},
 }
 
 
@@ -85,7 +86,8 @@ def test_one_bench_entry_point_tiny(tmp_path: Path) -> None:
     check_rows("latency", doc["benches"]["latency"])
 
 
-@pytest.mark.parametrize("script", ["throughput.py", "websocket.py", "burst.py", "cluster.py", "broker.py", "all.py"])
+@pytest.mark.parametrize("script", ["throughput.py", "websocket.py", "burst.py", "cluster.py", "broker.py", "kernel_request.py",
+                                    "all.py"])
 def test_every_entry_point_takes_a_size_and_tiny(script: str) -> None:
     done = bench(script, "--help", timeout=60)
     assert done.returncode == 0, done.stderr
