@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import functools
 import hashlib
 import logging
 import os
@@ -30,6 +29,8 @@ _SEALS = 0x0001 | 0x0002 | 0x0004 | 0x0008  # F_SEAL_SEAL, SHRINK, GROW, WRITE
 
 log = logging.getLogger(__name__)
 _lock = threading.Lock()
+_made = False  # fd() has tried (once per process)
+_memfd: int | None = None
 
 
 def _build() -> bytes | None:
@@ -56,12 +57,14 @@ def _build() -> bytes | None:
 def fd() -> int | None:
     """A read-only, sealed memfd holding the compiled reaper, open for this process's lifetime (sandboxes
     inherit it through ``pass_fds``), or None where it cannot be built. Made once, whichever thread asks."""
+    global _made, _memfd
     with _lock:
-        return _fd()
+        if not _made:
+            _memfd, _made = _make(), True
+        return _memfd
 
 
-@functools.cache
-def _fd() -> int | None:
+def _make() -> int | None:
     try:
         binary = _build()
     except (OSError, subprocess.SubprocessError) as e:

@@ -44,28 +44,6 @@ def read_status_file(path: Path) -> int:
         os.close(fd)
 
 
-def _gone(pid: int) -> bool:
-    """Whether the process has exited (no longer there, or a zombie): one read of its stat file."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat_line = f.read()
-    except OSError:
-        return True
-    return stat_line[stat_line.rfind(b")") + 2:][:1] in (b"Z", b"X", b"")
-
-
-def _ns_pids(pid: int) -> list[int]:
-    """A process's pid in each pid namespace it is in, outermost (the host's) first; [] once it is gone."""
-    try:
-        with open(f"/proc/{pid}/status", "rb") as f:
-            for line in f:
-                if line.startswith(b"NSpid:"):
-                    return [int(n) for n in line.split()[1:]]
-    except (OSError, ValueError):
-        pass
-    return []
-
-
 class ForkedProcess:
     """A kernel forked by the fork server, seen from the host (a Popen look-alike)."""
 
@@ -76,7 +54,7 @@ class ForkedProcess:
         self.exact_status = True
 
     def poll(self) -> int | None:
-        if self.returncode is None and _gone(self.pid):
+        if self.returncode is None and sb.exited(self.pid):
             self.returncode = read_status_file(self.status_file)
             with contextlib.suppress(OSError):
                 self.status_file.unlink()
@@ -217,11 +195,11 @@ class ForkServer:
         known = {kernel.pid for kernel in self._kernel_uids.values()}
         if self._zygote_pid is not None:
             for pid in sb.child_pids(self._zygote_pid) - known:
-                ids = _ns_pids(pid)
+                ids = sb.ns_pids(pid)
                 if len(ids) > 1 and ids[-1] == ns_pid:
                     return pid
         for p in sb.tree(self.proc.pid if self.proc else 0):
-            ids = _ns_pids(p.pid)
+            ids = sb.ns_pids(p.pid)
             if len(ids) > 1 and ids[-1] == ns_pid:
                 with contextlib.suppress(psutil.Error):
                     self._zygote_pid = p.ppid()

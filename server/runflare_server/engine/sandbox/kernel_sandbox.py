@@ -259,6 +259,28 @@ def child_pids(pid: int) -> set[int]:
         return set()
 
 
+def exited(pid: int) -> bool:
+    """Whether the process has exited (no longer there, or a zombie): one read of its stat file."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat_line = f.read()
+    except OSError:
+        return True
+    return stat_line[stat_line.rfind(b")") + 2:][:1] in (b"Z", b"X", b"")
+
+
+def ns_pids(pid: int) -> list[int]:
+    """A process's pid in each pid namespace it is in, outermost (the host's) first; [] once it is gone."""
+    try:
+        with open(f"/proc/{pid}/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"NSpid:"):
+                    return [int(n) for n in line.split()[1:]]
+    except (OSError, ValueError):
+        pass
+    return []
+
+
 @functools.cache
 def _children_files() -> bool:
     """Whether this kernel has /proc/PID/task/TID/children (CONFIG_PROC_CHILDREN) and we may read them."""
