@@ -82,6 +82,11 @@ def test_stdin_whole_and_by_line(engine: Engine) -> None:
     assert result.stdout == "ABC\nDEF"
 
 
+def test_getpass_reads_stdin_too(engine: Engine) -> None:
+    result, _ = engine.run("import getpass; print(getpass.getpass('pw: ')[::-1])", stdin="terces\n")
+    assert result.stdout == "pw: secret\n"
+
+
 def test_stdin_eof_is_eoferror(engine: Engine) -> None:
     result, _ = engine.run("print(input())\nprint(input())", stdin="only\n")
     assert result.stdout == "only\n"
