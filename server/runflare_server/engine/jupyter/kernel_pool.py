@@ -192,6 +192,7 @@ class SandboxedKernel:
             raise TimeoutError(f"kernel {self.spec.name} did not answer in time")
 
     IOPUB_PROBE = 0.05  # seconds between kernel_info probes while iopub's subscription is not through yet
+    DRAIN_QUIET = 0.5  # seconds of silence that end the wait for the warm-up's idle status (a kernel without one)
 
     async def _wait_ready(self, deadline: float) -> None:
         """kernel_info answered on shell, and iopub delivering (its subscription is asynchronous)."""
@@ -213,6 +214,7 @@ class SandboxedKernel:
                     kc.kernel_info()
                     probe_at = time.monotonic() + self.IOPUB_PROBE
         warmup = self.spec.adapter.warmup()
+        msg_id = None
         if warmup is not None:  # silent: no execution count, no history, nothing in the user's namespace
             msg_id = kc.execute(warmup, silent=True, store_history=False)
             while (reply := await self._shell_reply(msg_id, 0.5)) is None:
@@ -220,10 +222,17 @@ class SandboxedKernel:
             if reply["content"].get("status") != "ok":  # what it installs, a run relies on
                 raise RuntimeError(f"kernel {self.spec.name}: its warm-up cell failed: "
                                    f"{reply['content'].get('ename')}: {reply['content'].get('evalue')}")
-        while True:  # drain what the start-up and the probes published (a run ignores other parents anyway)
+        # drain what the start-up and the probes published (a run ignores other parents anyway): up to the
+        # warm-up's idle status, the last thing the kernel publishes before a run; without a warm-up, until
+        # iopub is quiet for 10 ms
+        quiet = 0.01 if msg_id is None else self.DRAIN_QUIET
+        while True:
             try:
-                await kc.get_iopub_msg(timeout=0.01)
+                msg = await kc.get_iopub_msg(timeout=quiet)
             except queue.Empty:
+                break
+            if msg_id is not None and msg["parent_header"].get("msg_id") == msg_id and \
+                    msg["msg_type"] == "status" and msg["content"].get("execution_state") == "idle":
                 break
         with contextlib.suppress(queue.Empty):
             while True:
