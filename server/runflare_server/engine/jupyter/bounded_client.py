@@ -62,6 +62,15 @@ class BoundedKernelClient(AsyncKernelClient):
         self._monitors: dict[str, zmq.Socket] = {}
         self._cut_at: dict[str, float] = {}
 
+    def execute_with(self, code: str, metadata: dict[str, Any], *, allow_stdin: bool, stop_on_error: bool) -> str:
+        """Send an execute_request (not silent, no history) whose metadata carries what Run-Flare's kernels
+        read there (``execute`` sends none); its msg_id."""
+        content = {"code": code, "silent": False, "store_history": False, "user_expressions": {},
+                   "allow_stdin": allow_stdin, "stop_on_error": stop_on_error}
+        msg = self.session.msg("execute_request", content, metadata=metadata)
+        self.shell_channel.send(msg)
+        return msg["header"]["msg_id"]
+
     def _watch(self, channel: str, sock: zmq.Socket) -> zmq.Socket:
         # destroyed with the context. A name of its own: pyzmq's default (the socket's fd number) can still
         # be bound by an earlier monitor whose socket had that fd ("Address already in use")

@@ -295,11 +295,8 @@ class _Run:
         t0 = self.t0 = time.monotonic()
         if preamble:
             self.preamble_id = kc.execute(preamble, silent=True, store_history=False)
-        execute_request = kc.session.msg("execute_request", {
-            "code": code, "silent": False, "store_history": False, "user_expressions": {}, "allow_stdin": True,
-            "stop_on_error": True}, metadata={"runflare_setup": setup} if setup is not None else {})
-        kc.shell_channel.send(execute_request)
-        self.msg_id = execute_request["header"]["msg_id"]
+        self.msg_id = kc.execute_with(code, {"runflare_setup": setup} if setup is not None else {},
+                                      allow_stdin=True, stop_on_error=True)
         inbox: asyncio.Queue[tuple[str, dict[str, Any]]] = asyncio.Queue()
         readers = [asyncio.ensure_future(self._read(name, get, inbox)) for name, get in
                    (("iopub", kc.get_iopub_msg), ("shell", kc.get_shell_msg), ("stdin", kc.get_stdin_msg))]

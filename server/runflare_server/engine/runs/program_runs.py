@@ -186,11 +186,8 @@ class ProgramRuns:
             "compile_limits": dataclasses.asdict(request.compile_limits) if request.compile_limits else None,
             "redirect_stderr_to_stdout": request.redirect_stderr_to_stdout,
             "interactive": request.stdin_queue is not None, "token": request.token}}
-        content = {"code": request.source_code, "silent": False, "store_history": False, "user_expressions": {},
-                   "allow_stdin": request.stdin_queue is not None, "stop_on_error": False}
-        msg = kc.session.msg("execute_request", content, metadata=meta)
-        msg_id = msg["header"]["msg_id"]
-        kc.shell_channel.send(msg)
+        msg_id = kc.execute_with(request.source_code, meta, allow_stdin=request.stdin_queue is not None,
+                                 stop_on_error=False)
         compile_wall = request.compile_limits.wall_time_limit if request.compile_limits else 20.0
         budget = limits.wall_time_limit + compile_wall + REPLY_GRACE
         deadline = time.monotonic() + budget
