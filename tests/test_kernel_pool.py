@@ -360,8 +360,11 @@ def test_fork_server_kernels_and_restart(loop: asyncio.AbstractEventLoop, mode: 
                     break
             k.out = out
         assert a.out != b.out and a.out.split()[1] == "2"  # own pid namespace (below its init), reseeded random
+        dirs = [k.km.provisioner.kernel_dir for k in (a, b)]
+        assert all(d.is_dir() for d in dirs)
         await a.shutdown()
         await b.shutdown()
+        assert not any(d.exists() for d in dirs)  # the connection key, the kernel's output: gone with it
         fs.proc.kill()  # a dead fork server is started again on demand
         fs.proc.wait()
         c = await pool.acquire()
@@ -369,6 +372,45 @@ def test_fork_server_kernels_and_restart(loop: asyncio.AbstractEventLoop, mode: 
         await c.shutdown()
         await pool.stop()
         fs.close()
+
+    loop.run_until_complete(go())
+    assert descendants() == []
+    assert not list(tmp_path.glob("k-*"))
+
+
+async def _reply(kernel: SandboxedKernel, msg_id: str) -> dict:
+    while True:
+        msg = await kernel.client.get_shell_msg(timeout=20)
+        if msg["parent_header"].get("msg_id") == msg_id:
+            return msg["content"]
+
+
+def test_an_interrupt_reaches_a_forked_kernel_not_its_init(loop: asyncio.AbstractEventLoop, mode: str,
+                                                           tmp_path: Path) -> None:
+    if mode != "bwrap" or os.geteuid() != 0:
+        skip_or_fail("the fork server needs bwrap and root")
+    fs = ForkServer(tmp_path)
+    pool = KernelPool(load_spec("python3"), 0, mode, tmp_path, fork_server=fs)
+
+    async def go() -> None:
+        kernel = await pool.acquire()
+        try:
+            assert kernel.fork_server is fs
+            msg_id = kernel.client.execute("import time; time.sleep(60)")
+            while True:  # running: its execute_input is out (ipykernel ignores SIGINT between cells)
+                msg = await kernel.client.get_iopub_msg(timeout=20)
+                if msg["parent_header"].get("msg_id") == msg_id and msg["msg_type"] == "execute_input":
+                    break
+            await asyncio.sleep(0.3)
+            await kernel.km.interrupt_kernel()
+            reply = await _reply(kernel, msg_id)
+            assert reply["status"] == "error" and reply["ename"] == "KeyboardInterrupt"
+            reply = await _reply(kernel, kernel.client.execute("x = 1"))
+            assert reply["status"] == "ok" and kernel.alive()  # the namespace's init did not take the SIGINT
+        finally:
+            await kernel.shutdown()
+            await pool.stop()
+            fs.close()
 
     loop.run_until_complete(go())
     assert descendants() == []

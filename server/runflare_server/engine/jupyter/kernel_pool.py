@@ -269,6 +269,9 @@ class SandboxedKernel:
     def kill_now(self) -> None:
         """SIGKILL the kernel's processes (its cgroup's, else its tree's) without waiting for them: nothing
         of a run goes on once its result is known. ``shutdown`` waits for them and cleans up."""
+        prov = self.km.provisioner if self.km is not None else None
+        if isinstance(prov, RunflareSandboxProvisioner):
+            prov.killed = True
         if self.cgroup is not None:
             with contextlib.suppress(OSError):
                 for pid in self.cgroup.pids():

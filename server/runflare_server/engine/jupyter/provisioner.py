@@ -134,6 +134,7 @@ class RunflareSandboxProvisioner(KernelProvisionerBase):
     returncode: int | None = None  # the sandbox's status once it is gone
     exact_status: bool = False  # returncode is the kernel's own (forked: -N for signal N), not bwrap's 128 + N
     forked: bool = False  # started from the fork server
+    killed: bool = False  # SIGKILLed: no signal is sent after that (jupyter_client interrupts what it shuts down)
 
     # ------------------------------------------------------------------ state
 
@@ -343,8 +344,11 @@ class RunflareSandboxProvisioner(KernelProvisionerBase):
             return []
         wrappers = {procs[0].pid}
         below = sb.child_pids(procs[0].pid)
-        with contextlib.suppress(psutil.Error):
-            wrappers |= {p.pid for p in procs if p.pid in below and p.name() == "bwrap"}
+        if self.forked:  # the fork server's waiter, then the namespace's init
+            wrappers |= below
+        else:
+            with contextlib.suppress(psutil.Error):
+                wrappers |= {p.pid for p in procs if p.pid in below and p.name() == "bwrap"}
         return [p for p in procs if p.pid not in wrappers]
 
     async def poll(self) -> int | None:
@@ -388,8 +392,8 @@ class RunflareSandboxProvisioner(KernelProvisionerBase):
         while await self.poll() is None:
             await asyncio.sleep(0.1)
         ret = self.process.wait()
-        for f in (self.process.stdout, self.process.stderr, self.process.stdin):
-            if f:
+        for name in ("stdout", "stderr", "stdin"):  # a forked kernel has none
+            if f := getattr(self.process, name, None):
                 f.close()
         self.process = None  # has_process is now False
         return ret
@@ -397,7 +401,7 @@ class RunflareSandboxProvisioner(KernelProvisionerBase):
     async def send_signal(self, signum: int) -> None:
         """Signal the kernel's processes inside the sandbox (bubblewrap would not pass it on); SIGKILL
         kills the whole sandbox."""
-        if self.process is None:
+        if self.process is None or self.killed:
             return
         if signum == signal.SIGKILL:
             await self.kill()
@@ -410,6 +414,7 @@ class RunflareSandboxProvisioner(KernelProvisionerBase):
         """SIGKILL the whole bubblewrap tree and everything left in its cgroup."""
         if self.process is None:
             return
+        self.killed = True
         proc = self.process
         await asyncio.get_running_loop().run_in_executor(None, sb.kill_tree, proc)
         if self.cgroup is not None:
