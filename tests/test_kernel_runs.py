@@ -108,6 +108,15 @@ def test_a_failed_set_up_runs_nothing(engine: Engine, monkeypatch: pytest.Monkey
     assert result.stderr == "" and result.message and "incident" in result.message
 
 
+def test_a_kernel_gets_the_settings_of_its_command_line(engine: Engine) -> None:
+    assert engine.engine.health()["pools"]["python3"]["fork_server"]  # configured by the fork server
+    code = ("from ipykernel.kernelapp import IPKernelApp\napp = IPKernelApp.instance()\n"
+            "print(app.quiet, app.connection_file.startswith('/run/kernel/'), get_ipython().history_manager.enabled,"
+            " get_ipython().colors)")
+    result, _ = engine.run(code)
+    assert result.stdout == "True True False nocolor\n", result
+
+
 def test_exception_is_exit_1_with_plain_traceback(engine: Engine) -> None:
     result, events = engine.run("def f():\n    raise ValueError('bad value')\nf()")
     assert result.outcome == "exited" and result.exit_code == 1

@@ -14,13 +14,14 @@ from pathlib import Path
 
 import pytest
 from conftest import skip_or_fail, wait_until
+from ipykernel.kernelapp import IPKernelApp
 from jupyter_client.blocking import BlockingKernelClient
 
 from runflare_server.engine.jupyter.adapters import PythonKernel
 from runflare_server.engine.sandbox import kernel_sandbox as sb
 from runflare_server.engine.sandbox import tcp_bridge, zygote
 
-ALLOWED_IMPORTS = {"zygote": {"ipykernel"}, "tcp_bridge": {"zmq"}}
+ALLOWED_IMPORTS = {"zygote": {"ipykernel", "traitlets"}, "tcp_bridge": {"zmq"}}
 
 
 @pytest.mark.parametrize("name", sorted(ALLOWED_IMPORTS))
@@ -101,6 +102,39 @@ def test_capabilities_left() -> None:
     assert zygote.capabilities_left(empty.replace("CapBnd:\t0000000000000000", "CapBnd:\t000001ffffffffff")) \
         == ["CapBnd"]
     assert zygote.capabilities_left("") == list(zygote.CAP_FIELDS)
+
+
+LEAN_COMMAND_LINE = ["-f", "/run/kernel/c.json", *PythonKernel.LEAN_ARGS]
+
+
+def test_command_line_settings_of_the_forms_the_server_writes() -> None:
+    assert zygote.command_line_settings(["-f", "/run/kernel/c.json", "--HistoryManager.enabled=False"]) == [
+        ("IPKernelApp", "connection_file", "/run/kernel/c.json"), ("HistoryManager", "enabled", "False")]
+    assert zygote.command_line_settings([]) == []
+    for other in (["-f"], ["--debug"], ["--IPKernelApp.quiet"], ["IPKernelApp.quiet=1"], ["--a.b.c=1"],
+                  ["--.quiet=1"], ["-f", "a", "-f", "b"], ["--IPKernelApp.extensions=a", "--IPKernelApp.extensions=b"]):
+        assert zygote.command_line_settings(other) is None, other
+
+
+def _cli_config(app: IPKernelApp) -> dict[tuple[str, str], str]:
+    return {(section, key): str(value) for section, values in app.cli_config.items() for key, value in values.items()}
+
+
+def test_a_forked_kernel_is_configured_as_traitlets_parser_would() -> None:
+    parsed, configured = IPKernelApp(), IPKernelApp()
+    parsed.parse_command_line(LEAN_COMMAND_LINE)
+    assert zygote.configure(configured, LEAN_COMMAND_LINE)
+    assert _cli_config(configured) == _cli_config(parsed)
+    assert (configured.connection_file, configured.quiet) == (parsed.connection_file, parsed.quiet) \
+        == ("/run/kernel/c.json", True)
+    assert configured.argv == parsed.argv == LEAN_COMMAND_LINE and configured.extra_args == parsed.extra_args == []
+
+
+def test_a_container_setting_is_left_to_traitlets_parser() -> None:
+    app = IPKernelApp()
+    assert not zygote.configure(app, [*LEAN_COMMAND_LINE, "--IPKernelApp.extensions=a"])
+    assert app.connection_file == "" and not app.cli_config  # nothing applied
+    assert not zygote.configure(app, ["--debug"])
 
 
 def test_check_raises_with_errno() -> None:

@@ -85,6 +85,27 @@ def exit_byte(code: int) -> int:
     return code if 0 <= code < 256 else 128 + (-code % 128)
 
 
+def command_line_settings(argv: list[str]) -> list[tuple[str, str, str]] | None:
+    """``(class, trait, value)`` of a kernel command line made only of what the server writes, ``-f PATH``
+    and ``--Class.trait=value`` each once; None for anything else (traitlets' own parser then reads it)."""
+    settings, args = [], iter(argv)
+    for arg in args:
+        if arg == "-f":
+            path = next(args, None)
+            if path is None:
+                return None
+            settings.append(("IPKernelApp", "connection_file", os.path.expanduser(path)))
+            continue
+        key, eq, value = arg.removeprefix("--").partition("=")
+        cls, dot, trait = key.partition(".")
+        if not (arg.startswith("--") and eq and dot and cls.isidentifier() and trait.isidentifier()):
+            return None
+        settings.append((cls, trait, value))
+    if len({(cls, trait) for cls, trait, _ in settings}) != len(settings):
+        return None  # a repeated setting: a container trait's items, traitlets decides
+    return settings
+
+
 def capabilities_left(status: str) -> list[str]:
     """The capability sets of a ``/proc/self/status`` text that are not empty."""
     return [f for f in CAP_FIELDS if f"{f}:\t0000000000000000" not in status]
@@ -158,6 +179,7 @@ def kernel(kid: str, uid: int, work_bytes: int, policy: dict[str, Any]) -> None:
     os.close(status_fd)
     child = os.fork()
     if child:  # PID 1 of the namespace: a tiny init, so the kernel's own signals act as they would anywhere
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # an interrupt is the kernel's (Python's handler would raise)
         while True:
             p, st = os.waitpid(-1, 0)
             if p == child:
@@ -209,8 +231,37 @@ def exec_kernel() -> None:
     # runs Python code: a reply is out within ~0.5 ms, not up to CPython's 5 ms switch interval
     sys.setswitchinterval(0.0005)
     sys.argv = launch["argv"]
-    IPKernelApp.launch_instance(argv=launch["argv"][1:])
+    app, argv = IPKernelApp.instance(), launch["argv"][1:]
+    if configure(app, argv):  # traitlets' parser would cost each start about 4 ms of CPU
+        app.parse_command_line = lambda argv=None: None
+    app.initialize(argv)
+    app.start()
     os._exit(0)
+
+
+def configure(app: Any, argv: list[str]) -> bool:
+    """Give ``app`` the settings of a command line of ``command_line_settings``'s forms as traitlets' parser
+    would: each value a string that the trait parses when it is configured. False, and nothing applied,
+    for another command line or a setting of a container trait (whose command-line form differs)."""
+    from traitlets import Container, Dict
+    from traitlets.config.loader import Config, DeferredConfigString
+
+    settings = command_line_settings(argv)
+    if settings is None:
+        return False
+    known = {c.__name__: c for k in (type(app), *app.classes) for c in k.mro()}
+    for cls, trait, _ in settings:
+        t = known[cls].class_traits(config=True).get(trait) if cls in known else None
+        if isinstance(t, (Container, Dict)):
+            return False
+    config = Config()
+    for cls, trait, value in settings:
+        config[cls][trait] = DeferredConfigString(value)
+    app.argv = list(argv)
+    app.cli_config = config
+    app.update_config(config)
+    app.extra_args = []
+    return True
 
 
 # ------------------------------------------------------------------ the server loop
