@@ -9,6 +9,7 @@ import re
 from collections.abc import Iterator
 
 import pytest
+from conftest import wait_until
 
 from runflare_server.engine.interface import Limits, RunRequest, RunResult
 from runflare_server.engine.jupyter.adapters import PythonKernel
@@ -115,6 +116,30 @@ def test_a_kernel_gets_the_settings_of_its_command_line(engine: Engine) -> None:
             " get_ipython().colors)")
     result, _ = engine.run(code)
     assert result.stdout == "True True False nocolor\n", result
+
+
+def test_nothing_of_a_run_stays_on_the_host(engine: Engine) -> None:
+    # what a run writes to its own fd 1 lands in its kernel's log, on the host: gone with the kernel
+    marker = "left-behind-" + os.urandom(4).hex()
+    result, _ = engine.run(f"import os; os.write(1, b'{marker}')")
+    assert result.outcome == "exited" and result.exit_code == 0
+    runtime = engine.engine.runtime_dir
+
+    def leftovers() -> list[str]:
+        found = []
+        for path in runtime.rglob("*"):
+            try:
+                if path.is_file() and marker.encode() in path.read_bytes():
+                    found.append(str(path))
+            except OSError:  # a refill's files come and go
+                continue
+        return found
+
+    def gone() -> bool:
+        engine.loop.run_until_complete(asyncio.sleep(0.05))  # the kernel is shut down after the result
+        return not leftovers()
+
+    wait_until(gone, timeout=30, message="the run's kernel log is still on the host")
 
 
 def test_exception_is_exit_1_with_plain_traceback(engine: Engine) -> None:
