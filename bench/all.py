@@ -1,12 +1,13 @@
 """Every bench in one run, one JSON: latency, throughput, WebSocket, classroom burst (issue 13), embedded vs
-PostgreSQL + Redis (issue 12), the embedded broker's run end, what one more execute request costs a kernel run.
+PostgreSQL + Redis (issue 12), the embedded broker's run end, what one more execute request costs a kernel run,
+what a kernel run's kernel costs to start.
 
     python bench/all.py [--tiny] [--out DIR] [--latency N] [--throughput N] [--idle N] [--burst N] [--cluster N]
-                        [--broker N] [--kernel-request N]
+                        [--broker N] [--kernel-request N] [--kernel-start N]
 
 Each size defaults to its bench's full size (latency 100, throughput 200, idle sockets 10,000, burst 300,
-cluster 100 wait=true requests per path, broker 2000 final events, kernel-request 40 runs each way). The cluster bench needs PostgreSQL at 127.0.0.1:5432 and Redis at
-127.0.0.1:6379.
+cluster 100 wait=true requests per path, broker 2000 final events, kernel-request and kernel-start 40 runs each
+way). The cluster bench needs PostgreSQL at 127.0.0.1:5432 and Redis at 127.0.0.1:6379.
 """
 
 from __future__ import annotations
@@ -21,15 +22,17 @@ import broker
 import burst
 import cluster
 import kernel_request
+import kernel_start
 import latency
 import throughput
 import websocket
 from common import RESULTS, Result, print_rows, write_results
 
 BENCHES = {"latency": latency, "throughput": throughput, "websocket": websocket, "burst": burst, "cluster": cluster,
-           "broker": broker, "kernel_request": kernel_request}
+           "broker": broker, "kernel_request": kernel_request, "kernel_start": kernel_start}
 SIZE_FLAG = {"latency": "latency", "throughput": "throughput", "websocket": "idle", "burst": "burst",
-             "cluster": "cluster", "broker": "broker", "kernel_request": "kernel-request"}
+             "cluster": "cluster", "broker": "broker", "kernel_request": "kernel-request",
+             "kernel_start": "kernel-start"}
 
 
 def main() -> None:

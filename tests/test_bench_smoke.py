@@ -23,6 +23,7 @@ ROWS = {
                 "cluster_throughput_2", "cluster_scaling"},
     "broker": {"broker_final_publish"},
     "kernel_request": {"kernel_run_one_request", "kernel_run_one_request_cpu"},
+    "kernel_start": {"kernel_start_cpu", "kernel_start_wall"},
 }
 
 
@@ -87,7 +88,7 @@ def test_one_bench_entry_point_tiny(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("script", ["throughput.py", "websocket.py", "burst.py", "cluster.py", "broker.py", "kernel_request.py",
-                                    "all.py"])
+                                    "kernel_start.py", "all.py"])
 def test_every_entry_point_takes_a_size_and_tiny(script: str) -> None:
     done = bench(script, "--help", timeout=60)
     assert done.returncode == 0, done.stderr
