@@ -180,6 +180,44 @@ def test_kernel_manager_starts_a_sandboxed_kernel_and_leaves_nothing() -> None:
     assert prov.lease is None and prov.cgroup is None and prov.kernel_dir is None and not km.has_kernel
 
 
+PLANT = """import os
+for name in ("connection.json", "launch.json", "planted"):
+    path = "/run/kernel/" + name
+    if os.path.lexists(path):
+        os.remove(path)
+    os.symlink({victim!r}, path)
+print("planted")
+"""
+
+
+def test_a_restart_trusts_nothing_the_kernel_left_in_its_dir(tmp_path: Path) -> None:
+    # the kernel can write its connection dir: links to a host file there must not make the server, as
+    # root, write, chmod or chown that file when the kernel restarts (jupyter_server's auto-restart)
+    victim = tmp_path / "victim"
+    victim.write_text("the host's data")
+    victim.chmod(0o644)
+    km, kc = start_new_kernel(kernel_name="python3-sandboxed", startup_timeout=60)
+    try:
+        reply, out = run(kc, PLANT.format(victim=str(victim)))
+        assert reply["status"] == "ok" and out == "planted\n", reply
+        km.restart_kernel(now=True)
+        kc.wait_for_ready(timeout=60)
+        reply, out = run(kc, "import os; print(sorted(os.listdir('/run/kernel')))")
+        assert reply["status"] == "ok" and "planted" not in out, out  # a fresh dir
+        msg_id = kc.execute("import time; time.sleep(60)")  # an interrupt still reaches the restarted kernel
+        wait_until(lambda: km.provisioner.kernel_processes(), timeout=10)
+        time.sleep(0.5)
+        km.interrupt_kernel()
+        reply = kc.get_shell_msg(timeout=20)
+        assert reply["parent_header"]["msg_id"] == msg_id and reply["content"]["ename"] == "KeyboardInterrupt"
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel(now=True)
+    stat = victim.stat()
+    assert victim.read_text() == "the host's data"
+    assert (stat.st_uid, stat.st_gid, stat.st_mode & 0o777) == (0, 0, 0o644)
+
+
 def test_memory_limit_kills_the_kernel_with_a_clear_reason() -> None:
     before = kernel_dirs()
     km = KernelManager(kernel_name="python3-small")

@@ -176,7 +176,7 @@ class ForkServer:
                 raise RuntimeError(f"all {self.UIDS - 1} fork-server kernel uids are in use")
             host_uid = self.lease.first + uid
             for path in (kdir, *kdir.iterdir()):
-                os.chown(path, host_uid, host_uid)
+                os.chown(path, host_uid, host_uid, follow_symlinks=False)
             os.chmod(kdir, 0o700)
             proc.stdin.write(f"{kid} {uid}\n")
             proc.stdin.flush()

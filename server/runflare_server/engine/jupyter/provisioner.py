@@ -94,6 +94,13 @@ class SandboxUnavailable(RuntimeError):
     """The sandbox cannot be applied here; the kernel is not started (never started unsandboxed)."""
 
 
+def write_new(path: Path, text: str) -> None:
+    """Write a new file of the server's, mode 0600; never through a link or over a file already there."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+
+
 class RunflareSandboxProvisioner(KernelProvisionerBase):
     """Starts a kernelspec's argv in the Run-Flare sandbox (bubblewrap, slot uid, seccomp, limits)."""
 
@@ -196,6 +203,10 @@ class RunflareSandboxProvisioner(KernelProvisionerBase):
                 self.kernel_dir = scratch.private_dir("kernel", scratch_base())
             if policy.per_slot_uids() and not self.forked:
                 self.lease = policy.UidLease.acquire()
+        else:  # a restart: the last kernel could write its dir, so nothing there is trusted (a symlink would
+            # turn the writes and chowns below into writes and chowns of host files): a fresh, empty dir
+            shutil.rmtree(self.kernel_dir)
+            self.kernel_dir.mkdir(mode=0o700)
         kdir = self.kernel_dir
         uid = self.lease.uid if self.lease else None
 
@@ -210,11 +221,10 @@ class RunflareSandboxProvisioner(KernelProvisionerBase):
             inside["key"] = inside["key"].decode()
         inside["kernel_name"] = getattr(km, "kernel_name", "") or ""
         conn = kdir / "connection.json"
-        conn.write_text(json.dumps(inside, indent=1))
+        write_new(conn, json.dumps(inside, indent=1))
         for path in (kdir, conn):
             if uid is not None:
-                os.chown(path, uid, uid)
-        os.chmod(conn, 0o600)
+                os.chown(path, uid, uid, follow_symlinks=False)
         os.chmod(kdir, 0o700)
 
         host_file = os.path.realpath(km.connection_file)
@@ -260,6 +270,7 @@ class RunflareSandboxProvisioner(KernelProvisionerBase):
         resource_dir = self.kernel_spec.resource_dir if self.kernel_spec else None
         ro_extra = [p for p in [resource_dir, *self.readonly_paths] if p]
         self.exit_reason = None
+        self.killed = False  # a restart: the kernel lives again
         self.returncode = None
         self.cgroup = None
         if self.memory_limit or self.max_processes_and_or_threads:
@@ -303,7 +314,7 @@ class RunflareSandboxProvisioner(KernelProvisionerBase):
         its tree in the kernel's cgroup and set its rlimits."""
         assert self.kernel_dir is not None
         fs = ForkServer.shared(self.fork_server)
-        (self.kernel_dir / "launch.json").write_text(json.dumps({"env": env, "argv": ["ipykernel_launcher", *cmd[3:]]}))
+        write_new(self.kernel_dir / "launch.json", json.dumps({"env": env, "argv": ["ipykernel_launcher", *cmd[3:]]}))
         kid = self.kernel_dir.name.removeprefix("k-")
         try:
             self.process = await fs.fork(kid, self.kernel_dir)
@@ -401,10 +412,12 @@ class RunflareSandboxProvisioner(KernelProvisionerBase):
     async def send_signal(self, signum: int) -> None:
         """Signal the kernel's processes inside the sandbox (bubblewrap would not pass it on); SIGKILL
         kills the whole sandbox."""
-        if self.process is None or self.killed:
+        if self.process is None:
             return
         if signum == signal.SIGKILL:
             await self.kill()
+            return
+        if self.killed:  # nothing left to signal
             return
         for p in self.kernel_processes():
             with contextlib.suppress(psutil.Error):
