@@ -12,7 +12,6 @@ reports the wall time of ``KernelRuns.run`` and the kernel's CPU during the run 
 from __future__ import annotations
 
 import asyncio
-import tempfile
 import time
 
 from common import Result, Row, main_of, ratio, summary
@@ -34,7 +33,7 @@ def _set_up_cell(self: PythonKernel, request: RunRequest, source_file: str) -> s
 
 async def _runs(n: int) -> dict[bool, tuple[list[float], list[float]]]:
     """(wall seconds, kernel CPU seconds) of n runs without and with a set-up cell, in turns."""
-    engine = KernelRuns(pool_sizes={"python3": 2}, runtime_dir=tempfile.mkdtemp(prefix="rf-bench-"))
+    engine = KernelRuns(pool_sizes={"python3": 2})
     await engine.start()
     out: dict[bool, tuple[list[float], list[float]]] = {False: ([], []), True: ([], [])}
     try:

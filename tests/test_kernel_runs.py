@@ -113,9 +113,9 @@ def test_a_kernel_gets_the_settings_of_its_command_line(engine: Engine) -> None:
     assert engine.engine.health()["pools"]["python3"]["fork_server"]  # configured by the fork server
     code = ("from ipykernel.kernelapp import IPKernelApp\napp = IPKernelApp.instance()\n"
             "print(app.quiet, app.connection_file.startswith('/run/kernel/'), get_ipython().history_manager.enabled,"
-            " get_ipython().colors)")
+            " get_ipython().colors, 'parse_command_line' in vars(app))")
     result, _ = engine.run(code)
-    assert result.stdout == "True True False nocolor\n", result
+    assert result.stdout == "True True False nocolor True\n", result  # set without traitlets' parser
 
 
 def test_nothing_of_a_run_stays_on_the_host(engine: Engine) -> None:

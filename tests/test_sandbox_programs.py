@@ -116,25 +116,28 @@ def test_command_line_settings_of_the_forms_the_server_writes() -> None:
         assert zygote.command_line_settings(other) is None, other
 
 
-def _cli_config(app: IPKernelApp) -> dict[tuple[str, str], str]:
-    return {(section, key): str(value) for section, values in app.cli_config.items() for key, value in values.items()}
+def _typed(config: dict) -> dict[tuple[str, str], tuple[type, str]]:
+    return {(section, key): (type(value), str(value)) for section, values in config.items()
+            for key, value in values.items()}
 
 
-def test_a_forked_kernel_is_configured_as_traitlets_parser_would() -> None:
+@pytest.mark.parametrize("argv", [LEAN_COMMAND_LINE, ["-f", "~/c.json", "--Session.key=abc", "--IPKernelApp.quiet=False",
+                                                     "--Other.thing=1"]])
+def test_a_forked_kernel_is_configured_as_traitlets_parser_would(argv: list[str]) -> None:
     parsed, configured = IPKernelApp(), IPKernelApp()
-    parsed.parse_command_line(LEAN_COMMAND_LINE)
-    assert zygote.configure(configured, LEAN_COMMAND_LINE)
-    assert _cli_config(configured) == _cli_config(parsed)
-    assert (configured.connection_file, configured.quiet) == (parsed.connection_file, parsed.quiet) \
-        == ("/run/kernel/c.json", True)
-    assert configured.argv == parsed.argv == LEAN_COMMAND_LINE and configured.extra_args == parsed.extra_args == []
+    parsed.parse_command_line(argv)
+    config = zygote.cli_config(configured, argv)
+    assert config is not None and _typed(config) == _typed(parsed.cli_config)  # the same values, the same types
+    zygote.apply_cli_config(configured, argv, config)
+    assert (configured.connection_file, configured.quiet) == (parsed.connection_file, parsed.quiet)
+    assert configured.argv == parsed.argv == argv and configured.extra_args == parsed.extra_args == []
 
 
 def test_a_container_setting_is_left_to_traitlets_parser() -> None:
     app = IPKernelApp()
-    assert not zygote.configure(app, [*LEAN_COMMAND_LINE, "--IPKernelApp.extensions=a"])
-    assert app.connection_file == "" and not app.cli_config  # nothing applied
-    assert not zygote.configure(app, ["--debug"])
+    assert zygote.cli_config(app, [*LEAN_COMMAND_LINE, "--IPKernelApp.extensions=a"]) is None
+    assert zygote.cli_config(app, ["--debug"]) is None
+    assert zygote.cli_config(app, ["--HasTraits.x=1"]) is not None  # not a Configurable: a plain string
 
 
 def test_check_raises_with_errno() -> None:

@@ -2,7 +2,7 @@
 
 The server starts it as ``python -c <this file's text> WORK_BYTES POLICY_JSON`` (see
 ``kernel_sandbox.zygote_argv``), so nothing of the server's tree is bound into the sandbox: this module
-imports only the standard library and ipykernel, and must stay that way (a test checks it).
+imports only the standard library, ipykernel and its traitlets, and must stay that way (a test checks it).
 
 bwrap (as root of a user namespace the server maps onto a leased block of unprivileged host uids, no
 capabilities of the host) gives it the policy's system view. It imports ipykernel once and forks each
@@ -232,36 +232,41 @@ def exec_kernel() -> None:
     sys.setswitchinterval(0.0005)
     sys.argv = launch["argv"]
     app, argv = IPKernelApp.instance(), launch["argv"][1:]
-    if configure(app, argv):  # traitlets' parser would cost each start about 4 ms of CPU
-        app.parse_command_line = lambda argv=None: None
+    config = cli_config(app, argv)
+    if config is not None:  # traitlets' parser would cost each start about 4 ms of CPU
+        app.parse_command_line = lambda argv=None: apply_cli_config(app, argv or [], config)
     app.initialize(argv)
     app.start()
     os._exit(0)
 
 
-def configure(app: Any, argv: list[str]) -> bool:
-    """Give ``app`` the settings of a command line of ``command_line_settings``'s forms as traitlets' parser
-    would: each value a string that the trait parses when it is configured. False, and nothing applied,
-    for another command line or a setting of a container trait (whose command-line form differs)."""
+def cli_config(app: Any, argv: list[str]) -> Any:
+    """The config traitlets' parser makes of a command line of ``command_line_settings``'s forms: a value
+    of a trait of the app's own classes parsed by that trait, any other a string parsed when it is
+    configured. None for another command line or a container trait (whose command-line form differs)."""
     from traitlets import Container, Dict
+    from traitlets.config import Configurable
     from traitlets.config.loader import Config, DeferredConfigString
 
     settings = command_line_settings(argv)
     if settings is None:
-        return False
-    known = {c.__name__: c for k in (type(app), *app.classes) for c in k.mro()}
-    for cls, trait, _ in settings:
-        t = known[cls].class_traits(config=True).get(trait) if cls in known else None
-        if isinstance(t, (Container, Dict)):
-            return False
+        return None
+    known = {c.__name__: c for k in (type(app), *app.classes) for c in k.mro() if issubclass(c, Configurable)}
     config = Config()
     for cls, trait, value in settings:
-        config[cls][trait] = DeferredConfigString(value)
+        t = known[cls].class_traits(config=True).get(trait) if cls in known else None
+        if isinstance(t, (Container, Dict)):
+            return None
+        config[cls][trait] = DeferredConfigString(value) if t is None else DeferredConfigString(value).get_value(t)
+    return config
+
+
+def apply_cli_config(app: Any, argv: list[str], config: Any) -> None:
+    """What ``Application.parse_command_line`` does once its parser has made ``config``."""
     app.argv = list(argv)
     app.cli_config = config
     app.update_config(config)
     app.extra_args = []
-    return True
 
 
 # ------------------------------------------------------------------ the server loop
