@@ -253,6 +253,67 @@ def test_a_reusing_pool_keeps_its_size(loop: asyncio.AbstractEventLoop) -> None:
     loop.run_until_complete(go())
 
 
+def test_a_reused_kernels_successor_starts_during_its_last_run(loop: asyncio.AbstractEventLoop) -> None:
+    made: list[TimedKernel] = []
+
+    async def factory() -> TimedKernel:
+        await asyncio.sleep(0.05)
+        made.append(TimedKernel())
+        return made[-1]
+
+    async def go() -> None:
+        pool: Pool[TimedKernel] = Pool("recycled", factory, 1, reuse=3)
+        await pool.start()
+        assert await pool.wait_full(10)
+        first = made[0]
+        for _ in range(2):
+            assert await pool.acquire() is first
+            await pool.release(first)
+        assert await pool.acquire() is first  # its last run
+        await until(lambda: len(pool._ready) == 1)  # its successor is ready while that run goes on
+        assert len(made) == 2 and not first.shut
+        await pool.release(first)
+        assert first.shut or first not in pool._uses  # retired
+        assert len(pool._ready) == 1 and await pool.acquire() is made[1]  # the next run waits for no start
+        await pool.release(made[1])
+        assert len(made) == 2  # and nothing more was started
+        await pool.stop()
+
+    loop.run_until_complete(go())
+
+
+def test_a_reused_kernel_serves_past_its_runs_until_its_successor_is_ready(loop: asyncio.AbstractEventLoop) -> None:
+    made: list[TimedKernel] = []
+    gate = asyncio.Event()
+
+    async def factory() -> TimedKernel:
+        if made:  # the successor takes as long as the test says
+            await gate.wait()
+        made.append(TimedKernel())
+        return made[-1]
+
+    async def go() -> None:
+        pool: Pool[TimedKernel] = Pool("recycled", factory, 1, reuse=2)
+        await pool.start()
+        assert await pool.wait_full(10)
+        first = made[0]
+        for _ in range(4):  # two runs over its count: no run waits for the successor's start
+            kernel = await asyncio.wait_for(pool.acquire(), 10)
+            assert kernel is first
+            await pool.release(kernel)
+        assert pool.health()["starting"] == 1 and not first.shut
+        gate.set()
+        await until(lambda: len(made) == 2)
+        await until(lambda: pool._ready and pool._ready[-1] is made[1])
+        assert await pool.acquire() is first  # still ready: its last run...
+        await pool.release(first)
+        await until(lambda: first.shut)  # ...then retired, since its successor is ready
+        assert await pool.acquire() is made[1]
+        await pool.stop()
+
+    loop.run_until_complete(go())
+
+
 def test_an_adaptive_pool_of_real_kernels_shuts_down_what_it_no_longer_needs(
         loop: asyncio.AbstractEventLoop, mode: str, tmp_path: Path) -> None:
     pool = KernelPool(load_spec("python3"), 0, mode, tmp_path, max_size=2, window=4.0)  # starts fit in it

@@ -480,7 +480,7 @@ class Pool(Generic[K]):
         # a used-once pool keeps ``size`` ready and starts one for each waiter; a reusing pool keeps ``size``
         # kernels in all (ready or busy), and waiters wait for one to come back
         want = self.size + (len(self._waiters) if self.reuse == 1 else 0)
-        while len(self._uses) + self._filling < want:
+        while len(self._uses) - self._retiring() + self._filling < want:
             self._filling += 1
             task = asyncio.get_running_loop().create_task(self._fill_one())
             self._tasks.add(task)
@@ -512,6 +512,11 @@ class Pool(Generic[K]):
                     break
         finally:
             self._filling -= 1
+
+    def _retiring(self) -> int:
+        """Reused kernels on (or waiting for) their last run: each one's replacement starts meanwhile, so
+        that no run waits for a recycled kernel's successor to start."""
+        return sum(1 for uses in self._uses.values() if uses >= self.reuse - 1) if self.reuse > 1 else 0
 
     def _deliver(self, kernel: K) -> None:
         while self._waiters:
@@ -577,9 +582,13 @@ class Pool(Generic[K]):
         """Take a kernel back after a run: ready again while it is healthy, alive and under ``reuse`` runs,
         else shut down in the background (and replaced by the refill at once)."""
         uses = self._uses.get(kernel, 0) + 1
-        if healthy and uses < self.reuse and not self._stopped and kernel.alive():
+        # a reused kernel past its runs still serves while its successor starts and nothing else is ready
+        successor_starting = uses >= self.reuse > 1 and self._filling > 0 and not self._ready
+        if healthy and (uses < self.reuse or successor_starting) and not self._stopped and kernel.alive():
             self._uses[kernel] = uses
             self._deliver(kernel)
+            if uses == self.reuse - 1:  # its next run is its last: its successor starts now
+                self._refill()
             return
         if self.reuse > 1:  # (a used-once kernel's end is no replacement)
             self.stats["recycled"] += 1

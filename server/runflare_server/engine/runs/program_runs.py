@@ -5,7 +5,8 @@ compiler options and limits in ``metadata["runflare"]``), forwards the kernel's 
 ``runflare_stage`` messages as engine events while the program runs, and builds the ``RunResult`` from
 the execute_reply's ``metadata["runflare"]``. User code never runs in the kernels (each program is a
 fresh sandboxed process), so kernels are reused; they are replaced when they die and recycled after
-``recycle_after`` runs: the engine's one ``kernel_pool.Pool``, with that reuse policy.
+``recycle_after`` runs (a kernel's memory grows by about 1 KiB a run; its successor starts during its
+last run): the engine's one ``kernel_pool.Pool``, with that reuse policy.
 
 Kernel messages are bounded before they are decoded (``bounded_client``: 4x the output cap + 64 KiB per
 frame); a larger one cuts the channel undecoded, the run ends as an internal error saying so, and the
@@ -97,7 +98,7 @@ class ProgramRuns:
 
     KERNEL_WAIT = 120.0  # seconds a run waits for a free kernel before it is an internal error
 
-    def __init__(self, size: int | None = None, *, sandbox_mode: str = "auto", recycle_after: int = 200,
+    def __init__(self, size: int | None = None, *, sandbox_mode: str = "auto", recycle_after: int = 1000,
                  runs_dir: str | None = None, kernel_env: dict[str, str] | None = None,
                  max_output_bytes: int | None = None) -> None:
         self.max_message_bytes = message_bound(max_output_bytes)
