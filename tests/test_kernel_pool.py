@@ -439,13 +439,6 @@ def test_fork_server_kernels_and_restart(loop: asyncio.AbstractEventLoop, mode: 
     assert not list(tmp_path.glob("k-*"))
 
 
-async def _reply(kernel: SandboxedKernel, msg_id: str) -> dict:
-    while True:
-        msg = await kernel.client.get_shell_msg(timeout=20)
-        if msg["parent_header"].get("msg_id") == msg_id:
-            return msg["content"]
-
-
 def test_an_interrupt_reaches_a_forked_kernel_not_its_init(loop: asyncio.AbstractEventLoop, mode: str,
                                                            tmp_path: Path) -> None:
     if mode != "bwrap" or os.geteuid() != 0:
@@ -464,9 +457,9 @@ def test_an_interrupt_reaches_a_forked_kernel_not_its_init(loop: asyncio.Abstrac
                     break
             await asyncio.sleep(0.3)
             await kernel.km.interrupt_kernel()
-            reply = await _reply(kernel, msg_id)
+            reply = (await kernel._shell_reply(msg_id, 20))["content"]
             assert reply["status"] == "error" and reply["ename"] == "KeyboardInterrupt"
-            reply = await _reply(kernel, kernel.client.execute("x = 1"))
+            reply = (await kernel._shell_reply(kernel.client.execute("x = 1"), 20))["content"]
             assert reply["status"] == "ok" and kernel.alive()  # the namespace's init did not take the SIGINT
         finally:
             await kernel.shutdown()
