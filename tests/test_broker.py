@@ -207,6 +207,25 @@ async def test_many_subscribers_of_one_run_each_get_every_event_in_order(backend
         assert len({e.raw for events in results for e in events}) == 31  # one text per event
 
 
+async def test_announce_opens_the_log_then_queues_and_publish_many_ends_it(backend: Backend):
+    async with backend.broker() as broker:
+        opened = await broker.announce("t", [{"status": "in queue"}, {"stage": "queued"}])
+        assert [(e["seq"], e.raw) for e in opened] == [(1, '{"status": "in queue", "seq": 1}'),
+                                                       (2, '{"stage": "queued", "seq": 2}')]
+        job = await bounded(broker.dequeue())
+        assert job.token == "t" and await broker.last_seq("t") == 2
+        following = asyncio.ensure_future(collect(broker, "t"))
+        await asyncio.sleep(0.05)
+        assert not following.done()
+        closing = await broker.publish_many("t", [{"stage": "finished"}, {"status": "accepted"}], final=True)
+        assert [e["seq"] for e in closing] == [3, 4]
+        got = await bounded(following)
+        assert [e["seq"] for e in got] == [1, 2, 3, 4] and got[-1]["status"] == "accepted"
+        assert [e.raw for e in got] == [e.raw for e in opened + closing]  # one text per event, as stored
+        await broker.ack(job)
+        assert await broker.depth() == 0
+
+
 async def test_a_reopened_log_continues_its_seq(backend: Backend):
     async with backend.broker() as broker:
         await broker.publish("t", {"status": "queued"})
@@ -482,3 +501,31 @@ async def test_every_job_of_dead_workers_comes_back_counting_attempts(shared: Ba
         for job in last:
             await third.ack(job)
         assert await third.tracked() == set() and await third.depth() == 0
+
+
+async def test_runs_join_the_shared_reader_without_new_connections(shared: Backend):
+    """A stream joins the reader's XREAD through the reader's own wake stream: the read in flight ends
+    with an answer, so its connection is kept (a cancelled read costs redis-py its socket)."""
+    client = redis_client()
+
+    def connection_ids(broker: Any) -> set[int]:
+        return {c["id"] for c in client.client_list() if c["name"] == f"{shared.prefix}:{broker.consumer}"}
+
+    async with shared.broker() as a, shared.broker() as b:
+        await a.publish("first", {"n": 0})
+        first = asyncio.ensure_future(collect(b, "first"))
+        await asyncio.sleep(0.05)
+        before = connection_ids(b)
+        joined = []
+        for i in range(10):
+            await a.publish(f"run{i}", {"n": 0})
+            joined.append(asyncio.ensure_future(collect(b, f"run{i}")))
+            await asyncio.sleep(0.02)  # the reader is back in its XREAD when the next run joins
+            await a.publish(f"run{i}", {"n": 1}, final=True)
+            assert [e["n"] for e in await bounded(joined[-1])] == [0, 1]
+        assert connection_ids(b) == before
+        await a.publish("first", {"n": 1}, final=True)
+        assert [e["n"] for e in await bounded(first)] == [0, 1]
+        wake_key = b._wake_key
+    assert not client.exists(wake_key)  # a closed broker leaves no wake stream behind
+    client.close()

@@ -56,9 +56,7 @@ class Submissions:
         now, the workers' reconciler queues it later, so the client still gets its token."""
         token = sub["token"]
         try:
-            await self.broker.publish(token, events.status_update(token, sub))
-            await self.broker.publish(token, events.progress(token, "queued"))
-            await self.broker.enqueue(token)
+            await self.broker.announce(token, [events.status_update(token, sub), events.progress(token, "queued")])
         except Exception:
             log.warning("could not queue %s now; the reconciler will", token, exc_info=True)
 

@@ -114,8 +114,7 @@ class Worker:
                 continue
             if sub["status_id"] != IN_QUEUE:
                 sub = await self.store.update(token, {"status_id": IN_QUEUE}) or sub
-            await self.broker.publish(token, events.status_update(token, sub))
-            await self.broker.enqueue(token)
+            await self.broker.announce(token, [events.status_update(token, sub)])
             self._untracked.pop(token, None)
             requeued += 1
         if requeued:
@@ -266,10 +265,10 @@ class Worker:
         except Exception as exc:  # noqa: BLE001 - the run goes on; its final write is retried until stored
             log.warning("%s: processing status not stored: %s", token, exc)
 
-    async def _publish(self, token: str, event: Event, final: bool = False) -> None:
+    async def _publish(self, token: str, *published: Event, final: bool = False) -> None:
         """Events are live news: when the broker is down they are dropped (the store keeps the result)."""
         try:
-            await self.broker.publish(token, event, final=final)
+            await self.broker.publish_many(token, list(published), final=final)
         except BrokerUnavailable as exc:
             log.warning("event for %s dropped: %s", token, exc)
 
@@ -338,8 +337,7 @@ class Worker:
                 log.warning("result of %s not stored yet: %s; retrying", token, exc)
                 await backoff.sleep()
         sub.update(changes)  # type: ignore[typeddict-item]
-        await self._publish(token, events.progress(token, "finished"))
-        await self._publish(token, events.status_update(token, sub), final=True)
+        await self._publish(token, events.progress(token, "finished"), events.status_update(token, sub), final=True)
         if sub.get("callback_url"):
             try:
                 self.callbacks.send(sub["callback_url"], self.render_callback(sub))

@@ -59,6 +59,12 @@ class Broker(Protocol):
     async def publish(self, token: str, event: Event, final: bool = False) -> Event:
         """Append an event to the token's stream, stamping the next `seq`; `final` ends the stream."""
 
+    async def publish_many(self, token: str, events: list[Event], final: bool = False) -> list[Event]:
+        """Append the events in order, in one step; `final` ends the stream after the last one."""
+
+    async def announce(self, token: str, events: list[Event]) -> list[Event]:
+        """Open (or go on with) the token's stream with `events`, then queue the token, in one step."""
+
     async def has_log(self, token: str) -> bool:
         """Whether the token has an event stream here (live, or finished and not yet expired)."""
 

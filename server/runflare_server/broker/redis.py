@@ -43,31 +43,39 @@ LIVE_TTL = 86_400  # seconds an unfinished event log or stdin outlives its last 
 BATCH = 1000
 CATALOG_TTL = 86_400  # seconds the workers' language catalog lasts without a worker saying it again
 
-# KEYS: events stream, seq counter. ARGV: event JSON without seq, final flag, maxlen, ttl ms final, live.
+# KEYS: events stream, seq counter, queue. ARGV: final flag (for the last event), maxlen, ttl ms final, live
+# ttl ms, token to queue after the events ('' for none), then each event's JSON without seq. One round trip
+# for a run's opening (its events and its queue entry) or its closing events.
 PUBLISH = """
 local seq = redis.call('INCR', KEYS[2])
 local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
 if last[1] then
   local previous = tonumber(string.match(last[1][1], '^(%d+)'))
-  if previous >= seq then
-    seq = previous + 1
-    redis.call('SET', KEYS[2], seq)
+  if previous >= seq then seq = previous + 1 end
+end
+local count = #ARGV - 5
+local final = ARGV[1] == '1'
+local raws = {}
+for i = 1, count do
+  local body = ARGV[5 + i]
+  local sep = ', '
+  if body == '{}' then sep = '' end
+  local raw = string.sub(body, 1, -2) .. sep .. '"seq": ' .. seq .. '}'
+  if final and i == count then
+    redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], seq .. '-0', 'e', raw, 'f', '1')
+  else
+    redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], seq .. '-0', 'e', raw)
   end
+  raws[i] = raw
+  seq = seq + 1
 end
-local body = ARGV[1]
-local sep = ', '
-if body == '{}' then sep = '' end
-local raw = string.sub(body, 1, -2) .. sep .. '"seq": ' .. seq .. '}'
-local ttl = ARGV[5]
-if ARGV[2] == '1' then
-  redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], seq .. '-0', 'e', raw, 'f', '1')
-  ttl = ARGV[4]
-else
-  redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], seq .. '-0', 'e', raw)
-end
+redis.call('SET', KEYS[2], seq - 1)
+local ttl = ARGV[4]
+if final then ttl = ARGV[3] end
 redis.call('PEXPIRE', KEYS[1], ttl)
 redis.call('PEXPIRE', KEYS[2], ttl)
-return raw
+if ARGV[5] ~= '' then redis.call('XADD', KEYS[3], '*', 'token', ARGV[5]) end
+return raws
 """
 
 # KEYS: queue. ARGV: group, consumer, min idle ms. Claims the oldest entry idle that long (its worker
@@ -265,6 +273,13 @@ class RedisBroker:
         self._held: dict[str, str] = {}  # entry id -> token, taken by this instance, not yet acked
         self._follows: dict[str, Follow] = {}
         self._wake = asyncio.Event()  # the set of followed streams grew
+        # The reader's XREAD also follows this stream of its own: an entry added to it ends the read, so
+        # a stream joins without cancelling the read (redis-py drops the socket of a cancelled one).
+        self._wake_key = self._key("wake", self.consumer)
+        self._wake_last = "0-0"
+        self._reading = False  # the reader's XREAD is out: a new stream needs a nudge through Redis
+        self._nudged = False  # ... and has had one
+        self._nudges: set[asyncio.Task] = set()
         self._tasks: list[asyncio.Task] = []
         self._reader: asyncio.Task | None = None
 
@@ -283,7 +298,7 @@ class RedisBroker:
 
     async def close(self) -> None:
         """Stop the background tasks (held jobs are no longer kept alive) and close the connections."""
-        tasks = [*self._tasks, *([self._reader] if self._reader else [])]
+        tasks = [*self._tasks, *self._nudges, *([self._reader] if self._reader else [])]
         self._tasks, self._reader = [], None
         for task in tasks:
             task.cancel()
@@ -297,6 +312,8 @@ class RedisBroker:
                 if not pending:
                     await self._redis.xgroup_delconsumer(self._queue, GROUP, self.consumer)
         self._held.clear()
+        with contextlib.suppress(RedisError, OSError):
+            await self._redis.delete(self._wake_key)
         await self._redis.aclose()
         await self._blocking.aclose()
 
@@ -413,12 +430,23 @@ class RedisBroker:
     # events
 
     async def publish(self, token: str, event: Event, final: bool = False) -> Event:
-        body = json.dumps({k: v for k, v in event.items() if k != "seq"})
-        args = [body, "1" if final else "0", self.max_events, max(1, int(self.retention * 1000)),
-                LIVE_TTL * 1000]
+        (published,) = await self._publish_all(token, [event], final, queue=False)
+        return published
+
+    async def publish_many(self, token: str, events: list[Event], final: bool = False) -> list[Event]:
+        return await self._publish_all(token, events, final, queue=False)
+
+    async def announce(self, token: str, events: list[Event]) -> list[Event]:
+        return await self._publish_all(token, events, False, queue=True)
+
+    async def _publish_all(self, token: str, events: list[Event], final: bool, queue: bool) -> list[Event]:
+        bodies = [json.dumps({k: v for k, v in event.items() if k != "seq"}) for event in events]
+        args = ["1" if final else "0", self.max_events, max(1, int(self.retention * 1000)), LIVE_TTL * 1000,
+                token if queue else "", *bodies]
+        keys = [self._key("events", token), self._key("seq", token), self._queue]
         with unavailable():
-            raw = await self._publish(keys=[self._key("events", token), self._key("seq", token)], args=args)
-        return StoredEvent(raw)
+            raws = await self._publish(keys=keys, args=args)
+        return [StoredEvent(raw) for raw in raws]
 
     async def has_log(self, token: str) -> bool:
         with unavailable():
@@ -486,9 +514,27 @@ class RedisBroker:
             raise
         follow.ready = True
         if follow.events and not follow.final:
-            self._wake.set()
+            self._wake_reader()
             if self._reader is None or self._reader.done():
                 self._reader = asyncio.create_task(self._read_loop())
+
+    def _wake_reader(self) -> None:
+        """Have the reader start again with the streams followed now."""
+        self._wake.set()
+        if self._reading and not self._nudged:
+            self._nudged = True
+            nudge = asyncio.ensure_future(self._nudge())
+            self._nudges.add(nudge)
+            nudge.add_done_callback(self._nudges.discard)
+
+    async def _nudge(self) -> None:
+        try:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                pipe.xadd(self._wake_key, {"w": "1"}, maxlen=1, approximate=False)
+                pipe.pexpire(self._wake_key, LIVE_TTL * 1000)
+                await pipe.execute()
+        except (RedisError, OSError) as exc:  # the reader looks around again within BLOCK anyway
+            log.debug("could not wake the event reader: %s", exc)
 
     async def _read_loop(self) -> None:
         """The one blocking reader of this process: XREAD over every live followed stream, restarted when
@@ -511,25 +557,22 @@ class RedisBroker:
                 await asyncio.sleep(BLOCK / 2)
 
     async def _read_once(self, live: dict[str, Follow]) -> None:
-        """One XREAD of the live streams, given up (no harm: nothing is consumed) if a stream is added."""
-        read = asyncio.ensure_future(self._blocking.xread({k: f.last_id for k, f in live.items()},
-                                                          count=BATCH, block=int(BLOCK * 1000)))
-        woken = asyncio.ensure_future(self._wake.wait())
+        """One XREAD of the live streams and the wake stream (nothing is consumed: a read that ends early
+        for a new stream loses nothing)."""
+        streams = {k: f.last_id for k, f in live.items()}
+        streams[self._wake_key] = self._wake_last
+        self._reading, self._nudged = True, False
         try:
-            await asyncio.wait({read, woken}, return_when=asyncio.FIRST_COMPLETED)
+            result = await self._blocking.xread(streams, count=BATCH, block=int(BLOCK * 1000))
         finally:
-            for task in (read, woken):
-                if not task.done():
-                    task.cancel()
-                    with contextlib.suppress(asyncio.CancelledError, Exception):
-                        await task
-        if read.cancelled():
-            return
-        result = read.result()
+            self._reading = False
         if not result:
             await self._drop_lost(live)
         for key, entries in result or []:
-            live[key].extend(entries)
+            if key == self._wake_key:
+                self._wake_last = entries[-1][0]
+            else:
+                live[key].extend(entries)
 
     async def _drop_lost(self, live: dict[str, Follow]) -> None:
         """In a quiet moment: fail the followers of live streams that vanished (Redis lost its data; a
