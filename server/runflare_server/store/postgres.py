@@ -110,10 +110,14 @@ class PostgresStore:
     async def create(self, subs: list[Submission]) -> None:
         rows = [(s["token"], s["created_at"], s["status_id"], json.dumps(s)) for s in subs]
 
+        sql = "INSERT INTO submissions (token, created_at, status_id, doc) VALUES (%s, %s, %s, %s)"
+
         async def insert(conn: psycopg.AsyncConnection) -> None:
+            if len(rows) == 1:  # one statement is its own transaction: one round trip, not three
+                await conn.execute(sql, rows[0])
+                return
             async with conn.transaction(), conn.cursor() as cur:
-                await cur.executemany(
-                    "INSERT INTO submissions (token, created_at, status_id, doc) VALUES (%s, %s, %s, %s)", rows)
+                await cur.executemany(sql, rows)
 
         if rows:
             await self._run(insert)
