@@ -529,3 +529,65 @@ async def test_runs_join_the_shared_reader_without_new_connections(shared: Backe
         wake_key = b._wake_key
     assert not client.exists(wake_key)  # a closed broker leaves no wake stream behind
     client.close()
+
+
+async def test_a_subscriber_right_after_announce_reads_nothing_twice(shared: Backend):
+    """The announcing node knows what a new stream holds: its wait=true subscriber starts from that (no
+    XRANGE) and misses nothing published meanwhile by another node."""
+    client = redis_client()
+
+    def xranges() -> int:
+        return int(client.info("commandstats").get("cmdstat_xrange", {}).get("calls", 0))
+
+    async with shared.broker() as api, shared.broker() as worker:
+        await api.announce("t", [{"n": 1}, {"n": 2}])
+        await worker.publish_many("t", [{"n": 3}, {"n": 4}])  # before the subscriber comes
+        before = xranges()
+        following = asyncio.ensure_future(collect(api, "t"))
+        await asyncio.sleep(0.05)
+        assert xranges() == before
+        await worker.publish("t", {"n": 5}, final=True)
+        assert [(e["seq"], e["n"]) for e in await bounded(following)] == [(n, n) for n in range(1, 6)]
+        await api.announce("old", [{"n": 1}])
+        api._opened["old"] = (0.0, api._opened["old"][1])  # opened long ago: the stream is read again
+        await worker.publish("old", {"n": 2}, final=True)
+        assert [e["n"] for e in await bounded(collect(api, "old"))] == [1, 2]
+        assert xranges() == before + 1
+    client.close()
+
+
+async def test_a_runs_events_sent_while_a_send_is_out_go_together_in_order(shared: Backend):
+    from runflare_server.event_sender import EventSender
+
+    client = redis_client()
+
+    def scripts_run() -> int:
+        return int(client.info("commandstats").get("cmdstat_evalsha", {}).get("calls", 0))
+
+    async with shared.broker() as worker, shared.broker() as api:
+        await api.announce("t", [{"n": 0}])
+        following = asyncio.ensure_future(collect(api, "t"))
+        sender = EventSender(worker, "t")
+        before = scripts_run()
+        for n in range(1, 51):
+            await sender.emit({"n": n})  # the run goes on: the first send is still out
+        await sender.close({"n": 51}, {"n": 52})
+        got = await bounded(following)
+        assert [(e["seq"], e["n"]) for e in got] == [(n + 1, n) for n in range(53)]
+        assert 2 <= scripts_run() - before <= 3  # the first event, the 49 queued behind it, the last two
+    client.close()
+
+
+async def test_a_runs_events_are_dropped_not_raised_while_the_broker_is_down(redis_prefix: str):
+    from runflare_server.broker.redis import RedisBroker
+    from runflare_server.event_sender import EventSender
+
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))  # bound, not listening: connections are refused
+        broker = RedisBroker(f"redis://127.0.0.1:{closed.getsockname()[1]}/0", prefix=redis_prefix)
+        sender = EventSender(broker, "t")
+        await sender.emit({"n": 1})
+        await bounded(sender.close({"n": 2}))
+        with pytest.raises(BrokerUnavailable):
+            await bounded(broker.publish("t", {"n": 3}))
+        await bounded(broker.close())

@@ -16,6 +16,7 @@ from .callbacks import Callbacks
 from .config import Settings
 from .engine.incidents import incident
 from .engine.interface import Engine, Event, Limits, RunRequest, RunResult
+from .event_sender import EventSender
 from .statuses import ACCEPTED, IN_QUEUE, PROCESSING, is_final, status_of
 from .store import Store
 from .store.base import StoreUnavailable
@@ -234,14 +235,15 @@ class Worker:
             return
         taken_at = time.monotonic()
         sub["status_id"] = PROCESSING
-        await self._publish(token, events.status_update(token, sub))
+        sender = EventSender(self.broker, token)
+        await sender.emit(events.status_update(token, sub))
         stored = asyncio.ensure_future(self._store_processing(token))
         results: list[RunResult] = []
         try:
             stdin: InputChannel | None = await self.broker.open_input(token) if sub.get("interactive") else None
             try:
                 for run in range(int(sub.get("number_of_runs") or 1)):
-                    result = await self._run_once(sub, stdin, live=run == 0)
+                    result = await self._run_once(sub, stdin, sender, live=run == 0)
                     results.append(result)
                     if status_of(result, sub.get("expected_output")) != ACCEPTED:
                         break
@@ -252,7 +254,7 @@ class Worker:
             await stored
         if ran is not None:
             ran.set()
-        await self._finish(token, sub, combine(results))
+        await self._finish(token, sub, combine(results), sender)
         if self.metrics is not None:
             self.metrics.run_finished(sub, time.monotonic() - taken_at)
 
@@ -265,14 +267,8 @@ class Worker:
         except Exception as exc:  # noqa: BLE001 - the run goes on; its final write is retried until stored
             log.warning("%s: processing status not stored: %s", token, exc)
 
-    async def _publish(self, token: str, *published: Event, final: bool = False) -> None:
-        """Events are live news: when the broker is down they are dropped (the store keeps the result)."""
-        try:
-            await self.broker.publish_many(token, list(published), final=final)
-        except BrokerUnavailable as exc:
-            log.warning("event for %s dropped: %s", token, exc)
-
-    async def _run_once(self, sub: Submission, stdin_queue: InputChannel | None, live: bool) -> RunResult:
+    async def _run_once(self, sub: Submission, stdin_queue: InputChannel | None, sender: EventSender,
+                        live: bool) -> RunResult:
         """One run. Only the first of number_of_runs streams its output (the others would repeat it)."""
         token = sub["token"]
         request = RunRequest(
@@ -304,7 +300,7 @@ class Worker:
                                          display={"data": event["data"], "metadata": event.get("metadata", {})})
             else:
                 return
-            await self._publish(token, message)
+            await sender.emit(message)
 
         try:
             return await self.engine.run(request, emit)
@@ -313,7 +309,7 @@ class Worker:
         except Exception as exc:  # the details go to the log only (under the incident id)
             return RunResult(outcome="internal", message=incident(log, "engine failure", exc=exc, detail=token))
 
-    async def _finish(self, token: str, sub: Submission, result: RunResult) -> None:
+    async def _finish(self, token: str, sub: Submission, result: RunResult, sender: EventSender | None = None) -> None:
         outputs, kept = [], 0
         for output in result.outputs:
             kept += len(json.dumps(output))
@@ -337,7 +333,8 @@ class Worker:
                 log.warning("result of %s not stored yet: %s; retrying", token, exc)
                 await backoff.sleep()
         sub.update(changes)  # type: ignore[typeddict-item]
-        await self._publish(token, events.progress(token, "finished"), events.status_update(token, sub), final=True)
+        sender = sender or EventSender(self.broker, token)
+        await sender.close(events.progress(token, "finished"), events.status_update(token, sub))
         if sub.get("callback_url"):
             try:
                 self.callbacks.send(sub["callback_url"], self.render_callback(sub))

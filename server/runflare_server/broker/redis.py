@@ -22,6 +22,7 @@ import os
 import secrets
 import socket
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Iterable, Iterator
 from typing import Any
 
@@ -42,6 +43,8 @@ BLOCK = 1.0  # seconds a blocking read waits before looking around (cancellation
 TIMEOUT = 2.0  # seconds a command may take before Redis counts as unreachable
 LIVE_TTL = 86_400  # seconds an unfinished event log or stdin outlives its last write (a lost run)
 BATCH = 1000
+OPENED_KEPT = 256  # streams opened lately, what they hold kept for a subscriber (a wait=true request)
+OPENED_FOR = 5.0  # seconds that is trusted: the stream surely exists (it outlives a run by `retention`)
 STALE_CHECKS = 4  # looks for a dead worker's jobs per visibility timeout (at most one per BLOCK)
 CATALOG_TTL = 86_400  # seconds the workers' language catalog lasts without a worker saying it again
 
@@ -273,6 +276,8 @@ class RedisBroker:
         self._depth = self._redis.register_script(DEPTH)
         self._send_input = self._redis.register_script(SEND_INPUT)
         self._next_stale_check = 0.0  # monotonic time of the next look for jobs of dead workers
+        # Streams this instance opened lately (announce): a subscriber right after needs no XRANGE.
+        self._opened: OrderedDict[str, tuple[float, list[tuple[str, dict[str, str]]]]] = OrderedDict()
         self._held: dict[str, str] = {}  # entry id -> token, taken by this instance, not yet acked
         self._follows: dict[str, Follow] = {}
         self._wake = asyncio.Event()  # the set of followed streams grew
@@ -447,7 +452,12 @@ class RedisBroker:
         return await self._publish_all(token, events, final, queue=False)
 
     async def announce(self, token: str, events: list[Event]) -> list[Event]:
-        return await self._publish_all(token, events, False, queue=True)
+        published = await self._publish_all(token, events, False, queue=True)
+        if published and published[0]["seq"] == 1:  # a new stream: its whole content so far
+            self._opened[token] = (time.monotonic(), [(f"{e['seq']}-0", {"e": e.raw}) for e in published])
+            while len(self._opened) > OPENED_KEPT:
+                self._opened.popitem(last=False)
+        return published
 
     async def _publish_all(self, token: str, events: list[Event], final: bool, queue: bool) -> list[Event]:
         bodies = [json.dumps({k: v for k, v in event.items() if k != "seq"}) for event in events]
@@ -510,9 +520,13 @@ class RedisBroker:
         """Read the stream so far; the reader follows it from there on."""
         key = self._key("events", follow.token)
         start = "-"
+        opened_at, opened = self._opened.pop(follow.token, (0.0, []))
+        fresh = bool(opened) and time.monotonic() - opened_at < OPENED_FOR
         try:
             with unavailable():
-                while True:
+                if fresh:  # a stream this process has just opened: the reader reads what came after
+                    follow.extend(opened)
+                while not fresh:
                     entries = await self._redis.xrange(key, start, "+", count=BATCH)
                     follow.extend(entries)
                     if len(entries) < BATCH:
