@@ -362,3 +362,36 @@ async def test_postgres_outage_raises_store_unavailable_and_the_store_recovers_b
         await store.create([sub("b")])
         assert [s["token"] for s in (await store.page(0, 10))[0]] == ["b", "a"]
     await relay.cut()
+
+
+async def test_an_update_keeps_what_another_node_wrote_since_this_one_read(backend):
+    """Each node writes a row it knows in one statement only if nobody changed it since; a change made
+    meanwhile by another node is merged with, never overwritten."""
+    async with opened(backend) as worker, opened(backend) as api:
+        await worker.create([sub("a", stdin="in")])
+        assert (await worker.get("a"))["stdin"] == "in"  # the worker knows the row now
+        await worker.update("a", {"status_id": 2})
+        await api.update("a", {"stdout": "from the other node"})
+        after = await worker.update("a", {"status_id": 3, "time": 0.5})
+        assert (after["stdout"], after["status_id"], after["time"]) == ("from the other node", 3, 0.5)
+        assert await api.get("a") == after
+        await api.delete("a")
+        assert await worker.update("a", {"status_id": 4}) is None
+        assert await worker.get("a") is None
+        await worker.create([sub("b")])
+        for n in range(5):  # the row it wrote last, updated again and again
+            assert (await worker.update("b", {"n": n}))["n"] == n
+        assert (await api.get("b"))["n"] == 4
+
+
+def test_the_rows_a_postgres_node_knows_are_bounded():
+    from runflare_server.store.postgres import KnownRows
+
+    known = KnownRows(count=3, size=160)
+    for token in "abcd":
+        known.remember(token, "1", "x" * 10, final=False)
+    assert known.take("a") is None and known.take("b") == ("1", "x" * 10)  # the oldest went first
+    known.remember("big", "1", "x" * 11, final=False)  # over a 16th of the budget: not kept
+    known.remember("done", "1", "{}", final=True)  # a finished run is not written again
+    known.remember("c", "2", "y", final=False)  # the newer version replaces the older one
+    assert (known.take("big"), known.take("done"), known.take("c"), known.take("c")) == (None, None, ("2", "y"), None)

@@ -14,12 +14,14 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import psycopg
 from psycopg_pool import AsyncConnectionPool
 
+from ..statuses import is_final
 from .base import StoreUnavailable, Submission
 from .migrations import MIGRATIONS, SCHEMA_VERSION, check_version
 
@@ -40,6 +42,37 @@ async def _check_if_idle(conn: psycopg.AsyncConnection) -> None:
         await AsyncConnectionPool.check_connection(conn)
 
 
+KNOWN_ROWS = 256  # rows kept with their version by KnownRows, and their total size at most:
+KNOWN_BYTES = 4 << 20
+
+
+class KnownRows:
+    """The rows this process read or wrote last, with their version (xmin), so that an update of one (the
+    worker: Processing, then the result) is one statement instead of a locked read and a write. Bounded in
+    count and bytes; finished runs and large documents are not kept."""
+
+    def __init__(self, count: int = KNOWN_ROWS, size: int = KNOWN_BYTES) -> None:
+        self.count, self.size = count, size
+        self._rows: OrderedDict[str, tuple[str, str]] = OrderedDict()
+        self._bytes = 0
+
+    def remember(self, token: str, version: str, text: str, final: bool) -> None:
+        self.take(token)
+        if final or len(text) > self.size // 16:
+            return
+        self._rows[token] = (version, text)
+        self._bytes += len(text)
+        while len(self._rows) > self.count or self._bytes > self.size:
+            self._bytes -= len(self._rows.popitem(last=False)[1][1])
+
+    def take(self, token: str) -> tuple[str, str] | None:
+        """The row's (version, document JSON), forgotten here: a failed write must not leave it behind."""
+        row = self._rows.pop(token, None)
+        if row is not None:
+            self._bytes -= len(row[1])
+        return row
+
+
 class PostgresStore:
     """Submissions in PostgreSQL (a `postgresql://` URL, libpq syntax, `options=-csearch_path%3D...` works)."""
 
@@ -54,6 +87,7 @@ class PostgresStore:
         self.min_size, self.max_size = min_size, max_size
         self.schema_version = 0  # known once open
         self._pool: AsyncConnectionPool | None = None
+        self._known = KnownRows()
 
     async def open(self) -> None:
         """Connect and migrate; StoreUnavailable if the server cannot be reached within the timeouts."""
@@ -123,7 +157,16 @@ class PostgresStore:
             await self._run(insert)
 
     async def get(self, token: str) -> Submission | None:
-        return (await self.get_many([token]))[0]
+        async def select(conn: psycopg.AsyncConnection) -> tuple[str, str] | None:
+            cur = await conn.execute("SELECT doc, xmin::text FROM submissions WHERE token = %s", (token,))
+            return await cur.fetchone()
+
+        row = await self._run(select)
+        if row is None:
+            return None
+        doc = json.loads(row[0])
+        self._known.remember(token, row[1], row[0], is_final(doc["status_id"]))
+        return doc
 
     async def get_many(self, tokens: list[str]) -> list[Submission | None]:
         async def select(conn: psycopg.AsyncConnection) -> dict[str, str]:
@@ -134,18 +177,45 @@ class PostgresStore:
         return [json.loads(docs[t]) if t in docs else None for t in tokens]
 
     async def update(self, token: str, changes: dict[str, Any]) -> Submission | None:
-        async def merge(conn: psycopg.AsyncConnection) -> Submission | None:
+        """Merge `changes` into the document. A row this process read or wrote last is written in one
+        statement if nobody changed it since (its xmin is the same); otherwise it is read and merged under
+        a row lock."""
+        known = self._known.take(token)
+        if known is not None:
+            version, text = known
+            doc = {**json.loads(text), **changes}
+            new_text = json.dumps(doc)
+
+            async def swap(conn: psycopg.AsyncConnection) -> tuple[str] | None:
+                cur = await conn.execute("UPDATE submissions SET doc = %s, status_id = %s "
+                                         "WHERE token = %s AND xmin = %s::xid RETURNING xmin::text",
+                                         (new_text, doc["status_id"], token, version))
+                return await cur.fetchone()
+
+            row = await self._run(swap)
+            if row is not None:
+                self._known.remember(token, row[0], new_text, is_final(doc["status_id"]))
+                return doc  # type: ignore[return-value]
+
+        async def merge(conn: psycopg.AsyncConnection) -> tuple[Submission, str, str] | None:
             async with conn.transaction():
                 cur = await conn.execute("SELECT doc FROM submissions WHERE token = %s FOR UPDATE", (token,))
                 row = await cur.fetchone()
                 if row is None:
                     return None
                 doc = {**json.loads(row[0]), **changes}
-                await conn.execute("UPDATE submissions SET doc = %s, status_id = %s WHERE token = %s",
-                                   (json.dumps(doc), doc["status_id"], token))
-            return doc  # type: ignore[return-value]
+                text = json.dumps(doc)
+                cur = await conn.execute("UPDATE submissions SET doc = %s, status_id = %s WHERE token = %s "
+                                         "RETURNING xmin::text", (text, doc["status_id"], token))
+                version = (await cur.fetchone())[0]
+            return doc, version, text  # type: ignore[return-value]
 
-        return await self._run(merge)
+        merged = await self._run(merge)
+        if merged is None:
+            return None
+        doc, version, text = merged
+        self._known.remember(token, version, text, is_final(doc["status_id"]))
+        return doc
 
     async def page(self, offset: int, limit: int) -> tuple[list[Submission], int]:
         async def select(conn: psycopg.AsyncConnection) -> tuple[list[str], int]:
@@ -165,6 +235,7 @@ class PostgresStore:
             row = await cur.fetchone()
             return row[0] if row else None
 
+        self._known.take(token)
         doc = await self._run(remove)
         return json.loads(doc) if doc is not None else None
 
