@@ -49,3 +49,5 @@ class EventSender:
             await self.broker.publish_many(self.token, events, final=final)
         except BrokerUnavailable as exc:
             log.warning("%d events for %s dropped: %s", len(events), self.token, exc)
+        except Exception:  # the run and its stored result go on without them
+            log.exception("%d events for %s dropped", len(events), self.token)
