@@ -591,3 +591,54 @@ async def test_a_runs_events_are_dropped_not_raised_while_the_broker_is_down(red
         with pytest.raises(BrokerUnavailable):
             await bounded(broker.publish("t", {"n": 3}))
         await bounded(broker.close())
+
+
+async def test_wait_final_returns_at_the_final_event_and_not_before(backend: Backend):
+    async with backend.broker() as broker:
+        await broker.announce("t", [{"n": 1}], watch=True)
+        waiting = asyncio.ensure_future(broker.wait_final("t"))
+        await broker.publish_many("t", [{"n": 2}, {"n": 3}])
+        await asyncio.sleep(0.05)
+        assert not waiting.done()
+        await broker.publish("t", {"n": 4}, final=True)
+        await bounded(waiting)
+        await bounded(broker.wait_final("t"))  # asked again: it has ended already
+
+
+async def test_a_watched_runs_end_reaches_its_node_without_it_reading_the_run(shared: Backend):
+    """The node that announced a wait=true run is told of its final event on its own wake stream; it does
+    not follow the run's stream. Any other node follows the run's events."""
+    client = redis_client()
+
+    def xread_calls() -> int:
+        return int(client.info("commandstats").get("cmdstat_xread", {}).get("calls", 0))
+
+    async with shared.broker() as api, shared.broker() as worker, shared.broker() as other:
+        await api.announce("t", [{"n": 1}], watch=True)
+        watching = asyncio.ensure_future(api.wait_final("t"))
+        await asyncio.sleep(0.05)
+        reads = xread_calls()
+        for n in range(2, 12):
+            await worker.publish("t", {"n": n})
+            await asyncio.sleep(0.005)
+        assert not watching.done() and "t" not in api._follows
+        assert xread_calls() <= reads + 1  # ten events; the api node read none of them (a read may time out)
+        following = asyncio.ensure_future(other.wait_final("t"))
+        await asyncio.sleep(0.05)
+        assert not following.done() and "t" in other._follows
+        await worker.publish("t", {"n": 12}, final=True)
+        await bounded(asyncio.gather(watching, following))
+        assert not client.exists(f"{shared.prefix}:watcher:t")
+    client.close()
+
+
+async def test_a_watched_run_lost_with_redis_s_data_ends_its_wait(shared: Backend):
+    client = redis_client()
+    async with shared.broker() as api:
+        await api.announce("t", [{"n": 1}], watch=True)
+        waiting = asyncio.ensure_future(api.wait_final("t"))
+        await asyncio.sleep(0.05)
+        for key in client.scan_iter(f"{shared.prefix}:*"):  # what a Redis restart without disk does
+            client.delete(key)
+        await bounded(waiting)  # the store tells what became of it
+    client.close()

@@ -31,8 +31,9 @@ class Submissions:
         self.broker = broker
         self.rules = rules
 
-    async def create_many(self, bodies: list[Any], base64_encoded: bool) -> list[dict[str, Any]]:
-        """Validate each body; store the valid ones durably, then queue them. Returns {"token"} or field errors."""
+    async def create_many(self, bodies: list[Any], base64_encoded: bool, watch: bool = False) -> list[dict[str, Any]]:
+        """Validate each body; store the valid ones durably, then queue them. Returns {"token"} or field errors.
+        `watch`: the caller will `wait` for them (just_created)."""
         answers: list[dict[str, Any]] = []
         new: list[Submission] = []
         for body in bodies:
@@ -48,15 +49,16 @@ class Submissions:
                 raise QueueFull()
             await self.store.create(new)
             for sub in new:
-                await self._announce(sub)
+                await self._announce(sub, watch)
         return answers
 
-    async def _announce(self, sub: Submission) -> None:
+    async def _announce(self, sub: Submission, watch: bool = False) -> None:
         """Open the submission's event stream and queue it. The row is already durable: if the broker fails
         now, the workers' reconciler queues it later, so the client still gets its token."""
         token = sub["token"]
         try:
-            await self.broker.announce(token, [events.status_update(token, sub), events.progress(token, "queued")])
+            await self.broker.announce(token, [events.status_update(token, sub), events.progress(token, "queued")],
+                                       watch=watch)
         except Exception:
             log.warning("could not queue %s now; the reconciler will", token, exc_info=True)
 
@@ -70,11 +72,6 @@ class Submissions:
         """The submission once finished, or as it is when `timeout` runs out. Follows the event log.
         `just_created`: this process has just stored and announced it, so it is unfinished and has a log
         (two round trips saved on the `?wait=true` path)."""
-        async def final() -> None:
-            async for event in self.broker.subscribe(token):
-                if events.is_final_event(event):
-                    return
-
         if just_created:
             following = True
         else:
@@ -82,7 +79,7 @@ class Submissions:
             following = sub is not None and not is_final(sub["status_id"]) and await self.broker.has_log(token)
         if following:
             try:
-                await asyncio.wait_for(final(), timeout)
+                await asyncio.wait_for(self.broker.wait_final(token), timeout)
             except (asyncio.TimeoutError, BrokerUnavailable):  # the stored state is the answer then
                 pass
             sub = await self.store.get(token)

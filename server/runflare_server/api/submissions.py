@@ -33,9 +33,9 @@ class SubmissionHandlerBase(BaseHandler):
             raise ApiError(404, {"error": "Not Found"})
         return sub
 
-    async def create(self, bodies: list[Any]) -> list[dict[str, Any]]:
+    async def create(self, bodies: list[Any], watch: bool = False) -> list[dict[str, Any]]:
         try:
-            return await self.service.submissions.create_many(bodies, self.flag("base64_encoded"))
+            return await self.service.submissions.create_many(bodies, self.flag("base64_encoded"), watch)
         except QueueFull:
             raise ApiError(503, {"error": "queue is full"}, {"Retry-After": str(QUEUE_FULL_RETRY_AFTER)}) from None
 
@@ -51,7 +51,7 @@ class SubmissionsHandler(SubmissionHandlerBase):
         wait = self.flag("wait")
         if wait and not self.service.settings.enable_wait_result:
             raise ApiError(400, {"error": "wait not allowed"})
-        (answer,) = await self.create([body])
+        (answer,) = await self.create([body], watch=wait)
         if "token" not in answer:
             raise ApiError(422, answer)
         if not wait:

@@ -62,8 +62,13 @@ class Broker(Protocol):
     async def publish_many(self, token: str, events: list[Event], final: bool = False) -> list[Event]:
         """Append the events in order, in one step; `final` ends the stream after the last one."""
 
-    async def announce(self, token: str, events: list[Event]) -> list[Event]:
-        """Open (or go on with) the token's stream with `events`, then queue the token, in one step."""
+    async def announce(self, token: str, events: list[Event], watch: bool = False) -> list[Event]:
+        """Open (or go on with) the token's stream with `events`, then queue the token, in one step.
+        `watch`: this node will `wait_final` for the run (a wait=true request)."""
+
+    async def wait_final(self, token: str) -> None:
+        """Return once the run's final event is published, or the broker can no longer tell (then the
+        store has the answer); BrokerUnavailable if it cannot be reached."""
 
     async def has_log(self, token: str) -> bool:
         """Whether the token has an event stream here (live, or finished and not yet expired)."""

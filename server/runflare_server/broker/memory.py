@@ -171,10 +171,14 @@ class MemoryBroker:
     async def publish_many(self, token: str, events: list[Event], final: bool = False) -> list[Event]:
         return [await self.publish(token, event, final and i == len(events) - 1) for i, event in enumerate(events)]
 
-    async def announce(self, token: str, events: list[Event]) -> list[Event]:
+    async def announce(self, token: str, events: list[Event], watch: bool = False) -> list[Event]:
         published = await self.publish_many(token, events)
         await self.enqueue(token)
         return published
+
+    async def wait_final(self, token: str) -> None:
+        async for _event in self.subscribe(token):  # it ends after the final event
+            pass
 
     async def has_log(self, token: str) -> bool:
         return token in self._logs

@@ -45,12 +45,16 @@ LIVE_TTL = 86_400  # seconds an unfinished event log or stdin outlives its last 
 BATCH = 1000
 OPENED_KEPT = 256  # streams opened lately, what they hold kept for a subscriber (a wait=true request)
 OPENED_FOR = 5.0  # seconds that is trusted: the stream surely exists (it outlives a run by `retention`)
+WAKE_KEPT = 10_000  # entries a wake stream keeps (about: MAXLEN ~), more than a reader lets pile up
+WATCHED_KEPT = 10_000  # runs a node waits for the end of (wait=true); the oldest are let go past that
 STALE_CHECKS = 4  # looks for a dead worker's jobs per visibility timeout (at most one per BLOCK)
 CATALOG_TTL = 86_400  # seconds the workers' language catalog lasts without a worker saying it again
 
-# KEYS: events stream, seq counter, queue. ARGV: final flag (for the last event), maxlen, ttl ms final, live
-# ttl ms, token to queue after the events ('' for none), then each event's JSON without seq. One round trip
-# for a run's opening (its events and its queue entry) or its closing events.
+# KEYS: events stream, seq counter, queue, watcher. ARGV: final flag (for the last event), maxlen, ttl ms final,
+# live ttl ms, token, queue it after the events ('1' or ''), a wake stream to tell of its final event ('' for
+# none), then each event's JSON without seq. One round trip for a run's opening (its events, its queue entry,
+# who waits for its end) or its closing events. The final event is told to the wake stream its watcher named
+# (the API node of a wait=true request), so that node needs not read every event of the run.
 PUBLISH = """
 local seq = redis.call('INCR', KEYS[2])
 local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
@@ -58,11 +62,11 @@ if last[1] then
   local previous = tonumber(string.match(last[1][1], '^(%d+)'))
   if previous >= seq then seq = previous + 1 end
 end
-local count = #ARGV - 5
+local count = #ARGV - 7
 local final = ARGV[1] == '1'
 local raws = {}
 for i = 1, count do
-  local body = ARGV[5 + i]
+  local body = ARGV[7 + i]
   local sep = ', '
   if body == '{}' then sep = '' end
   local raw = string.sub(body, 1, -2) .. sep .. '"seq": ' .. seq .. '}'
@@ -79,9 +83,18 @@ local ttl = ARGV[4]
 if final then ttl = ARGV[3] end
 redis.call('PEXPIRE', KEYS[1], ttl)
 redis.call('PEXPIRE', KEYS[2], ttl)
-if ARGV[5] ~= '' then redis.call('XADD', KEYS[3], '*', 'token', ARGV[5]) end
+if ARGV[7] ~= '' then redis.call('SET', KEYS[4], ARGV[7], 'PX', ARGV[4]) end
+if ARGV[6] == '1' then redis.call('XADD', KEYS[3], '*', 'token', ARGV[5]) end
+if final then
+  local watcher = redis.call('GET', KEYS[4])
+  if watcher then
+    redis.call('DEL', KEYS[4])
+    redis.call('XADD', watcher, 'MAXLEN', '~', WAKE_KEPT, '*', 'final', ARGV[5])
+    redis.call('PEXPIRE', watcher, ARGV[4])
+  end
+end
 return raws
-"""
+""".replace("WAKE_KEPT", str(WAKE_KEPT))
 
 # KEYS: queue. ARGV: group, consumer, min idle ms. Claims the oldest entry idle that long (its worker
 # died): {id, fields, deliveries} or false. XPENDING IDLE scans the whole pending list in one call
@@ -288,6 +301,8 @@ class RedisBroker:
         self._reading = False  # the reader's XREAD is out: a new stream needs a nudge through Redis
         self._nudged = False  # ... and has had one
         self._nudges: set[asyncio.Task] = set()
+        # Runs this node announced with watch=True: resolved when their final event is told on the wake stream.
+        self._watched: dict[str, asyncio.Future[None]] = {}
         self._tasks: list[asyncio.Task] = []
         self._reader: asyncio.Task | None = None
 
@@ -314,6 +329,7 @@ class RedisBroker:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         self._fail(list(self._follows.values()), BrokerUnavailable("broker closed"))
+        self._release_watched(list(self._watched))
         if not self._held:
             with contextlib.suppress(RedisError, OSError):
                 pending = await self._redis.xpending_range(self._queue, GROUP, "-", "+", 1, self.consumer)
@@ -445,25 +461,32 @@ class RedisBroker:
     # events
 
     async def publish(self, token: str, event: Event, final: bool = False) -> Event:
-        (published,) = await self._publish_all(token, [event], final, queue=False)
+        (published,) = await self._publish_all(token, [event], final)
         return published
 
     async def publish_many(self, token: str, events: list[Event], final: bool = False) -> list[Event]:
-        return await self._publish_all(token, events, final, queue=False)
+        return await self._publish_all(token, events, final)
 
-    async def announce(self, token: str, events: list[Event]) -> list[Event]:
-        published = await self._publish_all(token, events, False, queue=True)
+    async def announce(self, token: str, events: list[Event], watch: bool = False) -> list[Event]:
+        if watch:
+            self._watch(token)
+        try:
+            published = await self._publish_all(token, events, False, queue=True, watch=watch)
+        except BaseException:
+            self._watched.pop(token, None)
+            raise
         if published and published[0]["seq"] == 1:  # a new stream: its whole content so far
             self._opened[token] = (time.monotonic(), [(f"{e['seq']}-0", {"e": e.raw}) for e in published])
             while len(self._opened) > OPENED_KEPT:
                 self._opened.popitem(last=False)
         return published
 
-    async def _publish_all(self, token: str, events: list[Event], final: bool, queue: bool) -> list[Event]:
+    async def _publish_all(self, token: str, events: list[Event], final: bool, queue: bool = False,
+                           watch: bool = False) -> list[Event]:
         bodies = [json.dumps({k: v for k, v in event.items() if k != "seq"}) for event in events]
         args = ["1" if final else "0", self.max_events, max(1, int(self.retention * 1000)), LIVE_TTL * 1000,
-                token if queue else "", *bodies]
-        keys = [self._key("events", token), self._key("seq", token), self._queue]
+                token, "1" if queue else "", self._wake_key if watch else "", *bodies]
+        keys = [self._key("events", token), self._key("seq", token), self._queue, self._key("watcher", token)]
         with unavailable():
             raws = await self._publish(keys=keys, args=args)
         return [StoredEvent(raw) for raw in raws]
@@ -551,10 +574,38 @@ class RedisBroker:
             self._nudges.add(nudge)
             nudge.add_done_callback(self._nudges.discard)
 
+    def _watch(self, token: str) -> None:
+        self._watched[token] = asyncio.get_running_loop().create_future()
+        while len(self._watched) > WATCHED_KEPT:
+            self._release_watched([next(iter(self._watched))])
+        self._wake.set()  # an idle reader reads its wake stream from now on (a busy one already does)
+        if self._reader is None or self._reader.done():
+            self._reader = asyncio.create_task(self._read_loop())
+
+    def _release_watched(self, tokens: Iterable[str]) -> None:
+        for token in tokens:
+            waiter = self._watched.pop(token, None)
+            if waiter is not None and not waiter.done():
+                waiter.set_result(None)
+
+    async def wait_final(self, token: str) -> None:
+        """Return once the run's final event is published (or this node can no longer tell: the caller
+        reads the store either way). A run this node announced with watch=True is told by its final
+        publish, through this node's wake stream; any other is followed event by event."""
+        waiter = self._watched.get(token)
+        if waiter is None:
+            async for _event in self.subscribe(token):  # it ends after the final event
+                pass
+            return
+        try:
+            await asyncio.shield(waiter)
+        finally:
+            self._watched.pop(token, None)
+
     async def _nudge(self) -> None:
         try:
             async with self._redis.pipeline(transaction=False) as pipe:
-                pipe.xadd(self._wake_key, {"w": "1"}, maxlen=1, approximate=False)
+                pipe.xadd(self._wake_key, {"w": "1"}, maxlen=WAKE_KEPT, approximate=True)
                 pipe.pexpire(self._wake_key, LIVE_TTL * 1000)
                 await pipe.execute()
         except (RedisError, OSError) as exc:  # the reader looks around again within BLOCK anyway
@@ -566,7 +617,7 @@ class RedisBroker:
         while True:
             self._wake.clear()
             live = {self._key("events", t): f for t, f in self._follows.items() if f.live}
-            if not live:
+            if not live and not self._watched:
                 await self._wake.wait()
                 continue
             try:
@@ -574,10 +625,12 @@ class RedisBroker:
             except (RedisError, OSError, asyncio.TimeoutError) as exc:
                 log.warning("event reader: %s", exc)
                 self._fail(live.values(), BrokerUnavailable(f"redis: {exc}"))
+                self._release_watched(list(self._watched))
                 await asyncio.sleep(BLOCK / 2)
             except Exception as exc:
                 log.exception("event reader failed")
                 self._fail(live.values(), BrokerUnavailable(f"event reader: {exc!r}"))
+                self._release_watched(list(self._watched))
                 await asyncio.sleep(BLOCK / 2)
 
     async def _read_once(self, live: dict[str, Follow]) -> None:
@@ -595,6 +648,7 @@ class RedisBroker:
         for key, entries in result or []:
             if key == self._wake_key:
                 self._wake_last = entries[-1][0]
+                self._release_watched(fields["final"] for _id, fields in entries if "final" in fields)
             else:
                 live[key].extend(entries)
 
@@ -607,6 +661,13 @@ class RedisBroker:
             exists = await pipe.execute()
         lost = [follow for follow, found in zip(live.values(), exists, strict=True) if not found]
         self._fail(lost, BrokerUnavailable("the event stream was lost (Redis restarted?)"))
+        watched = list(self._watched)
+        if watched:  # a watcher key gone without news: Redis lost it (or the news is on its way: no harm)
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for token in watched:
+                    pipe.exists(self._key("watcher", token))
+                exists = await pipe.execute()
+            self._release_watched(t for t, found in zip(watched, exists, strict=True) if not found)
 
     def _fail(self, follows: Iterable[Follow], exc: BrokerUnavailable) -> None:
         for follow in follows:
