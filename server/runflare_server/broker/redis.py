@@ -43,7 +43,8 @@ BLOCK = 1.0  # seconds a blocking read waits before looking around (cancellation
 TIMEOUT = 2.0  # seconds a command may take before Redis counts as unreachable
 LIVE_TTL = 86_400  # seconds an unfinished event log or stdin outlives its last write (a lost run)
 BATCH = 1000
-OPENED_KEPT = 256  # streams opened lately, what they hold kept for a subscriber (a wait=true request)
+OPENED_KEPT = 256  # streams opened lately, what they hold kept for a subscriber (a client that opens the
+# run's WebSocket right after creating it)
 OPENED_FOR = 5.0  # seconds that is trusted: the stream surely exists (it outlives a run by `retention`)
 WAKE_KEPT = 10_000  # entries a wake stream keeps (about: MAXLEN ~), more than a reader lets pile up
 WATCHED_KEPT = 10_000  # runs a node waits for the end of (wait=true); the oldest are let go past that
