@@ -4,6 +4,7 @@ the shared broker does: two RedisBroker instances on one prefix stand for two pr
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import secrets
 import socket
@@ -640,5 +641,48 @@ async def test_a_watched_run_lost_with_redis_s_data_ends_its_wait(shared: Backen
         await asyncio.sleep(0.05)
         for key in client.scan_iter(f"{shared.prefix}:*"):  # what a Redis restart without disk does
             client.delete(key)
-        await bounded(waiting)  # the store tells what became of it
+        with contextlib.suppress(BrokerUnavailable):  # "the event stream was lost": the store tells the rest
+            await bounded(waiting)
     client.close()
+
+
+async def test_a_busy_node_whose_watcher_key_was_lost_still_sees_the_run_end(shared: Backend):
+    """Redis lost the watcher key, the run was queued again without one and finished: the waiting node,
+    whose reader never goes quiet (another run streams), lets the waiter follow the run's stream."""
+    client = redis_client()
+    async with shared.broker() as api, shared.broker() as worker:
+        await worker.publish("busy", {"n": 0})
+        busy = asyncio.ensure_future(collect(api, "busy"))
+
+        async def stream() -> None:
+            for n in range(1, 60):
+                await worker.publish("busy", {"n": n})
+                await asyncio.sleep(0.05)
+            await worker.publish("busy", {"n": 60}, final=True)
+
+        streaming = asyncio.ensure_future(stream())
+        await api.announce("t", [{"n": 1}], watch=True)
+        waiting = asyncio.ensure_future(api.wait_final("t"))
+        client.delete(f"{shared.prefix}:watcher:t", f"{shared.prefix}:events:t", f"{shared.prefix}:seq:t")
+        await worker.announce("t", [{"n": 1}])  # the reconciler
+        await worker.publish_many("t", [{"n": 2}, {"n": 3}], final=True)
+        await asyncio.wait_for(waiting, 2.5)  # within a second or two, while the other run still streams
+        assert not streaming.done()
+        await bounded(asyncio.gather(streaming, busy))
+    client.close()
+
+
+async def test_a_waiter_let_go_past_the_bound_still_waits_for_the_end(shared: Backend, monkeypatch):
+    from runflare_server.broker import redis as redis_broker
+
+    monkeypatch.setattr(redis_broker, "WATCHED_KEPT", 2)
+    async with shared.broker() as api, shared.broker() as worker:
+        waiting = {}
+        for token in ("a", "b", "c"):  # at "c", the waiter of "a" is let go: it follows its stream instead
+            await api.announce(token, [{"n": 1}], watch=True)
+            waiting[token] = asyncio.ensure_future(api.wait_final(token))
+            await asyncio.sleep(0.05)
+        assert not any(w.done() for w in waiting.values())
+        for token in ("a", "b", "c"):
+            await worker.publish(token, {"n": 2}, final=True)
+        await bounded(asyncio.gather(*waiting.values()))

@@ -39,6 +39,11 @@ class EventSender:
         events, self._pending = [*self._pending, *last], []
         await self._send(events, final=True)
 
+    async def drain(self) -> None:
+        """Wait until what was emitted is sent (a run given up: a retry's events come after these)."""
+        if self._sending is not None:
+            await asyncio.shield(self._sending)
+
     async def _send_pending(self) -> None:
         while self._pending:
             events, self._pending = self._pending, []

@@ -234,8 +234,18 @@ class Worker:
         if sub is None or is_final(sub["status_id"]):
             return
         taken_at = time.monotonic()
-        sub["status_id"] = PROCESSING
         sender = EventSender(self.broker, token)
+        try:
+            await self._run_and_finish(sub, sender, ran)
+        except Exception:
+            await sender.drain()  # what it still sends comes before a retry's events or the failure's
+            raise
+        if self.metrics is not None:
+            self.metrics.run_finished(sub, time.monotonic() - taken_at)
+
+    async def _run_and_finish(self, sub: Submission, sender: EventSender, ran: asyncio.Event | None) -> None:
+        token = sub["token"]
+        sub["status_id"] = PROCESSING
         await sender.emit(events.status_update(token, sub))
         stored = asyncio.ensure_future(self._store_processing(token))
         results: list[RunResult] = []
@@ -255,8 +265,6 @@ class Worker:
         if ran is not None:
             ran.set()
         await self._finish(token, sub, combine(results), sender)
-        if self.metrics is not None:
-            self.metrics.run_finished(sub, time.monotonic() - taken_at)
 
     async def _store_processing(self, token: str) -> None:
         """Store "Processing" while the run starts (the engine does not wait for the commit; the event is

@@ -55,7 +55,8 @@ CATALOG_TTL = 86_400  # seconds the workers' language catalog lasts without a wo
 # live ttl ms, token, queue it after the events ('1' or ''), a wake stream to tell of its final event ('' for
 # none), then each event's JSON without seq. One round trip for a run's opening (its events, its queue entry,
 # who waits for its end) or its closing events. The final event is told to the wake stream its watcher named
-# (the API node of a wait=true request), so that node needs not read every event of the run.
+# (the API node of a wait=true request), so that node needs not read every event of the run. The watcher's
+# stream is made by the announce, and never made again by a final (its node may have closed and deleted it).
 PUBLISH = """
 local seq = redis.call('INCR', KEYS[2])
 local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
@@ -84,13 +85,17 @@ local ttl = ARGV[4]
 if final then ttl = ARGV[3] end
 redis.call('PEXPIRE', KEYS[1], ttl)
 redis.call('PEXPIRE', KEYS[2], ttl)
-if ARGV[7] ~= '' then redis.call('SET', KEYS[4], ARGV[7], 'PX', ARGV[4]) end
+if ARGV[7] ~= '' then
+  redis.call('SET', KEYS[4], ARGV[7], 'PX', ARGV[4])
+  if redis.call('EXISTS', ARGV[7]) == 0 then redis.call('XADD', ARGV[7], '*', 'w', '1') end
+  redis.call('PEXPIRE', ARGV[7], ARGV[4])
+end
 if ARGV[6] == '1' then redis.call('XADD', KEYS[3], '*', 'token', ARGV[5]) end
 if final then
   local watcher = redis.call('GET', KEYS[4])
   if watcher then
     redis.call('DEL', KEYS[4])
-    redis.call('XADD', watcher, 'MAXLEN', '~', WAKE_KEPT, '*', 'final', ARGV[5])
+    redis.call('XADD', watcher, 'NOMKSTREAM', 'MAXLEN', '~', WAKE_KEPT, '*', 'final', ARGV[5])
     redis.call('PEXPIRE', watcher, ARGV[4])
   end
 end
@@ -302,8 +307,12 @@ class RedisBroker:
         self._reading = False  # the reader's XREAD is out: a new stream needs a nudge through Redis
         self._nudged = False  # ... and has had one
         self._nudges: set[asyncio.Task] = set()
-        # Runs this node announced with watch=True: resolved when their final event is told on the wake stream.
-        self._watched: dict[str, asyncio.Future[None]] = {}
+        # Runs this node announced with watch=True: True once their final event is told on the wake stream,
+        # False when let go otherwise (the waiter then follows the run's stream itself).
+        self._watched: dict[str, asyncio.Future[bool]] = {}
+        self._watching: set[str] = set()  # of those, the ones whose watcher key is in Redis (announced)
+        self._next_watch_check = 0.0
+        self._closed = False
         self._tasks: list[asyncio.Task] = []
         self._reader: asyncio.Task | None = None
 
@@ -315,6 +324,7 @@ class RedisBroker:
     async def open(self) -> None:
         """Create the consumer group and start the heartbeat; BrokerUnavailable if Redis is down (the
         broker still works once it is back)."""
+        self._closed = False
         if not self._tasks:
             self._tasks.append(asyncio.create_task(self._heartbeat_loop()))
         with unavailable():
@@ -322,6 +332,7 @@ class RedisBroker:
 
     async def close(self) -> None:
         """Stop the background tasks (held jobs are no longer kept alive) and close the connections."""
+        self._closed = True
         tasks = [*self._tasks, *self._nudges, *([self._reader] if self._reader else [])]
         self._tasks, self._reader = [], None
         for task in tasks:
@@ -330,7 +341,7 @@ class RedisBroker:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         self._fail(list(self._follows.values()), BrokerUnavailable("broker closed"))
-        self._release_watched(list(self._watched))
+        self._release_watched(list(self._watched), told=False)
         if not self._held:
             with contextlib.suppress(RedisError, OSError):
                 pending = await self._redis.xpending_range(self._queue, GROUP, "-", "+", 1, self.consumer)
@@ -474,8 +485,10 @@ class RedisBroker:
         try:
             published = await self._publish_all(token, events, False, queue=True, watch=watch)
         except BaseException:
-            self._watched.pop(token, None)
+            self._release_watched([token], told=False)
             raise
+        if watch and token in self._watched:
+            self._watching.add(token)
         if published and published[0]["seq"] == 1:  # a new stream: its whole content so far
             self._opened[token] = (time.monotonic(), [(f"{e['seq']}-0", {"e": e.raw}) for e in published])
             while len(self._opened) > OPENED_KEPT:
@@ -484,6 +497,8 @@ class RedisBroker:
 
     async def _publish_all(self, token: str, events: list[Event], final: bool, queue: bool = False,
                            watch: bool = False) -> list[Event]:
+        if not events:
+            return []
         bodies = [json.dumps({k: v for k, v in event.items() if k != "seq"}) for event in events]
         args = ["1" if final else "0", self.max_events, max(1, int(self.retention * 1000)), LIVE_TTL * 1000,
                 token, "1" if queue else "", self._wake_key if watch else "", *bodies]
@@ -577,31 +592,34 @@ class RedisBroker:
 
     def _watch(self, token: str) -> None:
         self._watched[token] = asyncio.get_running_loop().create_future()
-        while len(self._watched) > WATCHED_KEPT:
-            self._release_watched([next(iter(self._watched))])
+        while len(self._watched) > WATCHED_KEPT:  # the oldest waiter follows its run's stream instead
+            self._release_watched([next(iter(self._watched))], told=False)
         self._wake.set()  # an idle reader reads its wake stream from now on (a busy one already does)
         if self._reader is None or self._reader.done():
             self._reader = asyncio.create_task(self._read_loop())
 
-    def _release_watched(self, tokens: Iterable[str]) -> None:
+    def _release_watched(self, tokens: Iterable[str], told: bool) -> None:
         for token in tokens:
             waiter = self._watched.pop(token, None)
+            self._watching.discard(token)
             if waiter is not None and not waiter.done():
-                waiter.set_result(None)
+                waiter.set_result(told)
 
     async def wait_final(self, token: str) -> None:
         """Return once the run's final event is published (or this node can no longer tell: the caller
         reads the store either way). A run this node announced with watch=True is told by its final
         publish, through this node's wake stream; any other is followed event by event."""
         waiter = self._watched.get(token)
-        if waiter is None:
-            async for _event in self.subscribe(token):  # it ends after the final event
-                pass
+        if waiter is not None:
+            try:
+                if await asyncio.shield(waiter):
+                    return
+            finally:
+                self._release_watched([token], told=False)
+        if self._closed:
             return
-        try:
-            await asyncio.shield(waiter)
-        finally:
-            self._watched.pop(token, None)
+        async for _event in self.subscribe(token):  # it ends after the final event
+            pass
 
     async def _nudge(self) -> None:
         try:
@@ -626,12 +644,12 @@ class RedisBroker:
             except (RedisError, OSError, asyncio.TimeoutError) as exc:
                 log.warning("event reader: %s", exc)
                 self._fail(live.values(), BrokerUnavailable(f"redis: {exc}"))
-                self._release_watched(list(self._watched))
+                self._release_watched(list(self._watched), told=False)
                 await asyncio.sleep(BLOCK / 2)
             except Exception as exc:
                 log.exception("event reader failed")
                 self._fail(live.values(), BrokerUnavailable(f"event reader: {exc!r}"))
-                self._release_watched(list(self._watched))
+                self._release_watched(list(self._watched), told=False)
                 await asyncio.sleep(BLOCK / 2)
 
     async def _read_once(self, live: dict[str, Follow]) -> None:
@@ -649,9 +667,11 @@ class RedisBroker:
         for key, entries in result or []:
             if key == self._wake_key:
                 self._wake_last = entries[-1][0]
-                self._release_watched(fields["final"] for _id, fields in entries if "final" in fields)
+                self._release_watched([fields["final"] for _id, fields in entries if "final" in fields], told=True)
             else:
                 live[key].extend(entries)
+        if self._watching and time.monotonic() >= self._next_watch_check:
+            await self._check_watchers()
 
     async def _drop_lost(self, live: dict[str, Follow]) -> None:
         """In a quiet moment: fail the followers of live streams that vanished (Redis lost its data; a
@@ -662,13 +682,17 @@ class RedisBroker:
             exists = await pipe.execute()
         lost = [follow for follow, found in zip(live.values(), exists, strict=True) if not found]
         self._fail(lost, BrokerUnavailable("the event stream was lost (Redis restarted?)"))
-        watched = list(self._watched)
-        if watched:  # a watcher key gone without news: Redis lost it (or the news is on its way: no harm)
-            async with self._redis.pipeline(transaction=False) as pipe:
-                for token in watched:
-                    pipe.exists(self._key("watcher", token))
-                exists = await pipe.execute()
-            self._release_watched(t for t, found in zip(watched, exists, strict=True) if not found)
+
+    async def _check_watchers(self) -> None:
+        """Every BLOCK, busy or not: a watcher key gone without news (Redis lost it, or the news is on its
+        way) lets its waiter go; it follows the run's stream instead, which tells either way."""
+        self._next_watch_check = time.monotonic() + BLOCK
+        watching = list(self._watching)
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for token in watching:
+                pipe.exists(self._key("watcher", token))
+            exists = await pipe.execute()
+        self._release_watched([t for t, found in zip(watching, exists, strict=True) if not found], told=False)
 
     def _fail(self, follows: Iterable[Follow], exc: BrokerUnavailable) -> None:
         for follow in follows:
