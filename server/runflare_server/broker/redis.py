@@ -8,6 +8,9 @@ per submission and one stdin per interactive run.
 - Events: the stream ``{prefix}:events:{token}`` whose entry ids are ``{seq}-0``; each entry holds the
   event's JSON (seq included), handed to every subscriber as is. One reader task per broker instance
   follows all the streams its local subscribers watch, so N subscribers of one token cost one read.
+- Wake stream: ``{prefix}:wake:{consumer}``, read along with those streams. A stream joins the reader by an
+  entry here (not a cancelled read), and a run announced with ``watch`` (a wait=true request) has its
+  final event told here (``{prefix}:watcher:{token}`` names the stream), so its node reads one entry.
 - Stdin: the list ``{prefix}:stdin:{token}``, its unread size capped cluster-wide by a counter.
 """
 
