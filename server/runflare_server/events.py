@@ -6,7 +6,7 @@ import time
 from typing import Any
 
 from .models import iso, seconds
-from .statuses import STATUSES, is_final
+from .statuses import STATUSES
 
 
 def now() -> str:
@@ -40,8 +40,3 @@ STAGE_MESSAGES = {
     "running": "Running",
     "finished": "Finished",
 }
-
-
-def is_final_event(event: dict[str, Any]) -> bool:
-    """The status_update that ends a submission's stream."""
-    return event.get("type") == "status_update" and is_final(event["status"]["id"])

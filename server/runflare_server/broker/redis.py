@@ -581,8 +581,7 @@ class RedisBroker:
         follow.ready = True
         if follow.events and not follow.final:
             self._wake_reader()
-            if self._reader is None or self._reader.done():
-                self._reader = asyncio.create_task(self._read_loop())
+            self._start_reader()
 
     def _wake_reader(self) -> None:
         """Have the reader start again with the streams followed now."""
@@ -598,6 +597,9 @@ class RedisBroker:
         while len(self._watched) > WATCHED_KEPT:  # the oldest waiter follows its run's stream instead
             self._release_watched([next(iter(self._watched))], told=False)
         self._wake.set()  # an idle reader reads its wake stream from now on (a busy one already does)
+        self._start_reader()
+
+    def _start_reader(self) -> None:
         if self._reader is None or self._reader.done():
             self._reader = asyncio.create_task(self._read_loop())
 
@@ -679,10 +681,7 @@ class RedisBroker:
     async def _drop_lost(self, live: dict[str, Follow]) -> None:
         """In a quiet moment: fail the followers of live streams that vanished (Redis lost its data; a
         re-run would start again at seq 1, below where they wait)."""
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for key in live:
-                pipe.exists(key)
-            exists = await pipe.execute()
+        exists = await self._exist(list(live))
         lost = [follow for follow, found in zip(live.values(), exists, strict=True) if not found]
         self._fail(lost, BrokerUnavailable("the event stream was lost (Redis restarted?)"))
 
@@ -691,11 +690,15 @@ class RedisBroker:
         way) lets its waiter go; it follows the run's stream instead, which tells either way."""
         self._next_watch_check = time.monotonic() + BLOCK
         watching = list(self._watching)
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for token in watching:
-                pipe.exists(self._key("watcher", token))
-            exists = await pipe.execute()
+        exists = await self._exist([self._key("watcher", token) for token in watching])
         self._release_watched([t for t, found in zip(watching, exists, strict=True) if not found], told=False)
+
+    async def _exist(self, keys: list[str]) -> list[bool]:
+        """Whether each key exists, in one round trip."""
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for key in keys:
+                pipe.exists(key)
+            return [bool(found) for found in await pipe.execute()]
 
     def _fail(self, follows: Iterable[Follow], exc: BrokerUnavailable) -> None:
         for follow in follows:
