@@ -122,6 +122,34 @@ class EngineMetadataTests(unittest.TestCase):
         self.assertEqual(rf["outcome"], "compile_error")
         self.assertIn("error", rf["compile_output"])
 
+    def test_an_engine_request_publishes_only_what_the_engine_reads(self):
+        reply, iopub = self.execute("print('x')", language_id=71)
+        self.assertEqual(reply["content"]["status"], "ok")
+        # no busy status, no execute_input: the stage, the output (in one chunk or more), then idle (which
+        # ended the loop)
+        types = [m["msg_type"] for m in iopub]
+        self.assertEqual(types[0], "runflare_stage")
+        self.assertEqual(set(types[1:]), {"stream"})
+
+    def test_a_plain_jupyter_request_still_gets_the_whole_protocol(self):
+        msg_id = self.kc.execute("print('y')")
+        types = []
+        while True:
+            m = self.kc.get_iopub_msg(timeout=60)
+            if m["parent_header"].get("msg_id") != msg_id:
+                continue
+            types.append((m["msg_type"], m["content"].get("execution_state")))
+            if types[-1] == ("status", "idle"):
+                break
+        self.assertEqual(types[0], ("status", "busy"))
+        self.assertIn(("execute_input", None), types)
+        self.assertIn(("stream", None), types)
+        while True:
+            reply = self.kc.get_shell_msg(timeout=60)
+            if reply["parent_header"].get("msg_id") == msg_id:
+                break
+        self.assertEqual(reply["content"]["status"], "ok")
+
     def test_a_stray_reply_is_not_taken_for_the_next_one(self):
         self.kc.execute("print('stray')", silent=True)  # its reply is never read here
         reply, iopub = self.execute("print('mine')", language_id=71)

@@ -393,14 +393,12 @@ class GroupPool:
         with self._cond:
             group = self._ready.popleft() if self._ready else None
             self._cond.notify()
-        if group is not None:
+        if group is not None:  # made by this pool's thread and never handed out: nothing is in it
             try:
-                if not group.pids():  # never used: nothing can be in it, but it costs one read to be sure
-                    group.set_limits(memory_kb, max_pids)
-                    return group
+                group.set_limits(memory_kb, max_pids)
+                return group
             except OSError:
-                pass
-            self.give_back(group)
+                self.give_back(group)
         return self._new(memory_kb, max_pids)
 
     def give_back(self, group: RunCgroup | None) -> None:
