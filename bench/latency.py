@@ -7,14 +7,27 @@
 - kernel run (1071) p50 vs the naive bridge: start an ipykernel with jupyter_client, execute, shut it down;
   twice: back to back (each request right after the last: the pool's refill rate shows), and from a ready
   kernel (before each request, untimed, the bench waits until /health shows a kernel ready: the hand-off).
-Requests are sequential, one at a time; the baselines run in the same process, interleaved in time.
+Requests are sequential, one at a time. The floor and the program run are taken in turns (floor, run,
+floor, run, ...), so a change in the machine's speed hits both alike; the bridge runs after the server stops.
 """
 
 from __future__ import annotations
 
 import time
 
-from common import Result, Row, get_json, main_of, naive_bridge, post_json, ratio, server, summary, timed
+from common import (
+    Result,
+    Row,
+    get_json,
+    interleaved,
+    main_of,
+    naive_bridge,
+    post_json,
+    ratio,
+    server,
+    summary,
+    timed,
+)
 from common import floor as floor_run
 
 FULL = 100
@@ -52,8 +65,8 @@ def run(n: int, tiny: bool = False) -> Result:
             return out
 
         warmup = 1 if tiny else 3
-        floor = summary(timed(floor_run, n, warmup))
-        program = summary(timed(program_run, n, warmup))
+        taken = interleaved({"floor": floor_run, "program": program_run}, n, warmup)
+        floor, program = summary(taken["floor"]), summary(taken["program"])
         kernel = summary(timed(kernel_run, n if tiny else max(20, n // 3), warmup))
         ready = summary(from_ready(n if tiny else max(20, n // 3)))
     finally:
