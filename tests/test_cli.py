@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -49,3 +50,23 @@ def test_bad_setting_in_environment_is_a_clear_error(tmp_path):
 def test_role_without_shared_broker_is_refused(tmp_path):
     out = runflare("serve", "--data-dir", str(tmp_path), "--role", "worker", "--port", "0")
     assert out.returncode != 0 and "broker" in out.stderr
+
+
+def test_serve_started_through_a_path_the_sandbox_cannot_walk_still_runs_kernels(tmp_path, monkeypatch):
+    """`../.venv/bin/python -m runflare_server serve` from a directory no sandbox shows (here the test's
+    tmp dir; Python makes such a relative path absolute without resolving "..") still starts its kernels:
+    they are named by the interpreter's plain path."""
+    from conftest import start_server
+    from http_client import post
+
+    relative = os.path.relpath(sys.executable, tmp_path)
+    assert relative.startswith("..")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "executable", relative)
+    live = start_server(tmp_path, env={"RUNFLARE_KERNEL_POOL": '{"python3": 1}'})
+    try:
+        sub = post(live.api + "/submissions?wait=true", {"source_code": "print(6 * 7)", "language_id": 1071}).json
+        assert sub["status"]["id"] == 3, sub
+        assert sub["stdout"] == "42\n"
+    finally:
+        live.stop()

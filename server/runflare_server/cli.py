@@ -161,6 +161,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "serve":
+        # Sandboxes run this interpreter by its path: one they cannot walk ("bench/../.venv/bin/python", through
+        # a directory they do not show) would fail every kernel start
+        sys.executable = os.path.abspath(sys.executable)
         logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         try:
             settings = settings_from(args)
