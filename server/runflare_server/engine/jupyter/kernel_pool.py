@@ -182,7 +182,6 @@ class SandboxedKernel:
         self.client.start_channels(hb=False)  # liveness is watched on the process itself
         await self._wait_ready(t0 + timeout)
         self.start_wall = time.monotonic() - t0
-        self.start_cpu = sb.tree_cpu_seconds(self.processes())
 
     def _check(self, deadline: float) -> None:
         if self.proc is None or self.proc.poll() is not None:
@@ -254,11 +253,13 @@ class SandboxedKernel:
         """Put the kernel's whole tree in a fresh cgroup of its own while it waits in the pool, so that no
         run waits for the group's creation and the move (3-13 ms with cgroup v1). No limits yet: the kernel
         runs no user code before its run sets them (``KernelRuns._confine``). Without a hierarchy, nothing."""
+        procs = self.processes()
+        self.start_cpu = sb.tree_cpu_seconds(procs)  # its start's CPU, read on the same walk of its tree
         group = sb.create_cgroup(f"run-{os.getpid()}-k{self.id}", None, None)
         if group is None:
             return
         try:
-            for p in self.processes():
+            for p in procs:
                 group.add_pid(p.pid)
         except OSError as e:
             log.warning("could not move kernel %s into its cgroup: %s", self.id, e)

@@ -322,9 +322,7 @@ class RunflareSandboxProvisioner(KernelProvisionerBase):
             if self.cgroup is not None:
                 for p in procs:
                     self.cgroup.add_pid(p.pid)
-            for p in procs:
-                for res, value in self.rlimits(self.cgroup is not None).items():
-                    p.rlimit(res, value)
+            sb.apply_rlimits(procs, self.rlimits(self.cgroup is not None), strict=True)
         except BaseException:
             if self.process is not None:
                 await self.kill()

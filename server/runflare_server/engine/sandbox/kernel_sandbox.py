@@ -363,12 +363,27 @@ def set_rlimits(procs: list[psutil.Process], limits: Any) -> None:
         values[resource.RLIMIT_NPROC] = limits.max_processes_and_or_threads
     if limits.stack_limit > 0:
         values[resource.RLIMIT_STACK] = limits.stack_limit * 1024
+    apply_rlimits(procs, {res: (v, v) for res, v in values.items()}, strict=False)
+
+
+def apply_rlimits(procs: list[psutil.Process], values: dict[int, tuple[int, int]], *, strict: bool) -> None:
+    """Set these rlimits on each process still running. Whether its pid was reused is checked once per
+    process (psutil's ``rlimit`` checks it again for each limit, a read of its stat file each time). With
+    ``strict`` a refused limit raises, else it is skipped."""
+    import resource
+
     for p in procs:
-        for res, v in values.items():
+        try:
+            if not p.is_running():
+                continue
+        except psutil.Error:
+            continue
+        for res, value in values.items():
             try:
-                p.rlimit(res, (v, v))
-            except (psutil.Error, OSError, ValueError):
-                pass
+                resource.prlimit(p.pid, res, value)
+            except (OSError, ValueError):
+                if strict:
+                    raise
 
 
 def describe(mode: str) -> dict[str, Any]:
