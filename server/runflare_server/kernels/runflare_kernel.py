@@ -59,8 +59,9 @@ class RunFlareKernel(Kernel):
         return {"name": {"cpp": "c++", "sql": "sql"}.get(name, name), "file_extension": ext,
                 "mimetype": "text/plain", "codemirror_mode": name}
 
-    async def do_execute(self, code: str, silent: bool, store_history: bool = True, user_expressions: dict | None = None,
-                   allow_stdin: bool = False, *, cell_meta: dict | None = None, cell_id: str | None = None) -> dict:
+    async def do_execute(self, code: str, silent: bool, store_history: bool = True,
+                         user_expressions: dict | None = None, allow_stdin: bool = False, *,
+                         cell_meta: dict | None = None, cell_id: str | None = None) -> dict:
         parent = self.get_parent("shell")
         rf: dict[str, Any] = (parent.get("metadata") or {}).get("runflare") or {}
         engine_call = bool(rf)
