@@ -55,14 +55,15 @@ def run(n: int, tiny: bool = False) -> Result:
         run_batch(live.api, 71, 2 if tiny else 8)  # warm-up
         parallel(floor, cpus)
         parallel(naive_bridge, 1)
+        pairs = [[("floor", lambda: n / parallel(floor, n, cpus)),
+                  ("program", lambda: n / run_batch(live.api, 71, n))],
+                 [("bridge", lambda: bridges / parallel(naive_bridge, bridges, cpus)),
+                  ("kernel", lambda: kernels / run_batch(live.api, 1071, kernels))]]
         for r in range(rounds):  # in turns, the order swapped each round: a change in speed hits both sides
-            pairs = [("floor", lambda: n / parallel(floor, n, cpus)),
-                     ("program", lambda: n / run_batch(live.api, 71, n))]
-            pairs += [("bridge", lambda: bridges / parallel(naive_bridge, bridges, cpus)),
-                      ("kernel", lambda: kernels / run_batch(live.api, 1071, kernels))]
-            for name, measure in (pairs if r % 2 == 0 else [pairs[1], pairs[0], pairs[3], pairs[2]]):
-                pools_settled(live.api)
-                taken[name].append(measure())
+            for pair in pairs:
+                for name, measure in (pair if r % 2 == 0 else pair[::-1]):
+                    pools_settled(live.api)
+                    taken[name].append(measure())
     finally:
         live.stop()
     program_ratio = statistics.median(p / f for p, f in zip(taken["program"], taken["floor"], strict=True))

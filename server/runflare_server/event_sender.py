@@ -34,8 +34,7 @@ class EventSender:
 
     async def close(self, *last: Event) -> None:
         """Send what is queued and then `last`, the final event last (it ends the stream)."""
-        if self._sending is not None:
-            await asyncio.shield(self._sending)
+        await self.drain()
         events, self._pending = [*self._pending, *last], []
         await self._send(events, final=True)
 

@@ -35,6 +35,11 @@ from runflare_server.kernels.runner import Runner
 _LIMIT_FIELDS = {f.name for f in dataclasses.fields(Limits)}
 
 
+def _engine_metadata(parent: dict) -> dict[str, Any]:
+    """What the engine put in a request's ``metadata["runflare"]`` ({} for a plain Jupyter request)."""
+    return (parent.get("metadata") or {}).get("runflare") or {}
+
+
 class RunFlareKernel(Kernel):
     """Compiles and runs programs in fresh sandboxes; user code never runs in this process."""
 
@@ -63,7 +68,7 @@ class RunFlareKernel(Kernel):
                          user_expressions: dict | None = None, allow_stdin: bool = False, *,
                          cell_meta: dict | None = None, cell_id: str | None = None) -> dict:
         parent = self.get_parent("shell")
-        rf: dict[str, Any] = (parent.get("metadata") or {}).get("runflare") or {}
+        rf = _engine_metadata(parent)
         engine_call = bool(rf)
         limits = Limits(**{k: v for k, v in (rf.get("limits") or {}).items() if k in _LIMIT_FIELDS})
         compile_limits = Limits(**{k: v for k, v in rf["compile_limits"].items() if k in _LIMIT_FIELDS}) \
@@ -107,13 +112,13 @@ class RunFlareKernel(Kernel):
 
     def _publish_status(self, status: str, channel: str, parent: dict | None = None) -> None:
         """The engine waits for "idle" only: no "busy" for its requests (one iopub message less per run)."""
-        if status == "busy" and ((parent or self.get_parent(channel)).get("metadata") or {}).get("runflare"):
+        if status == "busy" and _engine_metadata(parent or self.get_parent(channel)):
             return
         super()._publish_status(status, channel, parent)
 
     def _publish_execute_input(self, code: str, parent: dict, execution_count: int) -> None:
         """The engine never reads execute_input (it sent the code): one iopub message less per run."""
-        if (parent.get("metadata") or {}).get("runflare"):
+        if _engine_metadata(parent):
             return
         super()._publish_execute_input(code, parent, execution_count)
 

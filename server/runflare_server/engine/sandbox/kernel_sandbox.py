@@ -19,6 +19,7 @@ import importlib.util
 import json
 import logging
 import os
+import resource
 import shlex
 import shutil
 import signal
@@ -356,8 +357,6 @@ def kill_tree(proc: subprocess.Popen, extra: Iterable[psutil.Process] = ()) -> N
 def set_rlimits(procs: list[psutil.Process], limits: Any) -> None:
     """A run's rlimits on already running processes (inherited by what they start next):
     file size, stack for new processes, no core dumps."""
-    import resource
-
     values = {resource.RLIMIT_FSIZE: limits.max_file_size * 1024, resource.RLIMIT_CORE: 0}
     if cgroups.mechanism() == "rlimit":  # per uid: each kernel has its own, so this is the kernel's count
         values[resource.RLIMIT_NPROC] = limits.max_processes_and_or_threads
@@ -370,8 +369,6 @@ def apply_rlimits(procs: list[psutil.Process], values: dict[int, tuple[int, int]
     """Set these rlimits on each process still running. Whether its pid was reused is checked once per
     process (psutil's ``rlimit`` checks it again for each limit, a read of its stat file each time). With
     ``strict`` a refused limit raises, else it is skipped."""
-    import resource
-
     for p in procs:
         try:
             if not p.is_running():
