@@ -13,6 +13,7 @@ import textwrap
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -437,6 +438,58 @@ def test_fork_server_kernels_and_restart(loop: asyncio.AbstractEventLoop, mode: 
     loop.run_until_complete(go())
     assert descendants() == []
     assert not list(tmp_path.glob("k-*"))
+
+
+async def _printed(kernel: Any, code: str) -> str:
+    """What ``code`` prints on a started kernel."""
+    msg_id, out = kernel.client.execute(code), ""
+    while True:
+        msg = await kernel.client.get_iopub_msg(timeout=20)
+        if msg["parent_header"].get("msg_id") != msg_id:
+            continue
+        if msg["msg_type"] == "stream":
+            out += msg["content"]["text"]
+        if msg["msg_type"] == "error":
+            raise AssertionError(msg["content"]["evalue"])
+        if msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle":
+            return out
+
+
+SHELL_PROBE = """import json, os
+ip = get_ipython()
+print(json.dumps([ip.kernel.shell is ip, ip.parent is ip.kernel, ip.user_ns["get_ipython"]() is ip,
+                  ip.config is ip.kernel.config, ip.profile_dir is ip.kernel.profile_dir, ip.profile_dir.location,
+                  ip.ipython_dir, ip.home_dir, os.getcwd(), [os.environ.get(k) for k in ("PAGER", "TERM", "HOME")],
+                  ip.history_manager.enabled, ip.colors, sorted(ip.config), type(ip.compile).__name__]))"""
+
+
+def test_a_forked_kernels_shell_is_wired_as_a_directly_started_kernels(loop: asyncio.AbstractEventLoop, mode: str,
+                                                                         tmp_path: Path) -> None:
+    """A forked kernel adopts the shell the fork server built before any fork; it must be indistinguishable
+    from the shell a kernel builds for itself: its kernel, config, profile, home and environment its own."""
+    if mode != "bwrap" or os.geteuid() != 0:
+        skip_or_fail("the fork server needs bwrap and root")
+    fs = ForkServer(tmp_path)
+    forked_pool = KernelPool(load_spec("python3"), 0, mode, tmp_path, fork_server=fs)
+    direct_pool = KernelPool(load_spec("python3"), 0, mode, tmp_path)
+
+    async def go() -> None:
+        forked, direct = await forked_pool.acquire(), await direct_pool.acquire()
+        try:
+            assert forked.fork_server is fs and direct.fork_server is None
+            seen = [json.loads(await _printed(k, SHELL_PROBE)) for k in (forked, direct)]
+            assert seen[0] == seen[1]
+            assert seen[0][:5] == [True] * 5 and seen[0][7] == "/sandbox" and seen[0][9][0] == "cat"
+            assert await _printed(forked, "x = 6 * 7\nprint(get_ipython().user_ns['x'])") == "42\n"
+        finally:
+            for k in (forked, direct):
+                await k.shutdown()
+            await forked_pool.stop()
+            await direct_pool.stop()
+            fs.close()
+
+    loop.run_until_complete(go())
+    assert descendants() == []
 
 
 def test_an_interrupt_reaches_a_forked_kernel_not_its_init(loop: asyncio.AbstractEventLoop, mode: str,

@@ -21,7 +21,7 @@ from runflare_server.engine.jupyter.adapters import PythonKernel
 from runflare_server.engine.sandbox import kernel_sandbox as sb
 from runflare_server.engine.sandbox import tcp_bridge, zygote
 
-ALLOWED_IMPORTS = {"zygote": {"ipykernel", "traitlets"}, "tcp_bridge": {"zmq"}}
+ALLOWED_IMPORTS = {"zygote": {"ipykernel", "IPython", "traitlets"}, "tcp_bridge": {"zmq"}}
 
 
 @pytest.mark.parametrize("name", sorted(ALLOWED_IMPORTS))
@@ -138,6 +138,59 @@ def test_a_container_setting_is_left_to_traitlets_parser() -> None:
     assert zygote.cli_config(app, [*LEAN_COMMAND_LINE, "--IPKernelApp.extensions=a"]) is None
     assert zygote.cli_config(app, ["--debug"]) is None
     assert zygote.cli_config(app, ["--HasTraits.x=1"]) is not None  # not a Configurable: a plain string
+
+
+def test_the_prebuilt_shell_is_configured_as_the_lean_command_line() -> None:
+    config = zygote.cli_config(IPKernelApp(), LEAN_COMMAND_LINE)
+    assert zygote.shell_settings(config) == zygote.SHELL_CONFIG
+
+
+SHELL_ADOPTION_PROBE = """
+import json, os, sys
+ns = {{"__name__": "not_main"}}
+exec(compile({source!r}, "<zygote>", "exec"), ns)
+ns["preimport"]()
+shell = ns["prebuild_shell"]()
+assert shell is not None
+os.environ["HOME"] = {home!r}  # the kernel's environment differs from the zygote's
+from ipykernel.kernelapp import IPKernelApp
+app, argv = IPKernelApp.instance(), {argv!r}
+config = ns["cli_config"](app, argv)
+if config is not None:  # as exec_kernel does
+    app.parse_command_line = lambda argv=None: ns["apply_cli_config"](app, argv or [], config)
+ns["adopt_shell_at_init"](app, shell)
+app.initialize(argv)
+ip = app.kernel.shell
+ip.run_cell("x = 6 * 7")
+sys.__stdout__.write(json.dumps({{"adopted": ip is shell, "kernel": ip.kernel is app.kernel, "parent": ip.parent is app.kernel,
+    "config": ip.config is app.config, "profile": ip.profile_dir is app.profile_dir, "home": ip.home_dir,
+    "pager": os.environ.get("PAGER"), "colors": ip.colors, "autocall": ip.autocall, "history": ip.history_manager.enabled,
+    "x": ip.user_ns.get("x")}}))
+app.close()
+"""
+
+
+def _adoption(tmp_path: Path, extra: list[str]) -> dict:
+    home = tmp_path / "home"
+    home.mkdir()
+    argv = ["-f", str(tmp_path / "c.json"), *PythonKernel.LEAN_ARGS, *extra]
+    probe = SHELL_ADOPTION_PROBE.format(source=sb.program_source("zygote"), home=str(home), argv=argv)
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                         env={**os.environ, "HOME": str(tmp_path), "IPYTHONDIR": str(tmp_path / ".ipython")})
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_a_lean_kernel_adopts_the_prebuilt_shell_wired_as_its_own(tmp_path: Path) -> None:
+    seen = _adoption(tmp_path, [])
+    assert seen == {"adopted": True, "kernel": True, "parent": True, "config": True, "profile": True,
+                    "home": str(tmp_path / "home"), "pager": "cat", "colors": "nocolor", "autocall": 0, "history": False,
+                    "x": 42}
+
+
+def test_a_kernel_configured_otherwise_builds_its_own_shell(tmp_path: Path) -> None:
+    seen = _adoption(tmp_path, ["--InteractiveShell.autocall=2"])
+    assert seen["adopted"] is False and seen["autocall"] == 2 and seen["kernel"] and seen["x"] == 42
 
 
 def test_check_raises_with_errno() -> None:

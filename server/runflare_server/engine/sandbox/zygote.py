@@ -160,7 +160,7 @@ def drop(uid: int, bpf: bytes) -> None:
 
 # ------------------------------------------------------------------ one kernel
 
-def kernel(kid: str, uid: int, work_bytes: int, policy: dict[str, Any]) -> None:
+def kernel(kid: str, uid: int, work_bytes: int, policy: dict[str, Any], shell: Any = None) -> None:
     """In a forked child: new namespaces, an init, the kernel's own view, its uid, then ipykernel."""
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     os.setsid()
@@ -188,7 +188,7 @@ def kernel(kid: str, uid: int, work_bytes: int, policy: dict[str, Any]) -> None:
     os.close(w)
     view(kid, work_bytes, policy)
     drop(uid, bytes.fromhex(policy["bpf"]))
-    exec_kernel()
+    exec_kernel(shell)
 
 
 def view(kid: str, work_bytes: int, policy: dict[str, Any]) -> None:
@@ -211,8 +211,9 @@ def view(kid: str, work_bytes: int, policy: dict[str, Any]) -> None:
     mount("none", "/", None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV)
 
 
-def exec_kernel() -> None:
-    """Run ipykernel (already imported) with the kernel's own launch.json: argv, env, fds, cwd."""
+def exec_kernel(shell: Any = None) -> None:
+    """Run ipykernel (already imported) with the kernel's own launch.json: argv, env, fds, cwd. ``shell``: the
+    zygote's prebuilt shell, which the kernel adopts when its configuration is the one it was built for."""
     from ipykernel.kernelapp import IPKernelApp
 
     with open(f"{KERNEL_DIR}/launch.json") as f:
@@ -235,6 +236,7 @@ def exec_kernel() -> None:
     config = cli_config(app, argv)
     if config is not None:  # traitlets' parser would cost each start about 4 ms of CPU
         app.parse_command_line = lambda argv=None: apply_cli_config(app, argv or [], config)
+    adopt_shell_at_init(app, shell)
     app.initialize(argv)
     app.start()
     os._exit(0)
@@ -269,6 +271,73 @@ def apply_cli_config(app: Any, argv: list[str], config: Any) -> None:
     app.extra_args = []
 
 
+# ------------------------------------------------------------------ the prebuilt shell
+
+# The shell settings of the server's lean kernel command line (``adapters.PythonKernel.LEAN_ARGS``, a test
+# keeps them equal). The zygote builds that shell once; a forked kernel configured with exactly these shell
+# settings adopts it instead of building its own (about a third of a forked kernel's start CPU). Nothing of a
+# submission is ever in it: the zygote runs no user code, and each kernel gets its own copy by the fork.
+SHELL_CONFIG = {"HistoryManager": {"enabled": "False"}, "InteractiveShell": {"colors": "NoColor"}}
+
+
+def shell_settings(config: Any) -> dict[str, dict[str, str]]:
+    """What a config says of anything but the app itself (``IPKernelApp``), values as strings."""
+    return {section: {key: str(value) for key, value in values.items()}
+            for section, values in config.items() if section != "IPKernelApp" and values}
+
+
+def prebuild_shell() -> Any:
+    """The shell a kernel configured with ``SHELL_CONFIG`` builds (ipykernel's ``ZMQInteractiveShell``), made
+    now; None when it cannot be (every kernel then builds its own)."""
+    from ipykernel.compiler import XCachingCompiler
+    from ipykernel.zmqshell import ZMQInteractiveShell
+    from traitlets.config.loader import Config, DeferredConfigString
+
+    config = Config({section: {key: DeferredConfigString(value) for key, value in values.items()}
+                     for section, values in SHELL_CONFIG.items()})
+    config.IPKernelApp.quiet = True  # (a config without the app's section gets a placeholder in it)
+    try:
+        return ZMQInteractiveShell.instance(config=config, compiler_class=XCachingCompiler)
+    except Exception:  # noqa: BLE001 - a kernel builds its own shell as before
+        import traceback
+
+        traceback.print_exc()
+        ZMQInteractiveShell.clear_instance()
+        return None
+
+
+def adopt_shell_at_init(app: Any, shell: Any) -> None:
+    """Have ``app``'s kernel take ``shell`` (``prebuild_shell``'s) as its own when the app's config, read from
+    its command line and config files, sets the shell exactly as ``SHELL_CONFIG``; else the kernel builds its
+    own shell. The adopted shell is then wired as ``IPythonKernel`` wires the shell it builds."""
+    from ipykernel.zmqshell import ZMQInteractiveShell
+    from IPython.utils.path import get_home_dir
+
+    init_kernel = app.init_kernel
+
+    def init() -> None:
+        if shell is None or shell_settings(app.config) != SHELL_CONFIG:
+            ZMQInteractiveShell.clear_instance()
+            init_kernel()
+            return
+        init_kernel()  # IPythonKernel takes the singleton: the prebuilt shell
+        kernel = app.kernel
+        if kernel.shell is not shell:
+            raise RuntimeError("the kernel did not take the prebuilt shell")
+        for section, values in shell.config.items():  # sections the shell's set-up added (e.g. its magics')
+            app.config.setdefault(section, values)
+        shell.config = app.config
+        shell.parent = kernel
+        shell.kernel = kernel
+        shell.profile_dir = kernel.profile_dir
+        shell.ipython_dir = app.ipython_dir
+        shell.home_dir = get_home_dir()  # what the shell read of the zygote's environment, from the kernel's
+        shell.init_environment()
+        shell.init_virtualenv()
+
+    app.init_kernel = init
+
+
 # ------------------------------------------------------------------ the server loop
 
 # What ``IPKernelApp.initialize`` imports on top of ipykernel itself (its debugger pulls in debugpy, pdb,
@@ -299,6 +368,7 @@ def main(argv: list[str]) -> None:
     import ipykernel.kernelapp  # noqa: F401 - the expensive part, once (fails loudly when ipykernel is missing)
 
     preimport()
+    shell = prebuild_shell()
     # what is imported stays out of the collector: a kernel's GC does not touch (and copy) the shared pages
     gc.freeze()
 
@@ -310,7 +380,7 @@ def main(argv: list[str]) -> None:
         pid = os.fork()
         if pid == 0:
             try:
-                kernel(kid, uid, work_bytes, policy)
+                kernel(kid, uid, work_bytes, policy, shell)
             except BaseException:
                 import traceback
 
