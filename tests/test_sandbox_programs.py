@@ -146,12 +146,13 @@ def test_the_prebuilt_shell_is_configured_as_the_lean_command_line() -> None:
 
 
 SHELL_ADOPTION_PROBE = """
-import json, os, sys
+import json, os, sys, threading
 ns = {{"__name__": "not_main"}}
 exec(compile({source!r}, "<zygote>", "exec"), ns)
 ns["preimport"]()
 shell = ns["prebuild_shell"]()
 assert shell is not None
+assert threading.active_count() == 1, "a thread in the zygote would be lost in every fork"
 os.environ["HOME"] = {home!r}  # the kernel's environment differs from the zygote's
 from ipykernel.kernelapp import IPKernelApp
 app, argv = IPKernelApp.instance(), {argv!r}
