@@ -28,7 +28,7 @@ _SHARED: dict[str, ForkServer] = {}
 
 
 def read_status_file(path: Path) -> int:
-    """The exit status a forked kernel's waiter wrote. The file sits in a dir the sandbox can write, so it
+    """The exit status a forked kernel's init wrote. The file sits in a dir the sandbox can write, so it
     is opened without following links or blocking, and only a small regular file is believed."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
@@ -190,17 +190,18 @@ class ForkServer:
         return forked
 
     def _host_pid(self, ns_pid: int) -> int:
-        """The host pid of the zygote's child ``ns_pid`` (its pid in the zygote's namespace). The zygote's
-        new children are read first (its known kernels skipped); the whole tree only to find the zygote."""
+        """The host pid of the zygote's child ``ns_pid`` (its pid in the zygote's namespace, the second of its
+        pids; the child is also PID 1 of its own). The zygote's new children are read first (its known
+        kernels skipped); the whole tree only to find the zygote."""
         known = {kernel.pid for kernel in self._kernel_uids.values()}
         if self._zygote_pid is not None:
             for pid in sb.child_pids(self._zygote_pid) - known:
                 ids = sb.ns_pids(pid)
-                if len(ids) > 1 and ids[-1] == ns_pid:
+                if len(ids) > 1 and ids[1] == ns_pid:
                     return pid
         for p in sb.tree(self.proc.pid if self.proc else 0):
             ids = sb.ns_pids(p.pid)
-            if len(ids) > 1 and ids[-1] == ns_pid:
+            if len(ids) > 1 and ids[1] == ns_pid:
                 with contextlib.suppress(psutil.Error):
                     self._zygote_pid = p.ppid()
                 return p.pid

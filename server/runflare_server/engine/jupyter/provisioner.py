@@ -351,11 +351,9 @@ class RunflareSandboxProvisioner(KernelProvisionerBase):
         procs = self.processes()
         if not procs:
             return []
-        wrappers = {procs[0].pid}
-        below = sb.child_pids(procs[0].pid)
-        if self.forked:  # the fork server's waiter, then the namespace's init
-            wrappers |= below
-        else:
+        wrappers = {procs[0].pid}  # forked: the namespace's init, the fork server's child
+        if not self.forked:
+            below = sb.child_pids(procs[0].pid)
             with contextlib.suppress(psutil.Error):
                 wrappers |= {p.pid for p in procs if p.pid in below and p.name() == "bwrap"}
         return [p for p in procs if p.pid not in wrappers]

@@ -64,24 +64,13 @@ def parse_command(line: str) -> tuple[str, int]:
     return kid, int(uid)
 
 
-def report_of(status: int) -> bytes:
-    """What the namespace's init tells the waiter about the kernel's ``waitpid`` status."""
-    if os.WIFSIGNALED(status):
-        return b"signal %d" % os.WTERMSIG(status)
-    return b"exit %d" % os.WEXITSTATUS(status)
-
-
-def exit_code(report: str) -> int:
-    """The exact status of a report from the init: the exit status, ``-N`` for signal N, ``-9`` when the
-    init died without reporting (the namespace was killed)."""
-    words = report.split()
-    if len(words) != 2:
-        return -9
-    return {"exit": 1, "signal": -1}.get(words[0], 0) * int(words[1])
+def exact_status(status: int) -> int:
+    """A kernel's exact status from its ``waitpid`` status: its exit status, ``-N`` for signal N."""
+    return -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
 
 
 def exit_byte(code: int) -> int:
-    """The waiter's own exit status for an exact status (a signal N folds into 128 + N)."""
+    """The init's own exit status for an exact status (a signal N folds into 128 + N)."""
     return code if 0 <= code < 256 else 128 + (-code % 128)
 
 
@@ -161,34 +150,49 @@ def drop(uid: int, bpf: bytes) -> None:
 # ------------------------------------------------------------------ one kernel
 
 def kernel(kid: str, uid: int, work_bytes: int, policy: dict[str, Any], shell: Any = None) -> None:
-    """In a forked child: new namespaces, an init, the kernel's own view, its uid, then ipykernel."""
+    """In a forked child, PID 1 of its own pid namespace (``fork_kernel``): the other namespaces, then the
+    kernel forked below this init, in its own view, as its uid."""
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     os.setsid()
     # opened before the kernel hides /run/kernels: a file the kernel can neither see nor forge
     status_fd = os.open(f"{RUNTIME_DIR}/status-{kid}", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    check(libc.unshare(CLONE_NEWNS | CLONE_NEWNET | CLONE_NEWIPC | CLONE_NEWUTS | CLONE_NEWPID), "unshare")
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid:  # outside the new pid namespace: waits for its init, records the kernel's exact status
-        os.close(w)
-        os.waitpid(pid, 0)
-        code = exit_code(os.read(r, 64).decode())
-        os.write(status_fd, str(code).encode())
-        os._exit(exit_byte(code))
-    os.close(r)
-    os.close(status_fd)
+    check(libc.unshare(CLONE_NEWNS | CLONE_NEWNET | CLONE_NEWIPC | CLONE_NEWUTS), "unshare")
     child = os.fork()
-    if child:  # PID 1 of the namespace: a tiny init, so the kernel's own signals act as they would anywhere
+    if child:  # the namespace's init, so the kernel's own signals act as they would anywhere; it records the
+        # kernel's exact status (a SIGKILLed init records nothing: the host then reads -9)
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # an interrupt is the kernel's (Python's handler would raise)
         while True:
             p, st = os.waitpid(-1, 0)
             if p == child:
-                os.write(w, report_of(st))
-                os._exit(0)
-    os.close(w)
+                code = exact_status(st)
+                os.write(status_fd, str(code).encode())
+                os._exit(exit_byte(code))
+    os.close(status_fd)
     view(kid, work_bytes, policy)
     drop(uid, bytes.fromhex(policy["bpf"]))
     exec_kernel(shell)
+
+
+def fork_kernel(kid: str, uid: int, work_bytes: int, policy: dict[str, Any], shell: Any, own_pidns: int) -> int:
+    """Fork the init of a new pid namespace, which starts the kernel (``kernel``); its pid here. The zygote's
+    own children go back to the zygote's namespace at once: a later kernel never lands in this one."""
+    check(libc.unshare(CLONE_NEWPID), "unshare(CLONE_NEWPID)")
+    try:
+        pid = os.fork()
+        if pid == 0:
+            try:
+                kernel(kid, uid, work_bytes, policy, shell)
+            except BaseException:
+                import traceback
+
+                traceback.print_exc()
+            finally:
+                os._exit(SETUP_FAILED)
+    finally:
+        check(libc.setns(own_pidns, CLONE_NEWPID), "setns back to the zygote's pid namespace")
+    if os.readlink("/proc/self/ns/pid_for_children") != os.readlink("/proc/self/ns/pid"):
+        raise OSError("the zygote's children would not be in its own pid namespace")
+    return pid
 
 
 def view(kid: str, work_bytes: int, policy: dict[str, Any]) -> None:
@@ -297,7 +301,12 @@ def prebuild_shell() -> Any:
                      for section, values in SHELL_CONFIG.items()})
     config.IPKernelApp.quiet = True  # (a config without the app's section gets a placeholder in it)
     try:
-        return ZMQInteractiveShell.instance(config=config, compiler_class=XCachingCompiler)
+        shell = ZMQInteractiveShell.instance(config=config, compiler_class=XCachingCompiler)
+        # a first cell's one-time costs (IPython's transformers and compiler), paid here once, not in each
+        # kernel's warm-up; silent and out of history, it leaves no trace a kernel could see
+        shell.run_cell("pass", store_history=False, silent=True)
+        shell.last_execution_result = None
+        return shell
     except Exception:  # noqa: BLE001 - a kernel builds its own shell as before
         import traceback
 
@@ -375,18 +384,10 @@ def main(argv: list[str]) -> None:
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # children are reaped by the system
     sys.stdout.write("ready\n")
     sys.stdout.flush()
+    own_pidns = os.open("/proc/self/ns/pid", os.O_RDONLY)
     for line in sys.stdin:
         kid, uid = parse_command(line)
-        pid = os.fork()
-        if pid == 0:
-            try:
-                kernel(kid, uid, work_bytes, policy, shell)
-            except BaseException:
-                import traceback
-
-                traceback.print_exc()
-            finally:
-                os._exit(SETUP_FAILED)
+        pid = fork_kernel(kid, uid, work_bytes, policy, shell, own_pidns)
         sys.stdout.write("%s %d\n" % (kid, pid))
         sys.stdout.flush()
 
