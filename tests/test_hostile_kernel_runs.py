@@ -289,10 +289,12 @@ def test_runs_cannot_see_or_leave_anything_for_each_other(check: Engine) -> None
                       "    open(d + '/rf-mark', 'w').write('x')\nprint('ok')")
     assert first.stdout == "ok\n"
     code = ("import os\nprint([os.path.exists(d + '/rf-mark') for d in ['/dev/shm', '/tmp', '/sandbox', '/run/kernel']])\n"
-            "print(sorted(p for p in os.listdir('/proc') if p.isdigit()) == ['1'] or len(os.listdir('/proc')) < 80)\n"
+            "print(sorted(p for p in os.listdir('/proc') if p.isdigit()))\n"
             "print(open('/proc/self/status').read().split('CapEff:')[1].split()[0])")
     second = check.run(code)
-    assert second.stdout.splitlines() == ["[False, False, False, False]", "True", "0000000000000000"]
+    # its PID namespace holds its init and itself only: no other kernel (the pool keeps others alive), no
+    # process of the fork server or the host
+    assert second.stdout.splitlines() == ["[False, False, False, False]", "['1', '2']", "0000000000000000"]
 
 
 def test_process_limit_holds_in_rlimit_only_mode(tmp_path_factory: pytest.TempPathFactory,

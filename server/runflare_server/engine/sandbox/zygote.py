@@ -181,6 +181,7 @@ def fork_kernel(kid: str, uid: int, work_bytes: int, policy: dict[str, Any], she
         pid = os.fork()
         if pid == 0:
             try:
+                os.close(own_pidns)
                 kernel(kid, uid, work_bytes, policy, shell)
             except BaseException:
                 import traceback
