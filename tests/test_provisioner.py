@@ -12,9 +12,11 @@ import fcntl
 import json
 import os
 import queue
+import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import ClassVar
 
 import jupyter_kernel_test
 import nbformat
@@ -28,6 +30,8 @@ from nbclient import NotebookClient
 
 from runflare_server.cli import build_parser
 from runflare_server.cli import main as cli_main
+from runflare_server.engine.jupyter.adapters import PythonKernel
+from runflare_server.engine.jupyter.fork_server import ForkServer
 from runflare_server.engine.jupyter.provisioner import PROVISIONER_NAME, RunflareSandboxProvisioner
 from runflare_server.engine.sandbox import policy
 from runflare_server.engine.sandbox.process import scratch_base
@@ -49,6 +53,14 @@ def setUpModule() -> None:
                      "--max-processes", str(SMALL["max_processes_and_or_threads"])]) == 0
     _ENV.setenv("JUPYTER_PATH", os.pathsep.join(
         p for p in (str(Path(prefix) / "share" / "jupyter"), os.environ.get("JUPYTER_PATH")) if p))
+    # the same spec forked from a fork server, on the server's lean command line: its kernel adopts the
+    # shell the fork server built before any fork
+    kernels = Path(prefix) / "share" / "jupyter" / "kernels"
+    spec = json.loads((kernels / "python3-sandboxed" / "kernel.json").read_text())
+    spec["argv"] = [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}", *PythonKernel.LEAN_ARGS]
+    spec["metadata"]["kernel_provisioner"]["config"]["fork_server"] = str(Path(prefix) / "fork-server")
+    (kernels / "python3-forked").mkdir()
+    (kernels / "python3-forked" / "kernel.json").write_text(json.dumps(spec))
 
 
 def tearDownModule() -> None:
@@ -302,3 +314,35 @@ class SandboxedPythonKernelTests(jupyter_kernel_test.KernelTests):
         super().tearDownClass()
         assert prov.kernel_dir is None and prov.lease is None
 
+
+class ForkedPythonKernelTests(SandboxedPythonKernelTests):
+    """jupyter_kernel_test on a kernel forked from the fork server with the lean command line: the kernel
+    whose shell is the one the fork server built before the fork."""
+
+    kernel_name = "python3-forked"
+
+    @classmethod
+    def setUpClass(cls) -> None:
+        super().setUpClass()
+        prov = cls.km.provisioner
+        assert prov.forked, "the kernel was not forked"
+        reply = cls.kc.execute_interactive(
+            "ip = get_ipython(); print(ip.kernel.shell is ip, ip.history_manager.enabled, ip.colors)", timeout=30,
+            output_hook=cls._output)
+        assert reply["content"]["status"] == "ok"
+
+    _printed: ClassVar[list[str]] = []
+
+    @classmethod
+    def _output(cls, msg: dict) -> None:
+        if msg["msg_type"] == "stream":
+            cls._printed.append(msg["content"]["text"])
+
+    def test_the_forked_kernel_runs_on_the_lean_shell(self) -> None:
+        assert "".join(self._printed) == "True False nocolor\n"
+
+    @classmethod
+    def tearDownClass(cls) -> None:
+        runtime = cls.km.provisioner.fork_server
+        super().tearDownClass()
+        ForkServer.shared(runtime).close()
