@@ -440,6 +440,31 @@ def test_fork_server_kernels_and_restart(loop: asyncio.AbstractEventLoop, mode: 
     assert not list(tmp_path.glob("k-*"))
 
 
+def test_a_pool_kernel_connects_its_control_channel_only_when_asked(loop: asyncio.AbstractEventLoop, mode: str,
+                                                                     tmp_path: Path) -> None:
+    """A pool kernel is killed, never asked: its manager makes no control socket (nor the ZMQ context and
+    threads behind one) at start, and still connects one when something does ask."""
+    pool = KernelPool(load_spec("python3"), 0, mode, tmp_path)
+
+    async def go() -> None:
+        kernel = await pool.acquire()
+        try:
+            km = kernel.km
+            assert km._control_socket is None and not km._created_context
+            await km.request_shutdown()  # over the control channel
+            assert km._control_socket is not None
+            deadline = time.monotonic() + 20
+            while kernel.proc.poll() is None and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            assert kernel.proc.poll() is not None  # it heard the request and exited
+        finally:
+            await kernel.shutdown()
+            await pool.stop()
+
+    loop.run_until_complete(go())
+    assert descendants() == []
+
+
 async def _printed(kernel: Any, code: str) -> str:
     """What ``code`` prints on a started kernel."""
     msg_id, out = kernel.client.execute(code), ""

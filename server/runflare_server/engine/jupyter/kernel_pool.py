@@ -81,6 +81,25 @@ def _connection(ip: str, key: str) -> dict[str, Any]:
             "control_port": 4, "hb_port": 5, "key": key, "signature_scheme": "hmac-sha256"}
 
 
+class PoolKernelManager(AsyncKernelManager):
+    """jupyter_client's manager without the control socket it connects at every start. A pool kernel is
+    killed, never asked over its control channel, so that socket, and the ZMQ context and two threads
+    behind it, are made only when something does ask (jupyter_client connects it on first use)."""
+
+    _starting = False
+
+    async def _async_post_start_kernel(self, **kw: Any) -> None:
+        self._starting = True
+        try:
+            await super()._async_post_start_kernel(**kw)
+        finally:
+            self._starting = False
+
+    def _connect_control_socket(self) -> None:
+        if not self._starting:  # a later call (an interrupt or shutdown request) connects it
+            super()._connect_control_socket()
+
+
 class SandboxedKernel:
     """One kernel in its own sandbox, started by ``AsyncKernelManager``, with a connected client. Used once.
 
@@ -162,7 +181,7 @@ class SandboxedKernel:
             self.dir.mkdir(parents=True)
             (self.dir / "work").mkdir()
         kspec, launch = self._kernel_spec(key)
-        km = self.km = AsyncKernelManager(
+        km = self.km = PoolKernelManager(
             kernel_name=self.spec.name, kernel_spec_manager=StaticKernelSpecManager({self.spec.name: kspec}),
             client_factory=BoundedKernelClient, connection_file=str(self.runtime_dir / f"c-{self.id}.json"),
             transport="ipc", ip=str(self.dir / "k"))
