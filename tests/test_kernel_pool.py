@@ -399,6 +399,21 @@ def test_kernels_die_with_the_server(tmp_path: Path, mode: str, fork: bool) -> N
         proc.stdout.close()
 
 
+async def _printed(kernel: Any, code: str) -> str:
+    """What ``code`` prints on a started kernel."""
+    msg_id, out = kernel.client.execute(code), ""
+    while True:
+        msg = await kernel.client.get_iopub_msg(timeout=20)
+        if msg["parent_header"].get("msg_id") != msg_id:
+            continue
+        if msg["msg_type"] == "stream":
+            out += msg["content"]["text"]
+        if msg["msg_type"] == "error":
+            raise AssertionError(msg["content"]["evalue"])
+        if msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle":
+            return out
+
+
 def test_fork_server_kernels_and_restart(loop: asyncio.AbstractEventLoop, mode: str, tmp_path: Path) -> None:
     if mode != "bwrap" or os.geteuid() != 0:
         skip_or_fail("the fork server needs bwrap and root")
@@ -410,17 +425,7 @@ def test_fork_server_kernels_and_restart(loop: asyncio.AbstractEventLoop, mode: 
         a, b = await asyncio.gather(pool.acquire(), pool.acquire())
         assert a.proc.pid != b.proc.pid and fs.forks == 2
         for k in (a, b):
-            msg_id = k.client.execute("import random, os; print(random.random(), os.getpid())")
-            out = ""
-            while True:
-                msg = await k.client.get_iopub_msg(timeout=10)
-                if msg["parent_header"].get("msg_id") != msg_id:
-                    continue
-                if msg["msg_type"] == "stream":
-                    out += msg["content"]["text"]
-                if msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle":
-                    break
-            k.out = out
+            k.out = await _printed(k, "import random, os; print(random.random(), os.getpid())")
         assert a.out != b.out and a.out.split()[1] == "2"  # own pid namespace (below its init), reseeded random
         dirs = [k.km.provisioner.kernel_dir for k in (a, b)]
         assert all(d.is_dir() for d in dirs)
@@ -463,21 +468,6 @@ def test_a_pool_kernel_connects_its_control_channel_only_when_asked(loop: asynci
 
     loop.run_until_complete(go())
     assert descendants() == []
-
-
-async def _printed(kernel: Any, code: str) -> str:
-    """What ``code`` prints on a started kernel."""
-    msg_id, out = kernel.client.execute(code), ""
-    while True:
-        msg = await kernel.client.get_iopub_msg(timeout=20)
-        if msg["parent_header"].get("msg_id") != msg_id:
-            continue
-        if msg["msg_type"] == "stream":
-            out += msg["content"]["text"]
-        if msg["msg_type"] == "error":
-            raise AssertionError(msg["content"]["evalue"])
-        if msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle":
-            return out
 
 
 SHELL_PROBE = """import json, os
