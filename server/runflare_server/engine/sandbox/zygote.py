@@ -280,7 +280,7 @@ def apply_cli_config(app: Any, argv: list[str], config: Any) -> None:
 
 # The shell settings of the server's lean kernel command line (``adapters.PythonKernel.LEAN_ARGS``, a test
 # keeps them equal). The zygote builds that shell once; a forked kernel configured with exactly these shell
-# settings adopts it instead of building its own (about a third of a forked kernel's start CPU). Nothing of a
+# settings adopts it instead of building its own (about 10 ms of a forked kernel's start CPU). Nothing of a
 # submission is ever in it: the zygote runs no user code, and each kernel gets its own copy by the fork.
 SHELL_CONFIG = {"HistoryManager": {"enabled": "False"}, "InteractiveShell": {"colors": "NoColor"}}
 
@@ -300,7 +300,7 @@ def prebuild_shell() -> Any:
 
     config = Config({section: {key: DeferredConfigString(value) for key, value in values.items()}
                      for section, values in SHELL_CONFIG.items()})
-    config.IPKernelApp.quiet = True  # (a config without the app's section gets a placeholder in it)
+    config.IPKernelApp.quiet = True  # (the shell writes a placeholder into a config without this section)
     try:
         shell = ZMQInteractiveShell.instance(config=config, compiler_class=XCachingCompiler)
         # a first cell's one-time costs (IPython's transformers and compiler), paid here once, not in each
