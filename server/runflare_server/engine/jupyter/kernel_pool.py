@@ -101,7 +101,7 @@ class PoolKernelManager(AsyncKernelManager):
 
 
 class SandboxedKernel:
-    """One kernel in its own sandbox, started by ``AsyncKernelManager``, with a connected client. Used once.
+    """One kernel in its own sandbox, started by ``PoolKernelManager``, with a connected client. Used once.
 
     With bwrap the kernelspec names the ``runflare-sandbox`` provisioner (the fork server, the network and
     the kernel dir chosen by its config); the weak modes an operator may choose explicitly (``unshare``,
@@ -118,7 +118,7 @@ class SandboxedKernel:
         self.id = secrets.token_hex(6)
         self.dir = runtime_dir / f"k-{self.id}"  # the provisioner's kernel dir once started
         self.log_path = runtime_dir / f"log-{self.id}"  # the kernel's stdout/stderr (outside its dir)
-        self.km: AsyncKernelManager | None = None
+        self.km: PoolKernelManager | None = None
         self.proc: Any = None  # the sandbox's process (a Popen, or the fork server's ForkedProcess)
         self.client: Any = None
         self.start_wall: float | None = None
