@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -56,18 +57,29 @@ def engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Engine]:
     e.close()
 
 
-def test_bound_is_derived_from_the_output_cap() -> None:
-    assert message_bound(CAP) == BOUND
-    client = BoundedKernelClient(max_message_bytes=12345)
-    try:
-        import zmq
+def test_bound_is_derived_from_the_output_cap(tmp_path: Path) -> None:
+    import zmq
 
-        sock = client.context.socket(zmq.SUB)
-        assert sock.getsockopt(zmq.MAXMSGSIZE) == 12345  # every socket of the client's context
-        sock.close()
-    finally:
+    assert message_bound(CAP) == BOUND
+    clients = [BoundedKernelClient(max_message_bytes=bound) for bound in (12345, 12345, 23456)]
+    a, b, other = clients
+    assert a.context is b.context and other.context is not a.context  # one context per bound
+    sock = a.context.socket(zmq.SUB)
+    assert sock.getsockopt(zmq.MAXMSGSIZE) == 12345  # every socket of the context
+    sock.close()
+    for client in clients:
+        client.load_connection_info({"transport": "ipc", "ip": str(tmp_path / "k"), "shell_port": 1,
+                                     "iopub_port": 2, "stdin_port": 3, "hb_port": 4, "control_port": 5,
+                                     "key": "k", "signature_scheme": "hmac-sha256"})
+        client.start_channels(hb=False)
+    sockets = [a.shell_channel.socket, a.iopub_channel.socket, a.stdin_channel.socket,
+               *(monitor for _, monitor in a._watched)]
+    assert len(sockets) == 6 and all(s.getsockopt(zmq.MAXMSGSIZE) == 12345 for s in sockets[:3])
+    a.stop_channels()
+    assert all(s.closed for s in sockets) and not a.context.closed  # its sockets and monitors; not b's context
+    assert b.shell_channel.socket is not None and not b.shell_channel.socket.closed
+    for client in (b, other):
         client.stop_channels()
-    assert client.context.closed
 
 
 def test_huge_display_is_refused_undecoded(engine: Engine) -> None:

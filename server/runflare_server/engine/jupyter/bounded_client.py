@@ -6,6 +6,9 @@ frame is never copied to the event loop, never JSON-decoded. ZMQ treats it as a 
 not reconnect, so the kernel's later messages on that channel are lost too; a monitor on the iopub, shell
 and stdin sockets tells the run (``refused()``) and the run ends with a clear message, its kernel discarded.
 
+Clients of one bound share one ZMQ context (one I/O thread) for the life of the process: a context per
+client cost a thread's start and a blocking ``term()`` on the event loop for every kernel.
+
 The bound is ``4 * max_output_bytes + 64 KiB``: a run keeps at most ``max_output_bytes`` of output, and a
 legitimate message carrying that much stays under the bound even with base64 (the program-run kernel's
 reply) or JSON escapes. ZMQ applies it per frame: a Jupyter message has four JSON frames and, rarely,
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import os
 import time
 from typing import Any
 
@@ -31,6 +35,7 @@ SETTLE = 0.25  # seconds after a disconnect with no reconnect attempt: the conne
 _WATCHED = zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECT_DELAYED | zmq.EVENT_CONNECT_RETRIED | zmq.EVENT_CONNECTED
 _output_cap = Limits().max_output_bytes
 _monitor_ids = itertools.count()
+_contexts: dict[tuple[int, int], zmq.asyncio.Context] = {}  # (pid, bound) -> the clients' shared context
 
 
 def message_bound(max_output_bytes: int | None = None) -> int:
@@ -45,21 +50,31 @@ def allow_output(max_output_bytes: int) -> None:
     _output_cap = max(_output_cap, int(max_output_bytes))
 
 
+def shared_context(bound: int) -> zmq.asyncio.Context:
+    """This process's ZMQ context for clients bounded at ``bound`` bytes per frame (made on first use; a
+    forked child makes its own)."""
+    key = (os.getpid(), bound)
+    context = _contexts.get(key)
+    if context is None or context.closed:
+        context = _contexts[key] = zmq.asyncio.Context()
+        context.setsockopt(zmq.MAXMSGSIZE, bound)  # a default for every socket this context makes
+        context.setsockopt(zmq.LINGER, 0)  # nothing to a killed kernel is worth waiting for at close
+        # a kernel binds its sockets a moment after the client connects: retry every 10 ms, not ZMQ's 100
+        context.setsockopt(zmq.RECONNECT_IVL, 10)
+    return context
+
+
 class BoundedKernelClient(AsyncKernelClient):
     """An ``AsyncKernelClient`` whose sockets refuse messages over ``max_message_bytes`` (default:
-    ``message_bound()``). It owns its ZMQ context and destroys it in ``stop_channels``."""
+    ``message_bound()``). Its sockets live in the shared context of that bound; ``stop_channels`` closes
+    them and their monitors."""
 
     def __init__(self, *, max_message_bytes: int | None = None, **kwargs: Any) -> None:
         bound = int(max_message_bytes or message_bound())
-        context = zmq.asyncio.Context()
-        context.setsockopt(zmq.MAXMSGSIZE, bound)  # a default for every socket this context makes
-        # and nothing waits at close: a client dropped without stop_channels must not hang term() (in GC)
-        context.setsockopt(zmq.LINGER, 0)
-        # a kernel binds its sockets a moment after the client connects: retry every 10 ms, not ZMQ's 100
-        context.setsockopt(zmq.RECONNECT_IVL, 10)
-        super().__init__(context=context, **kwargs)
+        super().__init__(context=shared_context(bound), **kwargs)
         self.max_message_bytes = bound
         self._monitors: dict[str, zmq.Socket] = {}
+        self._watched: list[tuple[zmq.Socket, zmq.Socket]] = []  # (channel socket, its monitor's PAIR)
         self._cut_at: dict[str, float] = {}
 
     def execute_with(self, code: str, metadata: dict[str, Any], *, allow_stdin: bool, stop_on_error: bool) -> str:
@@ -72,10 +87,11 @@ class BoundedKernelClient(AsyncKernelClient):
         return msg["header"]["msg_id"]
 
     def _watch(self, channel: str, sock: zmq.Socket) -> zmq.Socket:
-        # destroyed with the context. A name of its own: pyzmq's default (the socket's fd number) can still
-        # be bound by an earlier monitor whose socket had that fd ("Address already in use")
+        # A name of its own: pyzmq's default (the socket's fd number) can still be bound by an earlier
+        # monitor whose socket had that fd ("Address already in use")
         monitor = sock.get_monitor_socket(_WATCHED, f"inproc://runflare-monitor-{next(_monitor_ids)}")
         self._monitors[channel] = zmq.Socket.shadow(monitor.underlying)  # a blocking view, read with NOBLOCK
+        self._watched.append((sock, monitor))
         return sock
 
     def connect_iopub(self, identity: bytes | None = None) -> zmq.Socket:
@@ -108,10 +124,11 @@ class BoundedKernelClient(AsyncKernelClient):
         return None
 
     def stop_channels(self) -> None:
-        try:
-            super().stop_channels()
-        finally:
-            self._monitors.clear()
-            if not self.context.closed:
-                with contextlib.suppress(zmq.ZMQError):
-                    self.context.destroy(linger=100)
+        self._monitors.clear()
+        for sock, monitor in self._watched:
+            with contextlib.suppress(zmq.ZMQError):
+                if not sock.closed:
+                    sock.disable_monitor()
+                monitor.close(linger=0)
+        self._watched.clear()
+        super().stop_channels()  # closes the channels' sockets; the shared context stays
