@@ -12,6 +12,7 @@ import sys
 import textwrap
 import time
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -538,6 +539,54 @@ def test_an_interrupt_reaches_a_forked_kernel_not_its_init(loop: asyncio.Abstrac
             await kernel.shutdown()
             await pool.stop()
             fs.close()
+
+    loop.run_until_complete(go())
+    assert descendants() == []
+
+
+def _sleeps(procs: list[psutil.Process]) -> int:
+    count = 0
+    for p in procs:
+        with contextlib.suppress(psutil.Error):
+            count += p.cmdline()[:1] == ["sleep"]
+    return count
+
+
+def _with_sleeps(kernel: SandboxedKernel) -> list[psutil.Process] | None:
+    procs = kernel.processes()
+    return procs if _sleeps(procs) == 2 else None
+
+
+def _all_gone(procs: list[psutil.Process]) -> bool:
+    return not any(running(p.pid) for p in procs)
+
+
+def test_killing_a_forked_kernel_now_kills_all_it_started(loop: asyncio.AbstractEventLoop, mode: str,
+                                                          tmp_path: Path) -> None:
+    """``kill_now`` (a run's end) signals only a forked kernel's PID-namespace init; everything the kernel
+    started, detached children included, must still die at once, before any ``shutdown``."""
+    if mode != "bwrap" or os.geteuid() != 0:
+        skip_or_fail("the fork server needs bwrap and root")
+    fs = ForkServer(tmp_path)
+    pool = KernelPool(load_spec("python3"), 0, mode, tmp_path, fork_server=fs)
+
+    async def go() -> None:
+        for with_cgroup in (True, False):  # its cgroup's pids, or (no cgroup hierarchy) its tree
+            kernel = await pool.acquire()
+            try:
+                assert kernel.fork_server is fs
+                if with_cgroup:
+                    kernel.prepare_cgroup()
+                await _printed(kernel, "import subprocess\n"
+                                       "subprocess.Popen(['sleep', '600'], start_new_session=True)\n"
+                                       "subprocess.Popen(['sh', '-c', '(sleep 600 &); exit 0']).wait()")
+                procs = wait_until(partial(_with_sleeps, kernel), message="the kernel's two detached sleeps started")
+                kernel.kill_now()
+                wait_until(partial(_all_gone, procs), message="every process of the kernel died without a shutdown")
+            finally:
+                await kernel.shutdown()
+        await pool.stop()
+        fs.close()
 
     loop.run_until_complete(go())
     assert descendants() == []
