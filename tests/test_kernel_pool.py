@@ -49,6 +49,16 @@ def mode() -> str:
     return m
 
 
+@pytest.fixture
+def fork_server(mode: str, tmp_path: Path) -> Iterator[ForkServer]:
+    """A fork server of its own (root and bwrap only), closed after the test."""
+    if mode != "bwrap" or os.geteuid() != 0:
+        skip_or_fail("the fork server needs bwrap and root")
+    fs = ForkServer(tmp_path)
+    yield fs
+    fs.close()
+
+
 def descendants() -> list[psutil.Process]:
     procs = own_descendants()
     _, alive = psutil.wait_procs(procs, timeout=3)
@@ -415,10 +425,9 @@ async def _printed(kernel: Any, code: str) -> str:
             return out
 
 
-def test_fork_server_kernels_and_restart(loop: asyncio.AbstractEventLoop, mode: str, tmp_path: Path) -> None:
-    if mode != "bwrap" or os.geteuid() != 0:
-        skip_or_fail("the fork server needs bwrap and root")
-    fs = ForkServer(tmp_path)
+def test_fork_server_kernels_and_restart(loop: asyncio.AbstractEventLoop, mode: str, tmp_path: Path,
+                                         fork_server: ForkServer) -> None:
+    fs = fork_server
     pool = KernelPool(load_spec("python3"), 0, mode, tmp_path, fork_server=fs)
     assert pool.fork_server is fs
 
@@ -485,12 +494,11 @@ print(json.dumps([ip.kernel.shell is ip, ip.parent is ip.kernel, ip.user_ns["get
 
 
 def test_a_forked_kernels_shell_is_wired_as_a_directly_started_kernels(loop: asyncio.AbstractEventLoop, mode: str,
-                                                                         tmp_path: Path) -> None:
+                                                                         tmp_path: Path,
+                                                                         fork_server: ForkServer) -> None:
     """A forked kernel adopts the shell the fork server built before any fork; it must be indistinguishable
     from the shell a kernel builds for itself: its kernel, config, profile, home and environment its own."""
-    if mode != "bwrap" or os.geteuid() != 0:
-        skip_or_fail("the fork server needs bwrap and root")
-    fs = ForkServer(tmp_path)
+    fs = fork_server
     forked_pool = KernelPool(load_spec("python3"), 0, mode, tmp_path, fork_server=fs)
     direct_pool = KernelPool(load_spec("python3"), 0, mode, tmp_path)
 
@@ -514,10 +522,8 @@ def test_a_forked_kernels_shell_is_wired_as_a_directly_started_kernels(loop: asy
 
 
 def test_an_interrupt_reaches_a_forked_kernel_not_its_init(loop: asyncio.AbstractEventLoop, mode: str,
-                                                           tmp_path: Path) -> None:
-    if mode != "bwrap" or os.geteuid() != 0:
-        skip_or_fail("the fork server needs bwrap and root")
-    fs = ForkServer(tmp_path)
+                                                           tmp_path: Path, fork_server: ForkServer) -> None:
+    fs = fork_server
     pool = KernelPool(load_spec("python3"), 0, mode, tmp_path, fork_server=fs)
 
     async def go() -> None:
@@ -562,12 +568,10 @@ def _all_gone(procs: list[psutil.Process]) -> bool:
 
 
 def test_killing_a_forked_kernel_now_kills_all_it_started(loop: asyncio.AbstractEventLoop, mode: str,
-                                                          tmp_path: Path) -> None:
+                                                          tmp_path: Path, fork_server: ForkServer) -> None:
     """``kill_now`` (a run's end) signals only a forked kernel's PID-namespace init; everything the kernel
     started, detached children included, must still die at once, before any ``shutdown``."""
-    if mode != "bwrap" or os.geteuid() != 0:
-        skip_or_fail("the fork server needs bwrap and root")
-    fs = ForkServer(tmp_path)
+    fs = fork_server
     pool = KernelPool(load_spec("python3"), 0, mode, tmp_path, fork_server=fs)
 
     async def go() -> None:
