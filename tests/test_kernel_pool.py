@@ -631,7 +631,9 @@ def test_ready_kernels_wait_in_a_cgroup_of_their_own(loop: asyncio.AbstractEvent
             groups = [k.cgroup for k in kernels]
             assert all(g is not None for g in groups) and groups[0] is not groups[1]
             for kernel in kernels:
-                assert set(kernel.cgroup.pids()) == {p.pid for p in kernel.processes()} != set()
+                tree = {p.pid for p in kernel.processes()}
+                assert set(kernel.cgroup.pids()) == tree != set()
+                assert {p.pid for p in kernel.members()} == tree  # what a run confines, read from the group
             return [d for g in groups for d in g.dirs.values()]
         finally:
             await pool.stop()

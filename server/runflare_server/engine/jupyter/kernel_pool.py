@@ -325,6 +325,21 @@ class SandboxedKernel:
         """The sandbox's process tree (bwrap, or the forked kernel's namespace init, included)."""
         return sb.tree(self.proc.pid) if self.proc is not None else []
 
+    def members(self) -> list[psutil.Process]:
+        """The kernel's processes: its cgroup's, read at once, when it waits in one (``prepare_cgroup`` put
+        its whole tree there, and all they start stays there), else its tree (``processes``)."""
+        if self.cgroup is None:
+            return self.processes()
+        try:
+            pids = self.cgroup.pids()
+        except OSError:
+            return self.processes()
+        procs = []
+        for pid in pids:
+            with contextlib.suppress(psutil.Error):
+                procs.append(psutil.Process(pid))
+        return procs
+
     def exit_status(self) -> tuple[int | None, int | None]:
         """``(exit code, signal)`` of the kernel once it is gone (exact when it was forked)."""
         if self.proc is None or self.proc.poll() is None:

@@ -285,11 +285,12 @@ class _Run:
         in order: no round trip in between."""
         kc = self.kernel.client
         feeder = StdinFeeder(self.request)
-        procs = self.kernel.processes()
-        self.base_cpu = (self.cgroup.cpu_seconds() if self.cgroup is not None else None)
-        if self.base_cpu is None:
-            self.base_cpu = sb.tree_cpu_seconds(procs)
-        self.base_rss_kb = sb.tree_rss_kb(procs)
+        base_cpu = self.cgroup.cpu_seconds() if self.cgroup is not None else None
+        if base_cpu is None or self.cgroup is None:  # measured on its processes (memory too: no cgroup's)
+            procs = self.kernel.processes()
+            base_cpu = sb.tree_cpu_seconds(procs) if base_cpu is None else base_cpu
+            self.base_rss_kb = sb.tree_rss_kb(procs)
+        self.base_cpu = base_cpu
         lim = self.limits
         cpu_kill = lim.cpu_time_limit + lim.cpu_extra_time
         t0 = self.t0 = time.monotonic()
@@ -610,7 +611,7 @@ class KernelRuns:
         """Set this run's limits on the kernel's cgroup (made while it waited in the pool; else a fresh one,
         the tree moved into it) and its RLIMIT_FSIZE."""
         lim = request.limits
-        procs = kernel.processes()
+        procs = kernel.members()
         sb.set_rlimits(procs, lim)
         group = kernel.cgroup
         if group is not None:
