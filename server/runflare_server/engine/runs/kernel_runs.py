@@ -286,9 +286,9 @@ class _Run:
         kc = self.kernel.client
         feeder = StdinFeeder(self.request)
         base_cpu = self.cgroup.cpu_seconds() if self.cgroup is not None else None
-        if base_cpu is None or self.cgroup is None:  # measured on its processes (memory too: no cgroup's)
+        if base_cpu is None:  # no group's figure: its processes' CPU, and memory (watched on them then)
             procs = self.kernel.processes()
-            base_cpu = sb.tree_cpu_seconds(procs) if base_cpu is None else base_cpu
+            base_cpu = sb.tree_cpu_seconds(procs)
             self.base_rss_kb = sb.tree_rss_kb(procs)
         self.base_cpu = base_cpu
         lim = self.limits
