@@ -301,12 +301,16 @@ class SandboxedKernel:
         if self.cgroup is not None:
             with contextlib.suppress(OSError):
                 pids = self.cgroup.pids()
-                for pid in [init] if init in pids else pids:  # its init, while it is there to kill
+                if init in pids:  # while it is there to kill, the namespace's end does the rest
+                    pids = [init]
+                for pid in pids:
                     with contextlib.suppress(ProcessLookupError, PermissionError):
                         os.kill(pid, signal.SIGKILL)
                 return
-        procs = self.processes()
-        for p in [procs[0]] if init is not None and procs and procs[0].pid == init else reversed(procs):
+        procs = self.processes()  # the tree, its root first
+        if init is not None and procs and procs[0].pid == init:
+            procs = procs[:1]
+        for p in reversed(procs):
             with contextlib.suppress(psutil.Error):
                 p.kill()
 
