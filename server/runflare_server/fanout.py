@@ -3,8 +3,10 @@
 A socket holds only a cursor (the last seq it was sent) and whether a message is in flight: no task, no
 coroutine and no queue per socket. The fan-out reads the broker's stream once per process and keeps
 references to its events (encoded once, shared with the broker's log), so a client joining late with any
-`since` is replayed from here. Each client has at most one message in flight: a client that reads slowly
-costs a cursor, never a growing buffer.
+`since` is replayed from here. An event goes straight into each idle socket's kernel buffer (no future, no
+callback), so a live event to a hundred clients costs a hundred `send`s and little else. A client whose
+buffer is full has at most one message in flight: a client that reads slowly costs a cursor, never a
+growing buffer.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from .broker.base import BrokerUnavailable
 
 log = logging.getLogger(__name__)
 
+MAX_INLINE = 64  # events one pump writes straight into a socket before it waits for a flush
+
 
 class Follower(Protocol):
     """What the fan-out needs of a socket."""
@@ -25,8 +29,9 @@ class Follower(Protocol):
     sent_seq: int  # the last seq this client was sent
     inflight_since: float | None  # time.monotonic() the message in flight was written, None when idle
 
-    def send_event(self, event: Any) -> asyncio.Future | None:
-        """Write one event; the future resolves once it is flushed. None if the socket is closed."""
+    def send_event(self, event: Any, now: bool) -> asyncio.Future | bool:
+        """Write one event. True: it is already in the kernel's socket buffer (only tried when `now`); a
+        future: it resolves once the event is flushed; False: the socket is closed."""
 
     def finished(self, code: int, reason: str) -> None:
         """The stream ended (1000) or failed (1013): close with this code."""
@@ -72,17 +77,24 @@ class Fanout:
                 self.pump(follower)
 
     def pump(self, follower: Follower) -> None:
-        """Send the follower its next event, if it has none in flight; at the end, close it."""
+        """Send the follower the events it has not had, while each goes straight into its socket (at most
+        MAX_INLINE in one call, so a long replay yields to the loop); the first that does not is left in
+        flight. With nothing left to send at the end, close it."""
         index = self._index_after(follower.sent_seq)
-        if index < len(self.events):
+        inline = 0
+        while index < len(self.events):
             event = self.events[index]
-            sent = follower.send_event(event)
-            if sent is None:
+            sent = follower.send_event(event, now=inline < MAX_INLINE)
+            if sent is False:
                 return
             follower.sent_seq = event["seq"]
-            follower.inflight_since = time.monotonic()
-            sent.add_done_callback(lambda future: self._flushed(follower, future))
-        elif self.ended is not None:
+            if sent is not True:
+                follower.inflight_since = time.monotonic()
+                sent.add_done_callback(lambda future: self._flushed(follower, future))
+                return
+            index += 1
+            inline += 1
+        if self.ended is not None:
             code, reason = self.ended
             follower.finished(code, reason % follower.sent_seq if "%d" in reason else reason)
 

@@ -9,7 +9,7 @@ import time
 from typing import Any
 
 from tornado import websocket
-from tornado.iostream import StreamClosedError
+from tornado.iostream import IOStream, StreamClosedError
 
 from .. import events
 from ..statuses import is_final
@@ -124,19 +124,30 @@ class SubmissionSocket(websocket.WebSocketHandler):
         except websocket.WebSocketClosedError:
             return None
 
-    def send_event(self, event: Any) -> asyncio.Future | None:
-        """An event of the stream, as the frame built once for every client: written straight to the
-        connection's stream (``write_message`` would frame it again and start a task per message). The
-        future resolves once the frame is flushed. Compression is never negotiated here
-        (``get_compression_options`` returns None), so every client takes the same bytes."""
+    def send_event(self, event: Any, now: bool) -> asyncio.Future | bool:
+        """An event of the stream, as the frame built once for every client (``write_message`` would frame
+        it again and start a task per message). With `now` and nothing else queued on the connection, the
+        frame goes straight into the socket: True if it all went. Otherwise what is left goes through the
+        connection's stream, and the future resolves once it is flushed. False: the socket is closed.
+        Compression is never negotiated here (``get_compression_options`` returns None), so every client
+        takes the same bytes."""
         self.last_activity = time.monotonic()
         conn = self.ws_connection
         if conn is None or conn.is_closing():
-            return None
+            return False
+        stream, frame = conn.stream, event.frame
         try:
-            return conn.stream.write(event.frame)
+            if now and type(stream) is IOStream and not stream.writing():
+                try:
+                    written = stream.socket.send(frame)
+                except OSError:  # full, or reset: the stream's own write waits, or meets the error and closes
+                    written = 0
+                if written == len(frame):
+                    return True
+                frame = memoryview(frame)[written:]
+            return stream.write(frame)
         except StreamClosedError:
-            return None
+            return False
 
     def finished(self, code: int, reason: str) -> None:
         self.close(code, reason)
