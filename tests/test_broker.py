@@ -633,6 +633,37 @@ async def test_a_watched_runs_end_reaches_its_node_without_it_reading_the_run(sh
     client.close()
 
 
+async def test_a_watched_run_s_small_stored_result_comes_with_its_end(shared: Backend):
+    """The node waiting for a run gets the stored submission with the final publish when it is small (it
+    needs no store read), not when it is large; a result with a publish that is not final is not told. The
+    node trims what it has read of its wake stream, so told results do not pile up in Redis."""
+    from runflare_server.broker.redis import RESULT_TOLD_MAX
+
+    client = redis_client()
+    small = {"token": "s", "status_id": 3, "stdout": "hi\n\udcff", "time": 0.012, "outputs": [{"a": [1, None]}]}
+    big = {"token": "b", "status_id": 3, "outputs": [{"data": "x" * RESULT_TOLD_MAX}]}
+    async with shared.broker() as api, shared.broker() as worker:
+        for token in ("b", "s"):
+            await api.announce(token, [{"n": 1}], watch=True)
+        waiting = {token: asyncio.ensure_future(api.wait_final(token)) for token in ("b", "s")}
+        await asyncio.sleep(0.05)
+        await worker.publish_many("s", [{"n": 2}], result=small)  # not final: nothing to tell
+        await worker.publish_many("b", [{"n": 2}], final=True, result=big)
+        assert await bounded(waiting["b"]) is None  # the caller reads the store
+        await worker.publish_many("s", [{"n": 3}], final=True, result=small)
+        assert await bounded(waiting["s"]) == small
+        wake = f"{shared.prefix}:wake:{api.consumer}"
+
+        async def trimmed() -> None:  # only the last entry read is left (the trim is in the background)
+            while client.xlen(wake) > 1:
+                await asyncio.sleep(0.01)
+
+        await bounded(trimmed())
+        ((_id, fields),) = client.xrange(wake)
+        assert fields[b"final"] == b"s" and b"result" in fields
+    client.close()
+
+
 async def test_a_watched_run_lost_with_redis_s_data_ends_its_wait(shared: Backend):
     client = redis_client()
     async with shared.broker() as api:

@@ -146,6 +146,29 @@ def test_a_run_created_on_one_api_node_is_followed_on_the_other(cluster: Cluster
     assert wait_until(lambda: finished(b, token2))["stdout"] == "42\n"
 
 
+def test_a_wait_true_answer_is_what_a_get_returns_after(cluster: Cluster) -> None:
+    """A small result comes to the waiting API node with the run's final publish (its wake stream shows
+    it: the row as PostgreSQL holds it); a large one is read from the store. Either way the answer is
+    exactly what a GET returns afterwards."""
+    import psycopg
+    import redis
+
+    api = cluster.apis[0]
+    answers = [post(api.api + "/submissions?wait=true&fields=*", {"source_code": src, "language_id": 71}).json
+               for src in ('print("hi")', 'print("x" * 40000)')]
+    for done in answers:
+        assert done["status"]["id"] == 3, done
+        assert done == get(f"{api.api}/submissions/{done['token']}?fields=*").json
+    small = answers[0]["token"]
+    client = redis.Redis.from_url("redis://127.0.0.1:6379/0")
+    told = [json.loads(fields[b"result"]) for key in client.scan_iter(f"{cluster.env['RUNFLARE_BROKER_PREFIX']}:wake:*")
+            for _id, fields in client.xrange(key) if fields.get(b"final") == small.encode() and b"result" in fields]
+    client.close()
+    with psycopg.connect(cluster.env["RUNFLARE_STORE"]) as db:
+        (doc,) = db.execute("SELECT doc FROM submissions WHERE token = %s", (small,)).fetchone()
+    assert told == [json.loads(doc)]
+
+
 def test_interactive_stdin_typed_on_one_node_reaches_the_worker(cluster: Cluster) -> None:
     a, b = cluster.apis
     src = "name = input()\nprint('hello', name)\n"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import Any
 
 from .broker import Broker
 from .broker.base import BrokerUnavailable, Event
@@ -32,11 +33,12 @@ class EventSender:
         elif len(self._pending) >= MAX_PENDING:
             await asyncio.shield(self._sending)
 
-    async def close(self, *last: Event) -> None:
-        """Send what is queued and then `last`, the final event last (it ends the stream)."""
+    async def close(self, *last: Event, result: dict[str, Any] | None = None) -> None:
+        """Send what is queued and then `last`, the final event last (it ends the stream); `result` is the
+        submission as stored, for a node waiting for it."""
         await self.drain()
         events, self._pending = [*self._pending, *last], []
-        await self._send(events, final=True)
+        await self._send(events, final=True, result=result)
 
     async def drain(self) -> None:
         """Wait until what was emitted is sent (a run given up: a retry's events come after these)."""
@@ -48,9 +50,9 @@ class EventSender:
             events, self._pending = self._pending, []
             await self._send(events, final=False)
 
-    async def _send(self, events: list[Event], final: bool) -> None:
+    async def _send(self, events: list[Event], final: bool, result: dict[str, Any] | None = None) -> None:
         try:
-            await self.broker.publish_many(self.token, events, final=final)
+            await self.broker.publish_many(self.token, events, final=final, result=result)
         except BrokerUnavailable as exc:
             log.warning("%d events for %s dropped: %s", len(events), self.token, exc)
         except Exception:  # the run and its stored result go on without them

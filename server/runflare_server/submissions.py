@@ -79,7 +79,9 @@ class Submissions:
             following = sub is not None and not is_final(sub["status_id"]) and await self.broker.has_log(token)
         if following:
             try:
-                await asyncio.wait_for(self.broker.wait_final(token), timeout)
+                told = await asyncio.wait_for(self.broker.wait_final(token), timeout)
+                if told is not None:  # the worker's final publish brought the row it stored
+                    return told  # type: ignore[return-value]
             except (asyncio.TimeoutError, BrokerUnavailable):  # the stored state is the answer then
                 pass
             sub = await self.store.get(token)

@@ -335,14 +335,14 @@ class Worker:
         backoff = Backoff()
         while True:  # the run is done: only its result is retried, never the run
             try:
-                await self.store.update(token, changes)
+                stored = await self.store.update(token, changes)
                 break
             except StoreUnavailable as exc:
                 log.warning("result of %s not stored yet: %s; retrying", token, exc)
                 await backoff.sleep()
         sub.update(changes)  # type: ignore[typeddict-item]
         sender = sender or EventSender(self.broker, token)
-        await sender.close(events.progress(token, "finished"), events.status_update(token, sub))
+        await sender.close(events.progress(token, "finished"), events.status_update(token, sub), result=stored)
         if sub.get("callback_url"):
             try:
                 self.callbacks.send(sub["callback_url"], self.render_callback(sub))

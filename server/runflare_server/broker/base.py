@@ -59,16 +59,19 @@ class Broker(Protocol):
     async def publish(self, token: str, event: Event, final: bool = False) -> Event:
         """Append an event to the token's stream, stamping the next `seq`; `final` ends the stream."""
 
-    async def publish_many(self, token: str, events: list[Event], final: bool = False) -> list[Event]:
-        """Append the events in order, in one step; `final` ends the stream after the last one."""
+    async def publish_many(self, token: str, events: list[Event], final: bool = False,
+                           result: dict[str, Any] | None = None) -> list[Event]:
+        """Append the events in order, in one step; `final` ends the stream after the last one. `result`,
+        with `final`: the submission as just stored, which the node waiting for the run may answer with."""
 
     async def announce(self, token: str, events: list[Event], watch: bool = False) -> list[Event]:
         """Open (or go on with) the token's stream with `events`, then queue the token, in one step.
         `watch`: this node will `wait_final` for the run (a wait=true request)."""
 
-    async def wait_final(self, token: str) -> None:
-        """Return once the run's final event is published, or the broker can no longer tell (then the
-        store has the answer); BrokerUnavailable if it cannot be reached."""
+    async def wait_final(self, token: str) -> dict[str, Any] | None:
+        """Return once the run's final event is published, or the broker can no longer tell; the stored
+        submission if its final publish brought it here, else None (the store has the answer).
+        BrokerUnavailable if it cannot be reached."""
 
     async def has_log(self, token: str) -> bool:
         """Whether the token has an event stream here (live, or finished and not yet expired)."""

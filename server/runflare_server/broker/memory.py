@@ -168,7 +168,8 @@ class MemoryBroker:
             self._evict()
         return logged
 
-    async def publish_many(self, token: str, events: list[Event], final: bool = False) -> list[Event]:
+    async def publish_many(self, token: str, events: list[Event], final: bool = False,
+                           result: dict[str, Any] | None = None) -> list[Event]:
         return [await self.publish(token, event, final and i == len(events) - 1) for i, event in enumerate(events)]
 
     async def announce(self, token: str, events: list[Event], watch: bool = False) -> list[Event]:
@@ -176,9 +177,10 @@ class MemoryBroker:
         await self.enqueue(token)
         return published
 
-    async def wait_final(self, token: str) -> None:
+    async def wait_final(self, token: str) -> dict[str, Any] | None:
         async for _event in self.subscribe(token):  # it ends after the final event
             pass
+        return None  # the store is in this process too
 
     async def has_log(self, token: str) -> bool:
         return token in self._logs

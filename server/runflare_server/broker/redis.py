@@ -50,15 +50,18 @@ OPENED_KEPT = 256  # streams opened lately, what they hold kept for a subscriber
 # run's WebSocket right after creating it)
 OPENED_FOR = 5.0  # seconds that is trusted: the stream surely exists (it outlives a run by `retention`)
 WAKE_KEPT = 10_000  # entries a wake stream keeps (about: MAXLEN ~), more than a reader lets pile up
+RESULT_TOLD_MAX = 16_384  # characters of a stored submission's JSON its final publish tells its waiting node
+# (a larger one is read from the store); its node trims what it has read, so its wake stream stays small
 WATCHED_KEPT = 10_000  # runs a node waits for the end of (wait=true); the oldest are let go past that
 STALE_CHECKS = 4  # looks for a dead worker's jobs per visibility timeout (at most one per BLOCK)
 CATALOG_TTL = 86_400  # seconds the workers' language catalog lasts without a worker saying it again
 
 # KEYS: events stream, seq counter, queue, watcher. ARGV: final flag (for the last event), maxlen, ttl ms final,
 # live ttl ms, token, queue it after the events ('1' or ''), a wake stream to tell of its final event ('' for
-# none), then each event's JSON without seq. One round trip for a run's opening (its events, its queue entry,
-# who waits for its end) or its closing events. The final event is told to the wake stream its watcher named
-# (the API node of a wait=true request), so that node needs not read every event of the run. The watcher's
+# none), the stored submission's JSON to tell with it ('' for none), then each event's JSON without seq. One
+# round trip for a run's opening (its events, its queue entry, who waits for its end) or its closing events.
+# The final event is told to the wake stream its watcher named (the API node of a wait=true request), so that
+# node needs not read every event of the run, nor the store when the result comes along. The watcher's
 # stream is made by the announce, and never made again by a final (its node may have closed and deleted it).
 PUBLISH = """
 local seq = redis.call('INCR', KEYS[2])
@@ -67,11 +70,11 @@ if last[1] then
   local previous = tonumber(string.match(last[1][1], '^(%d+)'))
   if previous >= seq then seq = previous + 1 end
 end
-local count = #ARGV - 7
+local count = #ARGV - 8
 local final = ARGV[1] == '1'
 local raws = {}
 for i = 1, count do
-  local body = ARGV[7 + i]
+  local body = ARGV[8 + i]
   local sep = ', '
   if body == '{}' then sep = '' end
   local raw = string.sub(body, 1, -2) .. sep .. '"seq": ' .. seq .. '}'
@@ -98,7 +101,11 @@ if final then
   local watcher = redis.call('GET', KEYS[4])
   if watcher then
     redis.call('DEL', KEYS[4])
-    redis.call('XADD', watcher, 'NOMKSTREAM', 'MAXLEN', '~', WAKE_KEPT, '*', 'final', ARGV[5])
+    if ARGV[8] ~= '' then
+      redis.call('XADD', watcher, 'NOMKSTREAM', 'MAXLEN', '~', WAKE_KEPT, '*', 'final', ARGV[5], 'result', ARGV[8])
+    else
+      redis.call('XADD', watcher, 'NOMKSTREAM', 'MAXLEN', '~', WAKE_KEPT, '*', 'final', ARGV[5])
+    end
     redis.call('PEXPIRE', watcher, ARGV[4])
   end
 end
@@ -157,6 +164,15 @@ redis.call('PEXPIRE', KEYS[1], ARGV[4])
 redis.call('PEXPIRE', KEYS[2], ARGV[4])
 return 1
 """
+
+
+def told_result(result: dict[str, Any] | None) -> str:
+    """The stored submission as its final publish tells it, or "" when there is none or it is too large
+    (its text fields alone are measured first, so a large result is never encoded for nothing)."""
+    if result is None or sum(len(v) for v in result.values() if isinstance(v, str)) > RESULT_TOLD_MAX:
+        return ""
+    told = json.dumps(result)
+    return told if len(told) <= RESULT_TOLD_MAX else ""
 
 
 def item_cost(chunk: str | None) -> int:
@@ -310,9 +326,10 @@ class RedisBroker:
         self._reading = False  # the reader's XREAD is out: a new stream needs a nudge through Redis
         self._nudged = False  # ... and has had one
         self._nudges: set[asyncio.Task] = set()
-        # Runs this node announced with watch=True: True once their final event is told on the wake stream,
-        # False when let go otherwise (the waiter then follows the run's stream itself).
-        self._watched: dict[str, asyncio.Future[bool]] = {}
+        # Runs this node announced with watch=True: (True, the stored submission or None) once their final
+        # event is told on the wake stream, (False, None) when let go otherwise (the waiter then follows the
+        # run's stream itself).
+        self._watched: dict[str, asyncio.Future[tuple[bool, dict[str, Any] | None]]] = {}
         self._watching: set[str] = set()  # of those, the ones whose watcher key is in Redis (announced)
         self._next_watch_check = 0.0
         self._closed = False
@@ -479,8 +496,9 @@ class RedisBroker:
         (published,) = await self._publish_all(token, [event], final)
         return published
 
-    async def publish_many(self, token: str, events: list[Event], final: bool = False) -> list[Event]:
-        return await self._publish_all(token, events, final)
+    async def publish_many(self, token: str, events: list[Event], final: bool = False,
+                           result: dict[str, Any] | None = None) -> list[Event]:
+        return await self._publish_all(token, events, final, result=told_result(result) if final else "")
 
     async def announce(self, token: str, events: list[Event], watch: bool = False) -> list[Event]:
         if watch:
@@ -499,12 +517,12 @@ class RedisBroker:
         return published
 
     async def _publish_all(self, token: str, events: list[Event], final: bool, queue: bool = False,
-                           watch: bool = False) -> list[Event]:
+                           watch: bool = False, result: str = "") -> list[Event]:
         if not events:
             return []
         bodies = [json.dumps({k: v for k, v in event.items() if k != "seq"}) for event in events]
         args = ["1" if final else "0", self.max_events, max(1, int(self.retention * 1000)), LIVE_TTL * 1000,
-                token, "1" if queue else "", self._wake_key if watch else "", *bodies]
+                token, "1" if queue else "", self._wake_key if watch else "", result, *bodies]
         keys = [self._key("events", token), self._key("seq", token), self._queue, self._key("watcher", token)]
         with unavailable():
             raws = await self._publish(keys=keys, args=args)
@@ -603,28 +621,44 @@ class RedisBroker:
         if self._reader is None or self._reader.done():
             self._reader = asyncio.create_task(self._read_loop())
 
-    def _release_watched(self, tokens: Iterable[str], told: bool) -> None:
+    def _release_watched(self, tokens: Iterable[str], told: bool,
+                         results: dict[str, dict[str, Any]] | None = None) -> None:
         for token in tokens:
             waiter = self._watched.pop(token, None)
             self._watching.discard(token)
             if waiter is not None and not waiter.done():
-                waiter.set_result(told)
+                waiter.set_result((told, results.get(token) if results else None))
 
-    async def wait_final(self, token: str) -> None:
+    async def wait_final(self, token: str) -> dict[str, Any] | None:
         """Return once the run's final event is published (or this node can no longer tell: the caller
-        reads the store either way). A run this node announced with watch=True is told by its final
-        publish, through this node's wake stream; any other is followed event by event."""
+        reads the store then). A run this node announced with watch=True is told by its final publish,
+        through this node's wake stream, with the stored submission when it was small enough to come
+        along (returned); any other is followed event by event."""
         waiter = self._watched.get(token)
         if waiter is not None:
             try:
-                if await asyncio.shield(waiter):
-                    return
+                told, result = await asyncio.shield(waiter)
+                if told:
+                    return result
             finally:
                 self._release_watched([token], told=False)
         if self._closed:
-            return
+            return None
         async for _event in self.subscribe(token):  # it ends after the final event
             pass
+        return None
+
+    def _trim_wake(self, read_to: str) -> None:
+        """Drop the wake stream's entries before `read_to`, in the background."""
+        async def trim() -> None:
+            try:
+                await self._redis.xtrim(self._wake_key, minid=read_to, approximate=False)
+            except (RedisError, OSError) as exc:  # MAXLEN ~ WAKE_KEPT still bounds it
+                log.debug("could not trim the wake stream: %s", exc)
+
+        task = asyncio.ensure_future(trim())
+        self._nudges.add(task)
+        task.add_done_callback(self._nudges.discard)
 
     async def _nudge(self) -> None:
         try:
@@ -672,7 +706,11 @@ class RedisBroker:
         for key, entries in result or []:
             if key == self._wake_key:
                 self._wake_last = entries[-1][0]
-                self._release_watched([fields["final"] for _id, fields in entries if "final" in fields], told=True)
+                finals = [fields for _id, fields in entries if "final" in fields]
+                results = {f["final"]: json.loads(f["result"]) for f in finals if "result" in f}
+                self._release_watched([f["final"] for f in finals], told=True, results=results)
+                if results:  # what was read need not stay (results are what make a wake stream large)
+                    self._trim_wake(self._wake_last)
             else:
                 live[key].extend(entries)
         if self._watching and time.monotonic() >= self._next_watch_check:
