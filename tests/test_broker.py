@@ -633,11 +633,14 @@ async def test_a_watched_runs_end_reaches_its_node_without_it_reading_the_run(sh
     client.close()
 
 
-async def test_a_watched_run_s_small_stored_result_comes_with_its_end(shared: Backend):
+async def test_a_watched_run_s_small_stored_result_comes_with_its_end(shared: Backend, monkeypatch):
     """The node waiting for a run gets the stored submission with the final publish when it is small (it
     needs no store read), not when it is large; a result with a publish that is not final is not told. The
     node trims what it has read of its wake stream, so told results do not pile up in Redis."""
+    from runflare_server.broker import redis as redis_broker
     from runflare_server.broker.redis import RESULT_TOLD_MAX
+
+    monkeypatch.setattr(redis_broker, "TRIM_WAKE_AFTER", 1)
 
     client = redis_client()
     small = {"token": "s", "status_id": 3, "stdout": "hi\n\udcff", "time": 0.012, "outputs": [{"a": [1, None]}]}

@@ -51,7 +51,9 @@ OPENED_KEPT = 256  # streams opened lately, what they hold kept for a subscriber
 OPENED_FOR = 5.0  # seconds that is trusted: the stream surely exists (it outlives a run by `retention`)
 WAKE_KEPT = 10_000  # entries a wake stream keeps (about: MAXLEN ~), more than a reader lets pile up
 RESULT_TOLD_MAX = 16_384  # characters of a stored submission's JSON its final publish tells its waiting node
-# (a larger one is read from the store); its node trims what it has read, so its wake stream stays small
+# (a larger one is read from the store)
+TRIM_WAKE_AFTER = 32  # results read from the wake stream before its node trims what it has read (so the
+# stream holds at most about this many results, and the trim, one command, is off most answers' path)
 WATCHED_KEPT = 10_000  # runs a node waits for the end of (wait=true); the oldest are let go past that
 STALE_CHECKS = 4  # looks for a dead worker's jobs per visibility timeout (at most one per BLOCK)
 CATALOG_TTL = 86_400  # seconds the workers' language catalog lasts without a worker saying it again
@@ -323,6 +325,7 @@ class RedisBroker:
         # a stream joins without cancelling the read (redis-py drops the socket of a cancelled one).
         self._wake_key = self._key("wake", self.consumer)
         self._wake_last = "0-0"
+        self._results_untrimmed = 0  # results read from the wake stream since it was last trimmed
         self._reading = False  # the reader's XREAD is out: a new stream needs a nudge through Redis
         self._nudged = False  # ... and has had one
         self._nudges: set[asyncio.Task] = set()
@@ -709,7 +712,9 @@ class RedisBroker:
                 finals = [fields for _id, fields in entries if "final" in fields]
                 results = {f["final"]: json.loads(f["result"]) for f in finals if "result" in f}
                 self._release_watched([f["final"] for f in finals], told=True, results=results)
-                if results:  # what was read need not stay (results are what make a wake stream large)
+                self._results_untrimmed += len(results)
+                if self._results_untrimmed >= TRIM_WAKE_AFTER:  # results are what make a wake stream large
+                    self._results_untrimmed = 0
                     self._trim_wake(self._wake_last)
             else:
                 live[key].extend(entries)
