@@ -159,7 +159,9 @@ async def serve(settings: Settings) -> None:
 def settle_heap() -> None:
     """Move what start-up built (modules, the app, the engine, the pool's first kernels) out of the
     collector's reach: a full collection then walks only what runs made since, a few ms instead of the
-    40-70 ms that stalled every live event on this machine (docs/benchmarks.md, stop 27)."""
+    40-70 ms that stalled every live event on this machine (docs/benchmarks.md, stop 27). Cycles among
+    these objects that die later (the first pool kernels' managers) are never collected: a fixed cost,
+    paid once."""
     gc.collect()
     gc.freeze()
 
