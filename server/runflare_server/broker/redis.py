@@ -328,7 +328,7 @@ class RedisBroker:
         self._results_untrimmed = 0  # results read from the wake stream since it was last trimmed
         self._reading = False  # the reader's XREAD is out: a new stream needs a nudge through Redis
         self._nudged = False  # ... and has had one
-        self._nudges: set[asyncio.Task] = set()
+        self._background: set[asyncio.Task] = set()  # nudges and trims of the wake stream, not awaited
         # Runs this node announced with watch=True: (True, the stored submission or None) once their final
         # event is told on the wake stream, (False, None) when let go otherwise (the waiter then follows the
         # run's stream itself).
@@ -356,7 +356,7 @@ class RedisBroker:
     async def close(self) -> None:
         """Stop the background tasks (held jobs are no longer kept alive) and close the connections."""
         self._closed = True
-        tasks = [*self._tasks, *self._nudges, *([self._reader] if self._reader else [])]
+        tasks = [*self._tasks, *self._background, *([self._reader] if self._reader else [])]
         self._tasks, self._reader = [], None
         for task in tasks:
             task.cancel()
@@ -609,9 +609,7 @@ class RedisBroker:
         self._wake.set()
         if self._reading and not self._nudged:
             self._nudged = True
-            nudge = asyncio.ensure_future(self._nudge())
-            self._nudges.add(nudge)
-            nudge.add_done_callback(self._nudges.discard)
+            self._in_background(self._nudge())
 
     def _watch(self, token: str) -> None:
         self._watched[token] = asyncio.get_running_loop().create_future()
@@ -651,17 +649,18 @@ class RedisBroker:
             pass
         return None
 
-    def _trim_wake(self, read_to: str) -> None:
-        """Drop the wake stream's entries before `read_to`, in the background."""
-        async def trim() -> None:
-            try:
-                await self._redis.xtrim(self._wake_key, minid=read_to, approximate=False)
-            except (RedisError, OSError) as exc:  # MAXLEN ~ WAKE_KEPT still bounds it
-                log.debug("could not trim the wake stream: %s", exc)
+    def _in_background(self, work: Any) -> None:
+        """Run `work` without waiting for it; `close` cancels it if it is still out."""
+        task = asyncio.ensure_future(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
-        task = asyncio.ensure_future(trim())
-        self._nudges.add(task)
-        task.add_done_callback(self._nudges.discard)
+    async def _trim_wake(self, read_to: str) -> None:
+        """Drop the wake stream's entries before `read_to`."""
+        try:
+            await self._redis.xtrim(self._wake_key, minid=read_to, approximate=False)
+        except (RedisError, OSError) as exc:  # MAXLEN ~ WAKE_KEPT still bounds it
+            log.debug("could not trim the wake stream: %s", exc)
 
     async def _nudge(self) -> None:
         try:
@@ -715,7 +714,7 @@ class RedisBroker:
                 self._results_untrimmed += len(results)
                 if self._results_untrimmed >= TRIM_WAKE_AFTER:  # results are what make a wake stream large
                     self._results_untrimmed = 0
-                    self._trim_wake(self._wake_last)
+                    self._in_background(self._trim_wake(self._wake_last))
             else:
                 live[key].extend(entries)
         if self._watching and time.monotonic() >= self._next_watch_check:
