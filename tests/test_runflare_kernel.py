@@ -157,6 +157,45 @@ class EngineMetadataTests(unittest.TestCase):
         # the chunks may arrive split ("mine", "\n"): what counts is that they are this request's, in order
         self.assertEqual("".join(m["content"]["text"] for m in iopub if m["msg_type"] == "stream"), "mine\n")
 
+    def test_output_and_control_statuses_from_two_threads_all_arrive_whole(self):
+        # the run's output is published by the main thread, a control request's statuses by the control
+        # thread, both straight onto the one iopub socket: taking turns, so every message arrives intact
+        lines = 3000
+        msg = self.kc.session.msg("execute_request", {"code": f"for i in range({lines}): print(i)",
+                                                      "silent": False, "store_history": False,
+                                                      "user_expressions": {}, "allow_stdin": False},
+                                  metadata={"runflare": {"language_id": 71}})
+        self.kc.shell_channel.send(msg)
+        control_ids = set()
+        for _ in range(40):
+            request = self.kc.session.msg("kernel_info_request")
+            control_ids.add(request["header"]["msg_id"])
+            self.kc.control_channel.send(request)
+        text, control_statuses = [], []
+        while True:
+            m = self.kc.get_iopub_msg(timeout=60)
+            parent = m["parent_header"].get("msg_id")
+            if parent in control_ids and m["msg_type"] == "status":
+                control_statuses.append((parent, m["content"]["execution_state"]))
+            elif parent == msg["header"]["msg_id"]:
+                if m["msg_type"] == "stream":
+                    text.append(m["content"]["text"])
+                elif m["msg_type"] == "status" and m["content"]["execution_state"] == "idle":
+                    break
+        replies = {self.kc.get_control_msg(timeout=60)["parent_header"]["msg_id"] for _ in control_ids}
+        while True:
+            reply = self.kc.get_shell_msg(timeout=60)
+            if reply["parent_header"].get("msg_id") == msg["header"]["msg_id"]:
+                break
+        self.assertEqual("".join(text), "".join(f"{i}\n" for i in range(lines)))
+        self.assertEqual(replies, control_ids)
+        while len(control_statuses) < 2 * len(control_ids):  # the last ones may come after the run's idle
+            m = self.kc.get_iopub_msg(timeout=60)
+            if m["parent_header"].get("msg_id") in control_ids:
+                control_statuses.append((m["parent_header"]["msg_id"], m["content"]["execution_state"]))
+        self.assertEqual(sorted(control_statuses), sorted((i, s) for i in control_ids for s in ("busy", "idle")))
+        self.assertEqual(reply["content"]["status"], "ok")
+
     def test_kernelspecs_installed_for_available_languages(self):
         specs = KernelSpecManager().find_kernel_specs()
         for lang in languages.LANGUAGES:
