@@ -36,6 +36,7 @@ from runflare_server.engine.jupyter.adapters import KernelAdapter, adapter_for
 from runflare_server.engine.jupyter.bounded_client import BoundedKernelClient
 from runflare_server.engine.jupyter.fork_server import ForkServer
 from runflare_server.engine.jupyter.kernelspecs import StaticKernelSpecManager
+from runflare_server.engine.jupyter.lean_session import LeanSession
 from runflare_server.engine.jupyter.provisioner import PROVISIONER_NAME, RunflareSandboxProvisioner
 from runflare_server.engine.sandbox import kernel_sandbox as sb
 from runflare_server.engine.sandbox import policy
@@ -184,7 +185,7 @@ class SandboxedKernel:
         km = self.km = PoolKernelManager(
             kernel_name=self.spec.name, kernel_spec_manager=StaticKernelSpecManager({self.spec.name: kspec}),
             client_factory=BoundedKernelClient, connection_file=str(self.runtime_dir / f"c-{self.id}.json"),
-            transport="ipc", ip=str(self.dir / "k"))
+            transport="ipc", ip=str(self.dir / "k"), session=LeanSession())
         if not self.sandboxed_by_provisioner:  # the connection the kernel was given above
             km.load_connection_info(_connection(str(self.dir / "k"), key))
         with open(self.log_path, "ab") as out:  # not in asyncio.wait_for: on 3.11 it can swallow a cancel

@@ -51,6 +51,7 @@ from runflare_server.engine.interface import Emit, LanguageInfo, RunRequest, Run
 from runflare_server.engine.jupyter.bounded_client import BoundedKernelClient, message_bound
 from runflare_server.engine.jupyter.kernel_pool import Pool
 from runflare_server.engine.jupyter.kernelspecs import StaticKernelSpecManager
+from runflare_server.engine.jupyter.lean_session import LeanSession
 from runflare_server.engine.runs import languages
 from runflare_server.engine.sandbox import cgroups, policy, scratch
 from runflare_server.engine.sandbox import process as sandbox
@@ -289,7 +290,7 @@ class ProgramRuns:
         name = os.path.join(self._ipc_dir, uuid.uuid4().hex[:12])
         km = AsyncKernelManager(transport="ipc", ip=name, connection_file=name + ".json",
                                 client_factory=BoundedKernelClient, kernel_name=KERNEL_NAME,
-                                kernel_spec_manager=_kernel_specs())
+                                kernel_spec_manager=_kernel_specs(), session=LeanSession())
         kc = None
         try:  # a start cancelled halfway (the pool stopping) leaves no kernel running
             await km.start_kernel(env=env)
