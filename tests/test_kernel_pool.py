@@ -89,6 +89,7 @@ def test_pool_fills_hands_out_once_and_refills(loop: asyncio.AbstractEventLoop, 
         assert conn["transport"] == "ipc"
         reply = await first.client.kernel_info(reply=True, timeout=10)
         assert reply["content"]["language_info"]["name"] == "python"
+        assert isinstance(reply["header"]["date"], str)  # decoded by LeanSession: dates left unparsed
         assert await pool.wait_full(60)  # refilled in the background
         ready_ids = {k.id for k in pool._ready}
         assert first.id not in ready_ids and second.id not in ready_ids

@@ -10,6 +10,7 @@ import pytest
 from conftest import wait_until
 
 from runflare_server.engine.interface import Limits, RunRequest
+from runflare_server.engine.jupyter.lean_session import LeanSession
 from runflare_server.engine.runs import languages
 from runflare_server.engine.runs.program_runs import BlockingProgramRuns
 
@@ -181,6 +182,11 @@ def test_dead_kernel_is_replaced(pool):
     assert pool.engine.stats["kernels_replaced"] > before
     assert pool.engine.health()["kernels"] == 2
     assert pool.run(req("print('after')"))[0].stdout == "after\n"
+
+
+def test_the_engine_decodes_kernel_messages_with_the_lean_session(pool):
+    assert pool.engine._all and all(isinstance(k.km.session, LeanSession) for k in pool.engine._all)
+    assert pool.run(req("print('lean')"))[0].stdout == "lean\n"
 
 
 def test_kernels_are_recycled(tmp_path):
