@@ -205,8 +205,8 @@ def main() -> None:
             self.iopub_socket = LockedSocket(socket)
 
         def close(self) -> None:
+            self.iopub_socket.close()  # first: the base's close ends by terminating the context
             super().close()
-            self.iopub_socket.close()
 
     if os.environ.get("RUNFLARE_SANDBOX", "auto") != "none":
         private_runs_mount()  # first: unshare needs a process with no other thread yet
