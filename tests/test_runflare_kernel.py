@@ -206,3 +206,30 @@ class EngineMetadataTests(unittest.TestCase):
                 self.assertTrue(spec["display_name"].endswith("(Run-Flare)"))
         self.assertEqual(json.loads((Path(specs["runflare-python"]) / "kernel.json").read_text())["display_name"],
                          "Python (Run-Flare)")
+
+
+def test_the_kernel_app_publishes_on_a_locked_pub_socket_and_decodes_with_the_lean_session(monkeypatch, tmp_path):
+    """The app class ``main`` launches, made and initialised here (without starting its loop)."""
+    import zmq
+    from ipykernel.kernelapp import IPKernelApp
+
+    from runflare_server.engine.jupyter.lean_session import LeanSession
+    from runflare_server.kernels import runflare_kernel
+
+    launched = {}
+    monkeypatch.setattr(IPKernelApp, "launch_instance",
+                        classmethod(lambda cls, **kw: launched.update(cls=cls, kw=kw)))
+    monkeypatch.setenv("RUNFLARE_SANDBOX", "none")  # no private mount: this is the test's own process
+    runflare_kernel.main()
+    app = launched["cls"](connection_file=str(tmp_path / "c.json"), transport="ipc", ip=str(tmp_path / "k"))
+    try:
+        assert isinstance(app.session, LeanSession)
+        app.context = zmq.Context()
+        app.init_iopub(app.context)
+        assert app.iopub_thread is None
+        assert isinstance(app.iopub_socket, runflare_kernel.LockedSocket)
+        assert app.iopub_socket.socket.type == zmq.PUB
+    finally:
+        app.iopub_socket.close(0)
+        app.context.term()
+        launched["cls"].clear_instance()
