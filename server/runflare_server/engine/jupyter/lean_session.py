@@ -1,10 +1,10 @@
-"""The server's side of the Jupyter message protocol: jupyter_client's ``Session`` without date parsing.
+"""jupyter_client's ``Session`` without date parsing, for the engines' kernel clients and the Run-Flare kernel.
 
 ``Session.deserialize`` turns every ISO 8601 string of a message's header and parent header into a
 ``datetime`` with dateutil: half of the decode of a kernel message here (about 30 of 60 µs warm, 150 of
-300 µs cold), on the event loop, for each of the 4-13 messages of a run. Nothing on the server reads those
-dates, so ``LeanSession`` leaves them as the strings they came in as. The signature is checked and
-replays refused exactly as jupyter_client does.
+300 µs cold), on the server's event loop for each of the 4-13 messages of a run. Neither the server nor
+the Run-Flare kernel (ipykernel) reads those dates, so ``LeanSession`` leaves them as the strings they came
+in as. The signature is checked and replays refused exactly as jupyter_client does.
 """
 
 from __future__ import annotations
