@@ -234,3 +234,12 @@ def test_threads_detecting_the_hierarchy_at_once_all_find_it():
     for t in threads:
         t.join()
     assert found == [cgroups.mechanism()] * 8 and "rlimit" not in found
+
+
+def test_a_control_file_is_read_whole_and_a_missing_one_is_none(tmp_path):
+    """``_read`` (plain reads of the descriptor): all of a file longer than one read, text as written;
+    None for a file that is not there (a group already removed)."""
+    text = "".join(f"{pid}\n" for pid in range(20_000))  # about 110 KiB: more than one read
+    (tmp_path / "cgroup.procs").write_text(text)
+    assert cgroups._read(tmp_path / "cgroup.procs") == text
+    assert cgroups._read(tmp_path / "gone") is None

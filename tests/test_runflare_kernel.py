@@ -233,3 +233,73 @@ def test_the_kernel_app_publishes_on_a_locked_pub_socket_and_decodes_with_the_le
         app.iopub_socket.close(0)
         app.context.term()
         launched["cls"].clear_instance()
+
+
+def test_a_record_every_handler_drops_is_never_made():
+    """traitlets leaves an app's logger at DEBUG and filters in its handler; the Run-Flare kernel's logger
+    refuses what all of its handlers would drop, and still passes on what one of them takes."""
+    import logging
+
+    from runflare_server.kernels.runflare_kernel import refuse_what_handlers_drop
+
+    made = []
+
+    class Counting(logging.Handler):
+        def handle(self, record: logging.LogRecord) -> bool:
+            made.append(record.levelno)
+            return super().handle(record)
+
+        def emit(self, record: logging.LogRecord) -> None:
+            pass
+
+    parent = logging.getLogger("rf-test-parent")
+    log = logging.getLogger("rf-test-parent.app")
+    log.propagate, log.level = False, logging.DEBUG
+    log.handlers = [Counting(logging.WARNING)]
+    refuse_what_handlers_drop(log)
+    log.debug("dropped")
+    log.warning("kept")
+    assert made == [logging.WARNING]
+
+    log.setLevel(logging.DEBUG)
+    log.propagate = True  # a parent's handler that takes DEBUG: the logger stays open for it
+    parent.handlers = [Counting(logging.DEBUG)]
+    refuse_what_handlers_drop(log)
+    assert log.isEnabledFor(logging.DEBUG)
+
+    log.setLevel(logging.NOTSET)  # inherits WARNING from the root: never lowered by a handler's DEBUG
+    log.propagate, log.handlers, parent.handlers = False, [Counting(logging.DEBUG)], []
+    refuse_what_handlers_drop(log)
+    assert not log.isEnabledFor(logging.INFO)
+
+    log.handlers = [Counting(logging.NOTSET)]  # a handler that takes everything: left as it is
+    log.setLevel(logging.DEBUG)
+    refuse_what_handlers_drop(log)
+    assert log.isEnabledFor(logging.DEBUG)
+
+
+def test_the_kernel_app_refuses_debug_records_after_its_set_up(monkeypatch):
+    """The app's ``initialize`` ends with ``refuse_what_handlers_drop``: at the default log level its
+    logger refuses debug records; with ``--debug`` its handler takes them and the logger lets them through.
+    (The base's set-up, which binds sockets and starts threads, is not run here.)"""
+    import logging
+
+    from ipykernel.kernelapp import IPKernelApp
+
+    from runflare_server.kernels import runflare_kernel
+
+    launched = {}
+    monkeypatch.setattr(IPKernelApp, "launch_instance",
+                        classmethod(lambda cls, **kw: launched.update(cls=cls, kw=kw)))
+    monkeypatch.setattr(IPKernelApp, "initialize", lambda self, argv=None: None)
+    monkeypatch.setenv("RUNFLARE_SANDBOX", "none")
+    runflare_kernel.main()
+    for level, debug in ((logging.WARNING, False), (logging.DEBUG, True)):
+        app = launched["cls"](log_level=level)
+        try:
+            assert app.log.isEnabledFor(logging.DEBUG)  # as traitlets leaves it
+            app.initialize([])
+            assert app.log.isEnabledFor(logging.DEBUG) is debug
+            assert app.log.isEnabledFor(logging.WARNING)
+        finally:
+            launched["cls"].clear_instance()
