@@ -522,6 +522,72 @@ def test_a_forked_kernels_shell_is_wired_as_a_directly_started_kernels(loop: asy
     assert descendants() == []
 
 
+APP_PROBE = """import json, os, sys
+app = get_ipython().kernel.parent
+root = app.ipython_dir
+tree = sorted((os.path.relpath(os.path.join(top, name), root), oct(os.lstat(os.path.join(top, name)).st_mode),
+               os.lstat(os.path.join(top, name)).st_size, os.lstat(os.path.join(top, name)).st_uid == os.getuid())
+              for top, dirs, files in os.walk(root) for name in dirs + files)
+print(json.dumps([type(app).__name__, root, app.profile_dir.location, tree, app.config_file_paths,
+                  app._loaded_config_files, app.argv, sys.argv[1:], json.dumps(app.config, sort_keys=True, default=repr),
+                  sys.excepthook.__qualname__, os.path.isdir(os.path.join(app.profile_dir.location, "startup"))]))"""
+
+
+def test_a_forked_kernel_takes_the_prepared_app_set_up_as_a_directly_started_kernels(
+        loop: asyncio.AbstractEventLoop, mode: str, tmp_path: Path, fork_server: ForkServer) -> None:
+    """The fork server runs the IPython part of the app's set-up (command line, profile dir, config files)
+    once; a forked kernel launched as it was prepared for takes that app (its log says so) and must be set up
+    as a kernel that did it all itself: the same config and files read, the same ~/.ipython tree, its own."""
+    fs = fork_server
+    forked_pool = KernelPool(load_spec("python3"), 0, mode, tmp_path, fork_server=fs)
+    direct_pool = KernelPool(load_spec("python3"), 0, mode, tmp_path)
+
+    async def go() -> None:
+        forked, direct = await forked_pool.acquire(), await direct_pool.acquire()
+        try:
+            assert forked.fork_server is fs and direct.fork_server is None
+            assert "the kernel took the fork server's prepared app" in (forked.dir / "kernel.log").read_text()
+            seen = [json.loads(await _printed(k, APP_PROBE)) for k in (forked, direct)]
+            assert seen[0] == seen[1]
+            assert seen[0][1] == "/sandbox/.ipython" and seen[0][-1] is True
+            assert any(path.endswith("README") for path, *_ in seen[0][3])  # what IPython puts in a new profile
+            assert all(own for *_, own in seen[0][3])  # made as the kernel's uid
+        finally:
+            for k in (forked, direct):
+                await k.shutdown()
+            await forked_pool.stop()
+            await direct_pool.stop()
+            fs.close()
+
+    loop.run_until_complete(go())
+    assert descendants() == []
+
+
+def test_a_forked_kernel_launched_otherwise_sets_up_its_own_app(loop: asyncio.AbstractEventLoop, mode: str,
+                                                                 tmp_path: Path, fork_server: ForkServer) -> None:
+    """A kernelspec with an environment of its own is not what the app was prepared for: its forked kernels
+    set up their own app, in that environment."""
+    fs = fork_server
+    spec = load_spec("python3")
+    spec.env = {"RUNFLARE_TEST_SETTING": "on"}
+    pool = KernelPool(spec, 0, mode, tmp_path, fork_server=fs)
+
+    async def go() -> None:
+        kernel = await pool.acquire()
+        try:
+            assert kernel.fork_server is fs
+            assert "prepared app" not in (kernel.dir / "kernel.log").read_text()
+            code = "import os\nprint(os.environ['RUNFLARE_TEST_SETTING'], get_ipython().kernel.parent.profile_dir.location)"
+            assert await _printed(kernel, code) == "on /sandbox/.ipython/profile_default\n"
+        finally:
+            await kernel.shutdown()
+            await pool.stop()
+            fs.close()
+
+    loop.run_until_complete(go())
+    assert descendants() == []
+
+
 def test_an_interrupt_reaches_a_forked_kernel_not_its_init(loop: asyncio.AbstractEventLoop, mode: str,
                                                            tmp_path: Path, fork_server: ForkServer) -> None:
     fs = fork_server

@@ -186,6 +186,69 @@ def test_a_kernel_configured_otherwise_builds_its_own_shell(tmp_path: Path) -> N
     assert seen["adopted"] is False and seen["autocall"] == 2 and seen["kernel"] and seen["x"] == 42
 
 
+def test_the_prepared_app_is_prepared_for_the_servers_lean_command_line() -> None:
+    from runflare_server.engine.jupyter.provisioner import CONNECTION_INSIDE
+
+    assert ["-f", CONNECTION_INSIDE, *PythonKernel.LEAN_ARGS] == zygote.PREPARED_ARGV
+
+
+PREPARED_APP_PROBE = """
+import json, os, shutil, sys
+ns = {{"__name__": "not_main"}}
+exec(compile({source!r}, "<zygote>", "exec"), ns)
+ns["WORK_DIR"] = {work!r}  # the kernel's /sandbox, here
+env = {{"HOME": {work!r}, "IPYTHONDIR": {work!r} + "/.ipython", "PATH": os.environ["PATH"]}}
+hook = sys.excepthook
+prepared = ns["prepare_app"](env)
+if prepared is None:
+    sys.__stdout__.write(json.dumps(None))
+    sys.exit(0)
+launch = {{"argv": ["ipykernel_launcher", *ns["PREPARED_ARGV"]], "env": env}}
+seen = {{"restored": sys.excepthook is hook and os.getcwd() == {cwd!r} and "IPYTHONDIR" not in os.environ,
+        "fits": prepared.fits(launch),
+        "other env": prepared.fits({{**launch, "env": {{**env, "X": "1"}}}}),
+        "other argv": prepared.fits({{**launch, "argv": [*launch["argv"], "--IPKernelApp.log_level=10"]}})}}
+tree = sorted((p, m) for p, m, _ in prepared.tree)
+shutil.rmtree(env["IPYTHONDIR"])  # a kernel's fresh /sandbox
+app = prepared.take()
+seen["retaken"] = sorted((p, m) for p, m, _ in ns["profile_tree"](env["IPYTHONDIR"])) == tree
+seen["app"] = app is prepared.app and sys.excepthook == app.excepthook and app.profile_dir.location == env["IPYTHONDIR"] + "/profile_default"
+seen["files"] = [os.path.relpath(p, {work!r}) for p, _, content in prepared.tree if content is not None]
+config = os.path.join(app.profile_dir.location, "ipython_kernel_config.py")
+open(config, "w").write("c.InteractiveShell.autocall = 2")
+seen["after a config file"] = prepared.fits(launch)
+sys.__stdout__.write(json.dumps(seen))
+"""
+
+
+def _prepared(tmp_path: Path, system_config: str | None = None) -> dict | None:
+    work = tmp_path / "sandbox"
+    work.mkdir()
+    if system_config is not None:  # an operator's config file, read by every kernel
+        (work / ".ipython/profile_default").mkdir(parents=True)
+        (work / ".ipython/profile_default/ipython_config.py").write_text(system_config)
+    probe = PREPARED_APP_PROBE.format(source=sb.program_source("zygote"), work=str(work), cwd=str(tmp_path))
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_the_prepared_app_fits_only_the_launch_it_was_prepared_for(tmp_path: Path) -> None:
+    """``prepare_app`` runs the IPython part of the set-up in the kernel's environment and gives the zygote's
+    back; a kernel takes the app only when launched exactly so and no config file has appeared since; it then
+    gets the same profile tree, made again in its own (fresh) dir."""
+    seen = _prepared(tmp_path)
+    assert seen is not None
+    assert seen.pop("files") == [".ipython/profile_default/startup/README"]
+    assert seen == {"restored": True, "fits": True, "other env": False, "other argv": False, "retaken": True,
+                    "app": True, "after a config file": False}
+
+
+def test_no_app_is_prepared_when_a_config_file_is_read(tmp_path: Path) -> None:
+    """A config file is code: what it did in the zygote would not be a kernel's. Each kernel then reads it."""
+    assert _prepared(tmp_path, system_config="c.InteractiveShell.autocall = 2\n") is None
+
+
 def test_check_raises_with_errno() -> None:
     with pytest.raises(OSError) as e:
         zygote.check(zygote.libc.rmdir(b"/nonexistent/dir"), "rmdir")

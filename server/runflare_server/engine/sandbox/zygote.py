@@ -149,7 +149,7 @@ def drop(uid: int, bpf: bytes) -> None:
 
 # ------------------------------------------------------------------ one kernel
 
-def kernel(kid: str, uid: int, work_bytes: int, policy: dict[str, Any], shell: Any = None) -> None:
+def kernel(kid: str, uid: int, work_bytes: int, policy: dict[str, Any], prebuilt: Prebuilt | None = None) -> None:
     """In a forked child, PID 1 of its own pid namespace (``fork_kernel``): the other namespaces, then the
     kernel forked below this init, in its own view, as its uid."""
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
@@ -170,10 +170,11 @@ def kernel(kid: str, uid: int, work_bytes: int, policy: dict[str, Any], shell: A
     os.close(status_fd)
     view(kid, work_bytes, policy)
     drop(uid, bytes.fromhex(policy["bpf"]))
-    exec_kernel(shell)
+    exec_kernel(prebuilt)
 
 
-def fork_kernel(kid: str, uid: int, work_bytes: int, policy: dict[str, Any], shell: Any, own_pidns: int) -> int:
+def fork_kernel(kid: str, uid: int, work_bytes: int, policy: dict[str, Any], prebuilt: Prebuilt | None,
+                own_pidns: int) -> int:
     """Fork the init of a new pid namespace, which starts the kernel (``kernel``); its pid here. The zygote's
     own children go back to the zygote's namespace at once: a later kernel never lands in this one."""
     check(libc.unshare(CLONE_NEWPID), "unshare(CLONE_NEWPID)")
@@ -182,7 +183,7 @@ def fork_kernel(kid: str, uid: int, work_bytes: int, policy: dict[str, Any], she
         if pid == 0:
             try:
                 os.close(own_pidns)
-                kernel(kid, uid, work_bytes, policy, shell)
+                kernel(kid, uid, work_bytes, policy, prebuilt)
             except BaseException:
                 import traceback
 
@@ -216,9 +217,10 @@ def view(kid: str, work_bytes: int, policy: dict[str, Any]) -> None:
     mount("none", "/", None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV)
 
 
-def exec_kernel(shell: Any = None) -> None:
-    """Run ipykernel (already imported) with the kernel's own launch.json: argv, env, fds, cwd. ``shell``: the
-    zygote's prebuilt shell, which the kernel adopts when its configuration is the one it was built for."""
+def exec_kernel(prebuilt: Prebuilt | None = None) -> None:
+    """Run ipykernel (already imported) with the kernel's own launch.json: argv, env, fds, cwd. ``prebuilt``:
+    the zygote's shell, which the kernel adopts when its configuration is the one it was built for, and its
+    prepared app, which the kernel takes when it is launched as the app was prepared for."""
     from ipykernel.kernelapp import IPKernelApp
 
     with open(f"{KERNEL_DIR}/launch.json") as f:
@@ -237,12 +239,21 @@ def exec_kernel(shell: Any = None) -> None:
     # runs Python code: a reply is out within ~0.5 ms, not up to CPython's 5 ms switch interval
     sys.setswitchinterval(0.0005)
     sys.argv = launch["argv"]
-    app, argv = IPKernelApp.instance(), launch["argv"][1:]
-    config = cli_config(app, argv)
-    if config is not None:  # traitlets' parser would cost each start about 4 ms of CPU
-        app.parse_command_line = lambda argv=None: apply_cli_config(app, argv or [], config)
-    adopt_shell_at_init(app, shell)
-    app.initialize(argv)
+    argv = launch["argv"][1:]
+    shell = prebuilt.shell if prebuilt else None
+    prepared = prebuilt.app if prebuilt else None
+    if prepared is not None and prepared.fits(launch):
+        app = prepared.take()
+        adopt_shell_at_init(app, shell)
+        initialize_prepared(app, argv)
+    else:
+        IPKernelApp.clear_instance()  # not the prepared app: one of the kernel's own
+        app = IPKernelApp.instance()
+        config = cli_config(app, argv)
+        if config is not None:  # traitlets' parser would cost each start about 4 ms of CPU
+            app.parse_command_line = lambda argv=None: apply_cli_config(app, argv or [], config)
+        adopt_shell_at_init(app, shell)
+        app.initialize(argv)
     app.start()
     os._exit(0)
 
@@ -348,6 +359,129 @@ def adopt_shell_at_init(app: Any, shell: Any) -> None:
     app.init_kernel = init
 
 
+# ------------------------------------------------------------------ the prepared app
+
+# The command line the server gives a lean Python kernel (``adapters.PythonKernel.LEAN_ARGS`` after its
+# connection file, at the one place it has in every kernel's view; a test keeps them equal).
+PREPARED_ARGV = ["-f", f"{KERNEL_DIR}/connection.json", "--HistoryManager.enabled=False",
+                 "--InteractiveShell.colors=NoColor", "--IPKernelApp.quiet=True"]
+
+
+class PreparedApp:
+    """An ``IPKernelApp`` whose IPython part (``BaseIPythonApplication.initialize``: its command line, crash
+    handler, profile dir, config files) the zygote ran once, for a kernel launched with ``PREPARED_ARGV`` in
+    ``env``, the environment the server gives a lean kernel, which is the zygote's own. A kernel launched
+    exactly so takes it and does only what is its own (connection file, sockets, threads, kernel, shell):
+    about 4 ms less CPU in each start. The profile dir the preparation made (``tree``) is made again in each
+    kernel's own /sandbox, as its uid: what IPython would make there."""
+
+    def __init__(self, app: Any, env: dict[str, str], tree: list[tuple[str, int, bytes | None]],
+                 excepthook: Any, config_files: list[str]) -> None:
+        self.app = app
+        self.env = env
+        self.tree = tree  # (path, mode, content; None for a dir), parents first
+        self.excepthook = excepthook  # the app's crash handler, restored in the zygote meanwhile
+        self.config_files = config_files  # where a config file would be read: none was there
+
+    def fits(self, launch: dict[str, Any]) -> bool:
+        """Whether ``launch`` is the one the app was prepared for, and no config file has appeared since
+        (a kernel started in full would read it)."""
+        return (launch["argv"][1:] == PREPARED_ARGV and launch["env"] == self.env
+                and not any(os.path.exists(p) for p in self.config_files))
+
+    def take(self) -> Any:
+        """In the kernel: its profile dir made, its crash handler set; the app."""
+        for path, mode, content in self.tree:
+            if content is None:
+                os.makedirs(path, mode, exist_ok=True)
+            else:
+                with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, mode), "wb") as f:
+                    f.write(content)
+            os.chmod(path, mode)  # as made, whatever the umask
+        sys.excepthook = self.excepthook
+        os.write(2, b"runflare: the kernel took the fork server's prepared app\n")  # its log says which start
+        return self.app
+
+
+def prepare_app(env: dict[str, str]) -> PreparedApp | None:
+    """Run the IPython part of an ``IPKernelApp``'s set-up for ``PREPARED_ARGV`` in ``env``; None when it
+    cannot be prepared here, or when a config file was read (its code ran in the zygote, and what it did there
+    is not a kernel's): every kernel then sets up its own app."""
+    from ipykernel.kernelapp import IPKernelApp
+    from IPython.core.application import BaseIPythonApplication
+
+    saved, hook, cwd = dict(os.environ), sys.excepthook, os.open(".", os.O_RDONLY | os.O_DIRECTORY)
+    os.environ.clear()
+    os.environ.update(env)
+    try:
+        os.chdir(WORK_DIR)  # where a kernel starts
+        app = IPKernelApp.instance()
+        config = cli_config(app, PREPARED_ARGV)
+        if config is None:
+            raise ValueError(f"not a command line the zygote parses: {PREPARED_ARGV}")
+        app.parse_command_line = lambda argv=None: apply_cli_config(app, argv or [], config)
+        BaseIPythonApplication.initialize(app, list(PREPARED_ARGV))
+        if app._loaded_config_files:
+            IPKernelApp.clear_instance()
+            return None
+        names = [os.path.splitext(name)[0] + ext for name in ("ipython_config", *app.config_files) if name
+                 for ext in (".py", ".json")]
+        candidates = [os.path.join(d, n) for d in app.config_file_paths for n in names]
+        return PreparedApp(app, dict(env), profile_tree(app.ipython_dir), sys.excepthook, candidates)
+    except (Exception, SystemExit):  # noqa: BLE001 - a kernel sets up its own app as before
+        import traceback
+
+        traceback.print_exc()
+        IPKernelApp.clear_instance()
+        return None
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+        sys.excepthook = hook
+        os.fchdir(cwd)
+        os.close(cwd)
+
+
+def profile_tree(root: str) -> list[tuple[str, int, bytes | None]]:
+    """Every dir and file below (and with) ``root``, parents first: ``(path, mode, content)``, None for a dir."""
+    import stat
+
+    tree: list[tuple[str, int, bytes | None]] = [(root, stat.S_IMODE(os.stat(root).st_mode), None)]
+    for top, dirs, files in os.walk(root):
+        dirs.sort()
+        for name in dirs:
+            path = os.path.join(top, name)
+            tree.append((path, stat.S_IMODE(os.lstat(path).st_mode), None))
+        for name in sorted(files):
+            path = os.path.join(top, name)
+            st = os.lstat(path)
+            if not stat.S_ISREG(st.st_mode):
+                raise ValueError(f"not a plain file in the profile: {path}")
+            with open(path, "rb") as f:
+                tree.append((path, stat.S_IMODE(st.st_mode), f.read()))
+    return tree
+
+
+def initialize_prepared(app: Any, argv: list[str]) -> None:
+    """``app.initialize(argv)`` less the IPython part the zygote ran for it (``prepare_app``)."""
+    from IPython.core.application import BaseIPythonApplication
+
+    base = BaseIPythonApplication.__dict__["initialize"]
+    BaseIPythonApplication.initialize = lambda self, argv=None: None
+    try:
+        app.initialize(argv)
+    finally:
+        BaseIPythonApplication.initialize = base
+
+
+class Prebuilt:
+    """What the zygote builds once for every kernel it forks; either may be None (not built here)."""
+
+    def __init__(self, shell: Any = None, app: PreparedApp | None = None) -> None:
+        self.shell = shell
+        self.app = app
+
+
 # ------------------------------------------------------------------ the server loop
 
 # What ``IPKernelApp.initialize`` imports on top of ipykernel itself (its debugger pulls in debugpy, pdb,
@@ -375,10 +509,13 @@ def preimport() -> list[str]:
 def main(argv: list[str]) -> None:
     """``WORK_BYTES POLICY_JSON``: import ipykernel once, then fork a kernel per command on stdin."""
     work_bytes, policy = int(argv[0]), json.loads(argv[1])
+    # as bubblewrap set it, the environment the server gives a lean kernel too (bubblewrap adds PWD)
+    env = {k: v for k, v in os.environ.items() if k != "PWD"}
     import ipykernel.kernelapp  # noqa: F401 - the expensive part, once (fails loudly when ipykernel is missing)
 
     preimport()
-    shell = prebuild_shell()
+    prebuilt = Prebuilt(prebuild_shell())
+    prebuilt.app = prepare_app(env)
     # what is imported stays out of the collector: a kernel's GC does not touch (and copy) the shared pages
     gc.freeze()
 
@@ -388,7 +525,7 @@ def main(argv: list[str]) -> None:
     own_pidns = os.open("/proc/self/ns/pid", os.O_RDONLY)
     for line in sys.stdin:
         kid, uid = parse_command(line)
-        pid = fork_kernel(kid, uid, work_bytes, policy, shell, own_pidns)
+        pid = fork_kernel(kid, uid, work_bytes, policy, prebuilt, own_pidns)
         sys.stdout.write("%s %d\n" % (kid, pid))
         sys.stdout.flush()
 
