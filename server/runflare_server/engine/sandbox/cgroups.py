@@ -153,7 +153,7 @@ def sweep_stale() -> int:
 def _read(path: Path) -> str | None:
     """A control file's text, or None when it cannot be read. Plain reads of the file descriptor: a run
     reads its group's CPU a few times, and pathlib's text layer cost the Run-Flare kernel more than the
-    kernel's own read (8% of the Run-Flare kernel's CPU in a batch of program runs)."""
+    kernel's own read (8% of the Run-Flare kernel's time in a batch of program runs)."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError:

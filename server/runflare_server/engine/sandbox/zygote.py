@@ -372,7 +372,7 @@ class PreparedApp:
     handler, profile dir, config files) the zygote ran once, for a kernel launched with ``PREPARED_ARGV`` in
     ``env``, the environment the server gives a lean kernel, which is the zygote's own. A kernel launched
     exactly so takes it and does only what is its own (connection file, sockets, threads, kernel, shell):
-    about 4 ms less CPU in each start. The profile dir the preparation made (``tree``) is made again in each
+    about 2.5 ms less CPU in each start here. The profile dir the preparation made (``tree``) is made again in each
     kernel's own /sandbox, as its uid: what IPython would make there."""
 
     def __init__(self, app: Any, env: dict[str, str], tree: list[tuple[str, int, bytes | None]],
