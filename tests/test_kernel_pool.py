@@ -11,7 +11,7 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -494,12 +494,10 @@ print(json.dumps([ip.kernel.shell is ip, ip.parent is ip.kernel, ip.user_ns["get
                   ip.history_manager.enabled, ip.colors, sorted(ip.config), type(ip.compile).__name__]))"""
 
 
-def test_a_forked_kernels_shell_is_wired_as_a_directly_started_kernels(loop: asyncio.AbstractEventLoop, mode: str,
-                                                                         tmp_path: Path,
-                                                                         fork_server: ForkServer) -> None:
-    """A forked kernel adopts the shell the fork server built before any fork; it must be indistinguishable
-    from the shell a kernel builds for itself: its kernel, config, profile, home and environment its own."""
-    fs = fork_server
+def _forked_and_direct(loop: asyncio.AbstractEventLoop, mode: str, tmp_path: Path, fs: ForkServer,
+                       check: Callable[[Any, Any], Awaitable[None]]) -> None:
+    """``check(forked, direct)`` on a python3 kernel forked from ``fs`` and one started directly; then
+    both shut down, their pools stopped, ``fs`` closed, nothing left running."""
     forked_pool = KernelPool(load_spec("python3"), 0, mode, tmp_path, fork_server=fs)
     direct_pool = KernelPool(load_spec("python3"), 0, mode, tmp_path)
 
@@ -507,10 +505,7 @@ def test_a_forked_kernels_shell_is_wired_as_a_directly_started_kernels(loop: asy
         forked, direct = await forked_pool.acquire(), await direct_pool.acquire()
         try:
             assert forked.fork_server is fs and direct.fork_server is None
-            seen = [json.loads(await _printed(k, SHELL_PROBE)) for k in (forked, direct)]
-            assert seen[0] == seen[1]
-            assert seen[0][:5] == [True] * 5 and seen[0][7] == "/sandbox" and seen[0][9][0] == "cat"
-            assert await _printed(forked, "x = 6 * 7\nprint(get_ipython().user_ns['x'])") == "42\n"
+            await check(forked, direct)
         finally:
             for k in (forked, direct):
                 await k.shutdown()
@@ -520,6 +515,21 @@ def test_a_forked_kernels_shell_is_wired_as_a_directly_started_kernels(loop: asy
 
     loop.run_until_complete(go())
     assert descendants() == []
+
+
+def test_a_forked_kernels_shell_is_wired_as_a_directly_started_kernels(loop: asyncio.AbstractEventLoop, mode: str,
+                                                                         tmp_path: Path,
+                                                                         fork_server: ForkServer) -> None:
+    """A forked kernel adopts the shell the fork server built before any fork; it must be indistinguishable
+    from the shell a kernel builds for itself: its kernel, config, profile, home and environment its own."""
+
+    async def check(forked: Any, direct: Any) -> None:
+        seen = [json.loads(await _printed(k, SHELL_PROBE)) for k in (forked, direct)]
+        assert seen[0] == seen[1]
+        assert seen[0][:5] == [True] * 5 and seen[0][7] == "/sandbox" and seen[0][9][0] == "cat"
+        assert await _printed(forked, "x = 6 * 7\nprint(get_ipython().user_ns['x'])") == "42\n"
+
+    _forked_and_direct(loop, mode, tmp_path, fork_server, check)
 
 
 APP_PROBE = """import json, os, sys
@@ -538,29 +548,16 @@ def test_a_forked_kernel_takes_the_prepared_app_set_up_as_a_directly_started_ker
     """The fork server runs the IPython part of the app's set-up (command line, profile dir, config files)
     once; a forked kernel launched as it was prepared for takes that app (its log says so) and must be set up
     as a kernel that did it all itself: the same config and files read, the same ~/.ipython tree, its own."""
-    fs = fork_server
-    forked_pool = KernelPool(load_spec("python3"), 0, mode, tmp_path, fork_server=fs)
-    direct_pool = KernelPool(load_spec("python3"), 0, mode, tmp_path)
 
-    async def go() -> None:
-        forked, direct = await forked_pool.acquire(), await direct_pool.acquire()
-        try:
-            assert forked.fork_server is fs and direct.fork_server is None
-            assert "the kernel took the fork server's prepared app" in (forked.dir / "kernel.log").read_text()
-            seen = [json.loads(await _printed(k, APP_PROBE)) for k in (forked, direct)]
-            assert seen[0] == seen[1]
-            assert seen[0][1] == "/sandbox/.ipython" and seen[0][-1] is True
-            assert any(path.endswith("README") for path, *_ in seen[0][3])  # what IPython puts in a new profile
-            assert all(own for *_, own in seen[0][3])  # made as the kernel's uid
-        finally:
-            for k in (forked, direct):
-                await k.shutdown()
-            await forked_pool.stop()
-            await direct_pool.stop()
-            fs.close()
+    async def check(forked: Any, direct: Any) -> None:
+        assert "the kernel took the fork server's prepared app" in (forked.dir / "kernel.log").read_text()
+        seen = [json.loads(await _printed(k, APP_PROBE)) for k in (forked, direct)]
+        assert seen[0] == seen[1]
+        assert seen[0][1] == "/sandbox/.ipython" and seen[0][-1] is True
+        assert any(path.endswith("README") for path, *_ in seen[0][3])  # what IPython puts in a new profile
+        assert all(own for *_, own in seen[0][3])  # made as the kernel's uid
 
-    loop.run_until_complete(go())
-    assert descendants() == []
+    _forked_and_direct(loop, mode, tmp_path, fork_server, check)
 
 
 def test_a_forked_kernel_launched_otherwise_sets_up_its_own_app(loop: asyncio.AbstractEventLoop, mode: str,

@@ -514,8 +514,7 @@ def main(argv: list[str]) -> None:
     import ipykernel.kernelapp  # noqa: F401 - the expensive part, once (fails loudly when ipykernel is missing)
 
     preimport()
-    prebuilt = Prebuilt(prebuild_shell())
-    prebuilt.app = prepare_app(env)
+    prebuilt = Prebuilt(prebuild_shell(), prepare_app(env))
     # what is imported stays out of the collector: a kernel's GC does not touch (and copy) the shared pages
     gc.freeze()
 
