@@ -124,7 +124,6 @@ class SandboxedKernel:
         self.client: Any = None
         self.start_wall: float | None = None
         self.start_cpu: float | None = None
-        self.kernel_info: dict[str, Any] = {}
         self.lease: policy.UidLease | None = None  # the kernel's own host uid (unshare mode; else the provisioner's)
         self.cgroup: Any = None  # its run's cgroup, made while it waits in the pool (``prepare_cgroup``)
         self._closed = False
@@ -175,7 +174,7 @@ class SandboxedKernel:
                           resource_dir=spec.resource_dir, metadata=meta), launch
 
     async def start(self, timeout: float) -> None:
-        """Start the kernel and wait until it answers kernel_info with iopub delivering. Raises on failure."""
+        """Start the kernel and wait until it is ready for a run (``_wait_ready``). Raises on failure."""
         t0 = time.monotonic()
         key = secrets.token_hex(16)
         if not self.sandboxed_by_provisioner:
@@ -211,49 +210,49 @@ class SandboxedKernel:
             raise TimeoutError(f"kernel {self.spec.name} did not answer in time")
 
     IOPUB_PROBE = 0.05  # seconds between kernel_info probes while iopub's subscription is not through yet
-    DRAIN_QUIET = 0.5  # seconds of silence that end the wait for the warm-up's idle status (a kernel without one)
+    DRAIN_QUIET = 0.5  # seconds of silence on a delivering iopub that end the wait (a kernel without idle status)
 
     async def _wait_ready(self, deadline: float) -> None:
-        """kernel_info answered on shell, and iopub delivering (its subscription is asynchronous)."""
+        """The first request answered on shell, and iopub delivering (its subscription is asynchronous).
+
+        The first request is the kernel's warm-up cell when its adapter has one (silent: no execution count,
+        no history, nothing in the user's namespace), else kernel_info: one round trip, not two, for a kernel
+        with a warm-up. The wait then ends at the idle status of the last request sent, the last thing the
+        kernel publishes before a run: the warm-up's when iopub was subscribed in time, else a kernel_info
+        probe's, sent every ``IOPUB_PROBE`` s while nothing reaches iopub (what the kernel published before
+        the subscription went through is lost, not late)."""
         kc = self.client
-        while True:  # kernel_info again every 0.5 s until one is answered
-            self._check(deadline)
-            reply = await self._shell_reply(kc.kernel_info(), 0.5)
-            if reply is not None:
-                self.kernel_info = reply["content"]
-                break
-        probe_at = time.monotonic() + self.IOPUB_PROBE
-        while True:  # the status messages of a kernel_info show iopub delivering
-            try:
-                await kc.get_iopub_msg(timeout=0.01)
-                break
-            except queue.Empty:
-                self._check(deadline)
-                if time.monotonic() >= probe_at:
-                    kc.kernel_info()
-                    probe_at = time.monotonic() + self.IOPUB_PROBE
         warmup = self.spec.adapter.warmup()
-        msg_id = None
-        if warmup is not None:  # silent: no execution count, no history, nothing in the user's namespace
-            msg_id = kc.execute(warmup, silent=True, store_history=False)
-            while (reply := await self._shell_reply(msg_id, 0.5)) is None:
+        if warmup is None:
+            while True:  # kernel_info again every 0.5 s until one is answered
+                self._check(deadline)
+                last = kc.kernel_info()
+                if await self._shell_reply(last, 0.5) is not None:
+                    break
+        else:  # the request waits in the shell socket's queue until the kernel is there to take it
+            last = kc.execute(warmup, silent=True, store_history=False)
+            while (reply := await self._shell_reply(last, 0.5)) is None:
                 self._check(deadline)
             if reply["content"].get("status") != "ok":  # what it installs, a run relies on
                 raise RuntimeError(f"kernel {self.spec.name}: its warm-up cell failed: "
                                    f"{reply['content'].get('ename')}: {reply['content'].get('evalue')}")
-        # drain what the start-up and the probes published (a run ignores other parents anyway): up to the
-        # warm-up's idle status, the last thing the kernel publishes before a run; without a warm-up, until
-        # iopub is quiet for 10 ms
-        quiet = 0.01 if msg_id is None else self.DRAIN_QUIET
+        probe_at, delivering = time.monotonic() + self.IOPUB_PROBE, False
         while True:
             try:
-                msg = await kc.get_iopub_msg(timeout=quiet)
+                msg = await kc.get_iopub_msg(timeout=self.DRAIN_QUIET if delivering else 0.01)
             except queue.Empty:
+                if delivering:
+                    break
+                self._check(deadline)
+                if time.monotonic() >= probe_at:
+                    last = kc.kernel_info()
+                    probe_at = time.monotonic() + self.IOPUB_PROBE
+                continue
+            delivering = True  # what the kernel publishes from now on arrives
+            if msg["parent_header"].get("msg_id") == last and msg["msg_type"] == "status" and \
+                    msg["content"].get("execution_state") == "idle":
                 break
-            if msg_id is not None and msg["parent_header"].get("msg_id") == msg_id and \
-                    msg["msg_type"] == "status" and msg["content"].get("execution_state") == "idle":
-                break
-        with contextlib.suppress(queue.Empty):
+        with contextlib.suppress(queue.Empty):  # the probes' replies (a run skips other parents anyway)
             while True:
                 await kc.get_shell_msg(timeout=0)
 
