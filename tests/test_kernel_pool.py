@@ -556,6 +556,9 @@ def test_a_forked_kernel_takes_the_prepared_app_set_up_as_a_directly_started_ker
         assert seen[0][1] == "/sandbox/.ipython" and seen[0][-1] is True
         assert any(path.endswith("README") for path, *_ in seen[0][3])  # what IPython puts in a new profile
         assert all(own for *_, own in seen[0][3])  # made as the kernel's uid
+        # the one difference: the pool's client never pings a heartbeat, so the prepared app starts none
+        beats = [await _printed(k, "print(get_ipython().kernel.parent.heartbeat is None)") for k in (forked, direct)]
+        assert beats == ["True\n", "False\n"]
 
     _forked_and_direct(loop, mode, tmp_path, fork_server, check)
 
@@ -574,8 +577,9 @@ def test_a_forked_kernel_launched_otherwise_sets_up_its_own_app(loop: asyncio.Ab
         try:
             assert kernel.fork_server is fs
             assert "prepared app" not in (kernel.dir / "kernel.log").read_text()
-            code = "import os\nprint(os.environ['RUNFLARE_TEST_SETTING'], get_ipython().kernel.parent.profile_dir.location)"
-            assert await _printed(kernel, code) == "on /sandbox/.ipython/profile_default\n"
+            code = ("import os\napp = get_ipython().kernel.parent\n"
+                    "print(os.environ['RUNFLARE_TEST_SETTING'], app.profile_dir.location, app.heartbeat is not None)")
+            assert await _printed(kernel, code) == "on /sandbox/.ipython/profile_default True\n"
         finally:
             await kernel.shutdown()
             await pool.stop()
