@@ -349,6 +349,30 @@ def test_stdin_sent_right_before_closing_still_reaches_the_program(live_server):
     assert sub["status"]["id"] == 3 and sub["stdout"] == "hello\n"
 
 
+def test_a_socket_gets_its_stdin_inbox_on_its_first_stdin_message(live_server):
+    """A socket holds stdin state only once it sends stdin: its first message (a bad one here) makes it, the
+    ones after it reach the program in order; a socket beside it that never sends stdin follows the run to
+    its end and is closed with 1000."""
+    token = post(f"{live_server.api}/submissions", {"source_code": "print(input())\nprint(input())\n",
+                                                    "language_id": 71, "interactive": True}).json["token"]
+    with connect(ws_url(live_server, token)) as idle, connect(ws_url(live_server, token)) as feeding:
+        assert json.loads(idle.recv(timeout=30))["type"] == "connected"
+        assert json.loads(feeding.recv(timeout=30))["type"] == "connected"
+        feeding.send(json.dumps({"type": "stdin", "data": 5}))
+        got = []
+        while not any(m["type"] == "error" for m in got):
+            got.append(json.loads(feeding.recv(timeout=30)))
+        assert got[-1]["error"] == "bad stdin" and "string" in got[-1]["details"]
+        feeding.send(json.dumps({"type": "stdin", "data": "one\n"}))
+        feeding.send(json.dumps({"type": "stdin", "data": "two\n", "eof": True}))
+        fed = read_all(feeding)
+        followed = read_all(idle)
+    assert feeding.close_code == idle.close_code == 1000
+    assert not any(m["type"] == "error" for m in fed + followed)
+    finals = [[m for m in messages if m["type"] == "status_update"][-1] for messages in (fed, followed)]
+    assert all(f["status"]["id"] == 3 and f["data"]["stdout"] == "one\ntwo\n" for f in finals)
+
+
 def test_stdin_beyond_what_the_server_holds_closes_the_socket_1008(tmp_path):
     server = start_server(tmp_path, env={"RUNFLARE_KERNEL_POOL": "{}", "RUNFLARE_MAX_STDIN_SIZE": "1000"})
     try:
@@ -392,3 +416,33 @@ def test_an_event_frame_is_the_frame_an_independent_implementation_makes(n):
     assert text_frame(text) == Frame(Opcode.TEXT, text.encode()).serialize(mask=False, extensions=[])
     event = LoggedEvent({"type": "progress_update", "text": text})
     assert event.frame == text_frame(event.raw) and event.frame is event.frame  # built once
+
+
+async def test_the_shared_key_names_are_the_attributes_tornado_gives_an_open_socket():
+    """SubmissionSocket enters TORNADO_ATTRIBUTES in its instances' shared dict keys before any exists; they
+    must be what this tornado sets on an open WebSocketHandler (its own state is in slots)."""
+    import asyncio
+
+    from tornado import web
+    from tornado import websocket as tornado_ws
+    from tornado.httpserver import HTTPServer
+    from tornado.testing import bind_unused_port
+
+    from runflare_server.api.websocket import TORNADO_ATTRIBUTES, SubmissionSocket
+
+    seen: asyncio.Future = asyncio.get_running_loop().create_future()
+
+    class Plain(tornado_ws.WebSocketHandler):
+        def open(self, *args: str) -> None:
+            seen.set_result(list(vars(self)))
+
+    sock, port = bind_unused_port()
+    server = HTTPServer(web.Application([(r"/(x)/ws", Plain)]))
+    server.add_sockets([sock])
+    try:
+        conn = await websocket_connect(f"ws://127.0.0.1:{port}/x/ws")
+        assert sorted(await asyncio.wait_for(seen, 30)) == sorted(TORNADO_ATTRIBUTES)
+        conn.close()
+    finally:
+        server.stop()
+    assert not set(SubmissionSocket.__slots__) & set(TORNADO_ATTRIBUTES)

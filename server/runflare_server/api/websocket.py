@@ -6,6 +6,7 @@ import asyncio
 import json
 import logging
 import time
+from collections.abc import Iterable
 from typing import Any
 
 from tornado import websocket
@@ -22,12 +23,63 @@ MAX_INBOX_MESSAGES = 256  # stdin messages a socket may have waiting for the bro
 MAX_UNREAD_REPLIES = 16  # pongs and errors a socket may have unflushed before it gets no more
 
 
+# The attributes tornado (6.x) gives an open WebSocketHandler, in the order it sets them: RequestHandler's
+# __init__ and clear(), WebSocketHandler's __init__, _execute(), get(), and the methods _detach_stream()
+# disables on the instance.
+TORNADO_ATTRIBUTES = (
+    "application", "request", "_headers_written", "_finished", "_auto_finish", "_prepared_future", "ui",
+    "_headers", "_write_buffer", "_status_code", "_reason", "ws_connection", "close_code", "close_reason",
+    "_on_close_called", "_transforms", "path_args", "path_kwargs", "open_args", "open_kwargs",
+    "write", "redirect", "set_header", "set_cookie", "set_status", "flush", "finish",
+)
+
+
+def share_instance_keys(cls: type, names: Iterable[str]) -> None:
+    """Enter `names` in the key table CPython shares between the instance dicts of `cls`, before any instance
+    exists. An instance whose attributes are all in that table has a compact dict of values (288 bytes for
+    tornado's 27 attributes); one with an attribute outside it gets a dict of its own (832 bytes). The table
+    holds at most 30 names, and CPython (3.11) takes one of its free places for each instance created; a
+    socket's prepare() awaits the store, so many sockets are created before the first has all of tornado's
+    attributes: left alone, the table closes too early and every socket has a dict of its own. A name
+    tornado no longer sets only costs a place in the table."""
+    probe = object.__new__(cls)  # never initialized: it only enters the names
+    for name in names:
+        setattr(probe, name, None)
+
+
+class StdinInbox:
+    """The stdin messages a socket has received and not yet handed to the broker. Made on the socket's
+    first stdin message (an idle socket has none); its one feeder task keeps the chunks in order."""
+
+    __slots__ = ("queue", "bytes", "run_over", "feeder")
+
+    def __init__(self) -> None:
+        self.queue: asyncio.Queue[tuple[dict[str, Any], int] | None] = asyncio.Queue()
+        self.bytes = 0  # stdin received and not yet handed to the broker
+        self.run_over = False  # known once: a flood after the run's end costs no store reads
+        self.feeder: asyncio.Task | None = None
+
+
 class SubmissionSocket(websocket.WebSocketHandler):
     """One client following one submission.
 
     Each client pulls from the shared log with its own cursor and has at most one message in flight, so a
     client that lags costs no memory; one whose socket stops draining for ws_send_timeout is closed with 1013.
+
+    The socket's own state is in slots, so its instance dict holds only tornado's 27 attributes, all in the
+    key table its instances share (``share_instance_keys``, which has room for 30): an idle socket's dict
+    is 288 bytes, not 832.
     """
+
+    __slots__ = ("token", "live", "interactive", "sent_seq", "inflight_since", "unread_replies",
+                 "last_activity", "last_heard", "fanout", "replayer", "inbox")
+
+    def initialize(self) -> None:
+        """What on_close looks at, set before anything can close the connection (a client may hang up
+        while prepare() awaits, before open())."""
+        self.fanout: Any = None  # a live run's fan-out, which this socket follows
+        self.replayer: asyncio.Task | None = None  # a finished run's stored status, on its way
+        self.inbox: StdinInbox | None = None  # made on the first stdin message
 
     @property
     def service(self) -> Any:
@@ -46,7 +98,7 @@ class SubmissionSocket(websocket.WebSocketHandler):
             since = raw_query(self.request, "since", "0")
             if not INTEGER.match(since or ""):
                 raise ValueError(since)
-            self.since = int(since)
+            self.sent_seq = int(since)  # the last seq the client has; nothing is sent before open()
         except ApiError as exc:
             return self.answer(exc.status, exc.body)
         except ValueError:
@@ -58,8 +110,8 @@ class SubmissionSocket(websocket.WebSocketHandler):
             if sub is not None and not self.live and not is_final(sub["status_id"]):
                 await self.reopen_log(token, sub)
                 self.live = True
-            if self.live and self.since > await broker.last_seq(token):
-                self.since = 0  # a seq from before the broker lost the story: it is numbered anew
+            if self.live and self.sent_seq > await broker.last_seq(token):
+                self.sent_seq = 0  # a seq from before the broker lost the story: it is numbered anew
         except Exception as exc:
             error = unavailable(exc)
             if error is None:
@@ -101,12 +153,7 @@ class SubmissionSocket(websocket.WebSocketHandler):
         return super().check_origin(origin)
 
     def open(self, token: str) -> None:
-        self.settings_ = self.service.settings
-        self.sent_seq = self.since
         self.inflight_since: float | None = None
-        self.inbox: asyncio.Queue[tuple[dict[str, Any], int] | None] | None = None
-        self.inbox_bytes = 0  # stdin received and not yet handed to the broker
-        self.run_over = False
         self.unread_replies = 0  # pongs and errors written and not yet flushed
         self.last_activity = self.last_heard = time.monotonic()
         self.send_now(events.message("connected", token, message=f"Connected to submission {token}"))
@@ -154,7 +201,7 @@ class SubmissionSocket(websocket.WebSocketHandler):
 
     def stalled(self, now: float) -> bool:
         """A message has been in flight for longer than ws_send_timeout: the client stopped reading."""
-        return self.inflight_since is not None and now - self.inflight_since > self.settings_.ws_send_timeout
+        return self.inflight_since is not None and now - self.inflight_since > self.service.settings.ws_send_timeout
 
     async def reopen_log(self, token: str, sub: dict[str, Any]) -> None:
         """An unfinished run with no event stream here (the broker lost it, or this is a fresh process):
@@ -194,15 +241,16 @@ class SubmissionSocket(websocket.WebSocketHandler):
         if kind == "ping":
             self.reply(events.message("pong", self.token))
         elif kind == "stdin" and isinstance(message, dict):
-            if self.inbox is None:  # one consumer per socket keeps the chunks in order
-                self.inbox = asyncio.Queue()
-                self.stdin_feeder = asyncio.create_task(self.feed_stdin_loop())
+            inbox = self.inbox
+            if inbox is None:
+                inbox = self.inbox = StdinInbox()
+                inbox.feeder = asyncio.create_task(self.feed_stdin_loop(inbox))
             size = len(raw)
-            if self.inbox.qsize() >= MAX_INBOX_MESSAGES or self.inbox_bytes + size > self.settings_.max_stdin_size:
+            if inbox.queue.qsize() >= MAX_INBOX_MESSAGES or inbox.bytes + size > self.service.settings.max_stdin_size:
                 self.close(1008, "too much stdin waiting to be delivered")
                 return
-            self.inbox_bytes += size
-            self.inbox.put_nowait((message, size))
+            inbox.bytes += size
+            inbox.queue.put_nowait((message, size))
         else:
             self.reply(events.message("error", self.token, error="unknown message",
                                       details='send {"type": "ping"} or {"type": "stdin", "data": "..."}'))
@@ -222,23 +270,23 @@ class SubmissionSocket(websocket.WebSocketHandler):
             future.exception()  # retrieved: a closed socket is on_close's business
         self.unread_replies -= 1
 
-    async def feed_stdin_loop(self) -> None:
-        assert self.inbox is not None
+    async def feed_stdin_loop(self, inbox: StdinInbox) -> None:
+        """The socket's one stdin consumer: hands each message to the broker in order, until on_close's None."""
         while True:
-            item = await self.inbox.get()
+            item = await inbox.queue.get()
             if item is None:
                 return
             message, size = item
-            self.inbox_bytes -= size
+            inbox.bytes -= size
             try:
-                await self.feed_stdin(message)
+                await self.feed_stdin(message, inbox)
             except Exception as exc:
                 if unavailable(exc) is None:
                     log.exception("stdin for %s failed", self.token)
                 self.send_now(events.message("error", self.token, error="stdin not accepted",
                                              details="the queue is unavailable; send it again shortly"))
 
-    async def feed_stdin(self, message: dict[str, Any]) -> None:
+    async def feed_stdin(self, message: dict[str, Any], inbox: StdinInbox) -> None:
         data, eof = message.get("data"), bool(message.get("eof"))
         if data is not None and not isinstance(data, str):
             self.send_now(events.message("error", self.token, error="bad stdin", details="data must be a string"))
@@ -247,10 +295,10 @@ class SubmissionSocket(websocket.WebSocketHandler):
             self.send_now(events.message("error", self.token, error="not interactive",
                                          details="create the submission with \"interactive\": true"))
             return
-        if not self.run_over:
+        if not inbox.run_over:
             sub = await self.service.submissions.get(self.token)
-            self.run_over = sub is None or is_final(sub["status_id"])
-        if self.run_over:  # known once: a flood after the end costs no store reads
+            inbox.run_over = sub is None or is_final(sub["status_id"])
+        if inbox.run_over:
             self.send_now(events.message("error", self.token, error="stdin not accepted",
                                          details="the program has finished"))
             return
@@ -265,11 +313,12 @@ class SubmissionSocket(websocket.WebSocketHandler):
 
     def on_close(self) -> None:
         self.service.sockets.discard(self)
-        fanout = getattr(self, "fanout", None)
-        if fanout is not None:
-            fanout.discard(self)
-        replayer = getattr(self, "replayer", None)
-        if replayer is not None:
-            replayer.cancel()
+        if self.fanout is not None:
+            self.fanout.discard(self)
+        if self.replayer is not None:
+            self.replayer.cancel()
         if self.inbox is not None:  # stdin already sent still reaches the program; then the feeder ends
-            self.inbox.put_nowait(None)
+            self.inbox.queue.put_nowait(None)
+
+
+share_instance_keys(SubmissionSocket, TORNADO_ATTRIBUTES)
