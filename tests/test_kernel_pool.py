@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import os
+import queue
 import signal
 import subprocess
 import sys
@@ -735,3 +736,49 @@ def test_tree_finds_every_descendant_even_those_forked_by_a_thread() -> None:
             with contextlib.suppress(psutil.Error):
                 p.kill()
         proc.wait(10)
+
+
+def test_a_kernel_whose_iopub_subscribes_after_its_warm_up_is_probed_ready(
+        loop: asyncio.AbstractEventLoop, mode: str, tmp_path: Path, fork_server: ForkServer) -> None:
+    """The warm-up cell is a kernel's first request, and what a kernel publishes before the pool's iopub
+    subscription is through is lost. Here the subscription is made after the warm-up's idle status went out
+    and is through (ipykernel welcomes it) before the wait looks at iopub: the warm-up's idle never comes,
+    so the wait must end at a kernel_info probe's, not after a silence, and leave nothing on iopub."""
+    pool = KernelPool(load_spec("python3"), 0, mode, tmp_path, fork_server=fork_server)
+
+    async def go() -> None:
+        kernel = await pool.acquire()
+        kernel.client.stop_channels()  # its subscription gone, the next one is new to the kernel (welcomed)
+        await asyncio.sleep(0.2)
+        kc = kernel.client = kernel.km.client()  # the pool's client anew, subscribed late
+        kc.start_channels(iopub=False, stdin=False, hb=False, control=False)
+        probes: list[str] = []
+        kernel_info, get_shell = kc.kernel_info, kc.get_shell_msg
+        subscribed = False
+
+        def probe() -> str:
+            probes.append(kernel_info())
+            return probes[-1]
+
+        async def reply_then_subscribe(timeout: float | None = None) -> dict[str, Any]:
+            nonlocal subscribed
+            msg = await get_shell(timeout=timeout)
+            if not subscribed:  # the warm-up's reply
+                subscribed = True
+                await asyncio.sleep(0.3)  # its idle status goes out meanwhile, to no subscriber
+                assert kc.iopub_channel is not None  # made now: connected and subscribed
+                await asyncio.sleep(0.3)  # the subscription goes through
+            return msg
+
+        kc.kernel_info, kc.get_shell_msg = probe, reply_then_subscribe
+        try:
+            await kernel._wait_ready(time.monotonic() + 60)
+            assert probes, "the wait ended without the idle status of a request it sent"
+            with pytest.raises(queue.Empty):
+                await kc.get_iopub_msg(timeout=0.3)
+            assert await _printed(kernel, "print(6 * 7)") == "42\n"
+        finally:
+            await kernel.shutdown()
+            await pool.stop()
+
+    loop.run_until_complete(go())

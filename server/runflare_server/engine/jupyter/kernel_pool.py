@@ -209,7 +209,7 @@ class SandboxedKernel:
         if time.monotonic() > deadline:
             raise TimeoutError(f"kernel {self.spec.name} did not answer in time")
 
-    IOPUB_PROBE = 0.05  # seconds between kernel_info probes while iopub's subscription is not through yet
+    IOPUB_PROBE = 0.05  # seconds between kernel_info probes while the last request's idle status is awaited
     DRAIN_QUIET = 0.5  # seconds of silence on a delivering iopub that end the wait (a kernel without idle status)
 
     async def _wait_ready(self, deadline: float) -> None:
@@ -218,9 +218,11 @@ class SandboxedKernel:
         The first request is the kernel's warm-up cell when its adapter has one (silent: no execution count,
         no history, nothing in the user's namespace), else kernel_info: one round trip, not two, for a kernel
         with a warm-up. The wait then ends at the idle status of the last request sent, the last thing the
-        kernel publishes before a run: the warm-up's when iopub was subscribed in time, else a kernel_info
-        probe's, sent every ``IOPUB_PROBE`` s while nothing reaches iopub (what the kernel published before
-        the subscription went through is lost, not late)."""
+        kernel publishes before a run: the warm-up's when iopub was subscribed before the kernel published
+        it, else a kernel_info probe's, sent each ``IOPUB_PROBE`` s without a message (what a kernel publishes
+        before the subscription is through is lost, not late; ipykernel's ``iopub_welcome`` says the
+        subscription is through, not whether it was in time). A kernel without a warm-up is ready once iopub
+        has delivered and gone quiet for 10 ms."""
         kc = self.client
         warmup = self.spec.adapter.warmup()
         if warmup is None:
@@ -236,19 +238,22 @@ class SandboxedKernel:
             if reply["content"].get("status") != "ok":  # what it installs, a run relies on
                 raise RuntimeError(f"kernel {self.spec.name}: its warm-up cell failed: "
                                    f"{reply['content'].get('ename')}: {reply['content'].get('evalue')}")
-        probe_at, delivering = time.monotonic() + self.IOPUB_PROBE, False
+        quiet = 0.01 if warmup is None else self.DRAIN_QUIET
+        probe_at, heard = time.monotonic() + self.IOPUB_PROBE, None
         while True:
             try:
-                msg = await kc.get_iopub_msg(timeout=self.DRAIN_QUIET if delivering else 0.01)
+                msg = await kc.get_iopub_msg(timeout=0.01)
             except queue.Empty:
-                if delivering:
+                now = time.monotonic()
+                if heard is not None and now - heard >= quiet:
                     break
                 self._check(deadline)
-                if time.monotonic() >= probe_at:
+                if now >= probe_at:
                     last = kc.kernel_info()
-                    probe_at = time.monotonic() + self.IOPUB_PROBE
+                    probe_at = now + self.IOPUB_PROBE
                 continue
-            delivering = True  # what the kernel publishes from now on arrives
+            heard = time.monotonic()
+            probe_at = heard + self.IOPUB_PROBE  # iopub delivers: probe again only after a silence
             if msg["parent_header"].get("msg_id") == last and msg["msg_type"] == "status" and \
                     msg["content"].get("execution_state") == "idle":
                 break
