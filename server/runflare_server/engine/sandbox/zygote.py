@@ -391,8 +391,8 @@ class PreparedApp:
 
     def take(self) -> Any:
         """In the kernel: its profile dir made, its crash handler set; the app, which starts no heartbeat (the
-        server's pool client never pings one: no socket, ZMQ context or three threads made and killed for it,
-        about 2 ms of each start's CPU)."""
+        server's pool client never pings one: no socket, ZMQ context or three threads made and killed for it;
+        setting it up alone is 1.6 ms of CPU in an ipykernel started here without the fork server)."""
         for path, mode, content in self.tree:
             if content is None:
                 os.makedirs(path, mode, exist_ok=True)
