@@ -564,59 +564,58 @@ def test_a_forked_kernel_takes_the_prepared_app_set_up_as_a_directly_started_ker
     _forked_and_direct(loop, mode, tmp_path, fork_server, check)
 
 
+def _on_a_forked_kernel(loop: asyncio.AbstractEventLoop, mode: str, tmp_path: Path, fs: ForkServer,
+                        check: Callable[[Any], Awaitable[None]], spec: KernelSpecInfo | None = None) -> None:
+    """``check(kernel)`` on a kernel of ``spec`` (python3) forked from ``fs``; then it is shut down, its pool
+    stopped, ``fs`` closed, nothing left running."""
+    pool = KernelPool(spec or load_spec("python3"), 0, mode, tmp_path, fork_server=fs)
+
+    async def go() -> None:
+        kernel = await pool.acquire()
+        try:
+            assert kernel.fork_server is fs
+            await check(kernel)
+        finally:
+            await kernel.shutdown()
+            await pool.stop()
+            fs.close()
+
+    loop.run_until_complete(go())
+    assert descendants() == []
+
+
 def test_a_forked_kernel_launched_otherwise_sets_up_its_own_app(loop: asyncio.AbstractEventLoop, mode: str,
                                                                  tmp_path: Path, fork_server: ForkServer) -> None:
     """A kernelspec with an environment of its own is not what the app was prepared for: its forked kernels
     set up their own app, in that environment."""
-    fs = fork_server
     spec = load_spec("python3")
     spec.env = {"RUNFLARE_TEST_SETTING": "on"}
-    pool = KernelPool(spec, 0, mode, tmp_path, fork_server=fs)
 
-    async def go() -> None:
-        kernel = await pool.acquire()
-        try:
-            assert kernel.fork_server is fs
-            assert "prepared app" not in (kernel.dir / "kernel.log").read_text()
-            code = ("import os\napp = get_ipython().kernel.parent\n"
-                    "print(os.environ['RUNFLARE_TEST_SETTING'], app.profile_dir.location, app.heartbeat is not None)")
-            assert await _printed(kernel, code) == "on /sandbox/.ipython/profile_default True\n"
-        finally:
-            await kernel.shutdown()
-            await pool.stop()
-            fs.close()
+    async def check(kernel: Any) -> None:
+        assert "prepared app" not in (kernel.dir / "kernel.log").read_text()
+        code = ("import os\napp = get_ipython().kernel.parent\n"
+                "print(os.environ['RUNFLARE_TEST_SETTING'], app.profile_dir.location, app.heartbeat is not None)")
+        assert await _printed(kernel, code) == "on /sandbox/.ipython/profile_default True\n"
 
-    loop.run_until_complete(go())
-    assert descendants() == []
+    _on_a_forked_kernel(loop, mode, tmp_path, fork_server, check, spec)
 
 
 def test_an_interrupt_reaches_a_forked_kernel_not_its_init(loop: asyncio.AbstractEventLoop, mode: str,
                                                            tmp_path: Path, fork_server: ForkServer) -> None:
-    fs = fork_server
-    pool = KernelPool(load_spec("python3"), 0, mode, tmp_path, fork_server=fs)
+    async def check(kernel: Any) -> None:
+        msg_id = kernel.client.execute("import time; time.sleep(60)")
+        while True:  # running: its execute_input is out (ipykernel ignores SIGINT between cells)
+            msg = await kernel.client.get_iopub_msg(timeout=20)
+            if msg["parent_header"].get("msg_id") == msg_id and msg["msg_type"] == "execute_input":
+                break
+        await asyncio.sleep(0.3)
+        await kernel.km.interrupt_kernel()
+        reply = (await kernel._shell_reply(msg_id, 20))["content"]
+        assert reply["status"] == "error" and reply["ename"] == "KeyboardInterrupt"
+        reply = (await kernel._shell_reply(kernel.client.execute("x = 1"), 20))["content"]
+        assert reply["status"] == "ok" and kernel.alive()  # the namespace's init did not take the SIGINT
 
-    async def go() -> None:
-        kernel = await pool.acquire()
-        try:
-            assert kernel.fork_server is fs
-            msg_id = kernel.client.execute("import time; time.sleep(60)")
-            while True:  # running: its execute_input is out (ipykernel ignores SIGINT between cells)
-                msg = await kernel.client.get_iopub_msg(timeout=20)
-                if msg["parent_header"].get("msg_id") == msg_id and msg["msg_type"] == "execute_input":
-                    break
-            await asyncio.sleep(0.3)
-            await kernel.km.interrupt_kernel()
-            reply = (await kernel._shell_reply(msg_id, 20))["content"]
-            assert reply["status"] == "error" and reply["ename"] == "KeyboardInterrupt"
-            reply = (await kernel._shell_reply(kernel.client.execute("x = 1"), 20))["content"]
-            assert reply["status"] == "ok" and kernel.alive()  # the namespace's init did not take the SIGINT
-        finally:
-            await kernel.shutdown()
-            await pool.stop()
-            fs.close()
-
-    loop.run_until_complete(go())
-    assert descendants() == []
+    _on_a_forked_kernel(loop, mode, tmp_path, fork_server, check)
 
 
 def _sleeps(procs: list[psutil.Process]) -> int:
