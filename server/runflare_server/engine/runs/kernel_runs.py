@@ -471,7 +471,8 @@ class KernelRuns:
         self.start_timeout = start_timeout
         self.use_fork_server = fork_server
         self.fork_server: ForkServer | None = None
-        self.max_parallel_starts = max_parallel_starts or cpus  # kernel starts are CPU-bound
+        # a start waits too (the fork server's pipe, the kernel's replies): one more than the cores keeps them busy
+        self.max_parallel_starts = max_parallel_starts or cpus + 1
         self.mode = "unavailable"
         self.cgroups = "rlimits"
         self.pools: dict[str, KernelPool] = {}
