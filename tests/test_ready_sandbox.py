@@ -176,6 +176,43 @@ def test_the_reaper_refuses_to_run_a_program_when_its_stdin_cannot_be_opened(run
     assert r.outcome == "internal" and "cannot open the program's stdin" in r.message and r.stdout == b"", r
 
 
+def test_the_reaper_joins_the_run_s_group_and_keeps_no_join_file(runner):
+    """No process is started just to join the run's cgroup: the reaper writes 0 to the join files the runner
+    opened for it, so it (and the program it forks) is in the group, bubblewrap and its init are not (they
+    are not the program's to count against its process limit), and the reaper has closed those files."""
+    if cgroups.mechanism() == "rlimit":
+        skip_or_fail("no writable cgroup hierarchy here")
+    runner.run(71, "pass", limits=QUICK)
+    ahead = waiting(runner)
+    reaper = reaper_of(ahead)
+    assert wait_until(lambda: ahead.cg.pids() == [reaper.pid], 20, 0.01, "the reaper joins its group")
+    sandbox_procs = [p.pid for p in tree(ahead.proc.pid) if p.pid != reaper.pid]
+    assert ahead.proc.pid in sandbox_procs and not set(sandbox_procs) & set(ahead.cg.pids())
+    join = {os.path.realpath(f) for f in ahead.cg.join_files()}
+    held = {os.path.realpath(f"/proc/{reaper.pid}/fd/{fd}") for fd in os.listdir(f"/proc/{reaper.pid}/fd")}
+    assert not held & join, held
+    limits = Limits(**{**QUICK.__dict__, "max_processes_and_or_threads": 3})
+    code = "import os\nkids = []\ntry:\n    for _ in range(5):\n        pid = os.fork()\n        if pid == 0:\n" \
+           "            os.read(os.open('/dev/zero', 0), 0); import time; time.sleep(5); os._exit(0)\n" \
+           "        kids.append(pid)\nexcept OSError as e:\n    print(len(kids), e.errno)\n" \
+           "for k in kids:\n    os.kill(k, 9)\n"
+    r = runner.run(71, code, limits=limits)
+    assert r.stdout == b"2 11\n", r  # the program and two children: 3 processes; the third fork is EAGAIN
+
+
+def test_a_join_the_reaper_cannot_make_runs_nothing(runner, monkeypatch):
+    """A join file the reaper cannot write (here: opened read-only) fails the launch before the program
+    exists: an internal error saying so, nothing run."""
+    if cgroups.mechanism() == "rlimit":
+        skip_or_fail("no writable cgroup hierarchy here")
+    runner.ready_next = False  # no sandbox started ahead with writable join files: the run starts its own
+    runner._take_ready(None)
+    monkeypatch.setattr(cgroups.RunCgroup, "open_join_files",
+                        lambda self: [os.open(f, os.O_RDONLY | os.O_CLOEXEC) for f in self.join_files()])
+    r = runner.run(71, "open('/box/ran', 'w')\nprint('ran')", limits=QUICK)
+    assert r.outcome == "internal" and "cannot join cgroup" in r.message and r.stdout == b"", r
+
+
 def test_sandboxes_started_ahead_outlive_the_threads_that_asked_for_them(runner, monkeypatch):
     """bubblewrap's --die-with-parent is PR_SET_PDEATHSIG: it fires when the *thread* that forked bwrap
     exits (under load, a short-lived starter thread killed about one sandbox in ten). Runs made from

@@ -1,9 +1,12 @@
 /* The reaper of a Run-Flare program run, compiled (runner.py's REAPER in C: the same protocol, without a
  * Perl interpreter to start for every run). It runs inside the sandbox as the run's unprivileged uid.
  *
- *   reaper STATUS_FD CONTROL_FD SELF_FD
+ *   reaper STATUS_FD CONTROL_FD SELF_FD [JOIN_FD...]
  *
- * SELF_FD (the fd this binary was executed from, or -1) is closed first. The reaper waits for its message on
+ * SELF_FD (the fd this binary was executed from, or -1) is closed first. Each JOIN_FD is a cgroup's join file
+ * (v1 `tasks`, v2 `cgroup.procs`) that the launcher opened for writing: the reaper writes 0 to each (itself
+ * joins the run's group, so the program it forks is in it from its first instruction) and closes it, before
+ * anything else; a failed join writes "launch cannot join cgroup ..." and exits. The reaper waits for its message on
  * CONTROL_FD, NUL-separated: the rlimit count n, n (resource, soft, hard) triples, the stdin ("" = /dev/null,
  * "-" = inherited, else a file in the work dir, opened then unlinked), "1" to send stderr to stdout, then
  * the program's argv. End of file without a message: the sandbox was discarded, nothing runs. Failures
@@ -56,13 +59,18 @@ static char *read_all(int fd, size_t *len) {
 }
 
 int main(int argc, char **argv) {
-    if (argc != 4) return 120;
+    if (argc < 4) return 120;
     status_fd = atoi(argv[1]);
     int control_fd = atoi(argv[2]), self_fd = atoi(argv[3]);
     if (self_fd >= 0) close(self_fd);
     prctl(PR_SET_DUMPABLE, 0, 0, 0, 0); /* the program cannot open /proc/<reaper>/fd */
     prctl(PR_SET_NAME, "runflare-reaper", 0, 0, 0); /* not the fd number it was executed from */
     if (fcntl(status_fd, F_SETFD, FD_CLOEXEC) != 0) return 120; /* nor inherit the status pipe */
+    for (int i = 4; i < argc; i++) { /* "0": the writing thread, this single-threaded reaper */
+        int join_fd = atoi(argv[i]);
+        if (write(join_fd, "0", 1) != 1) launch("cannot join cgroup (fd %d): %s", join_fd, strerror(errno));
+        close(join_fd);
+    }
 
     size_t len;
     char *msg = read_all(control_fd, &len);

@@ -20,6 +20,7 @@ import contextlib
 import errno
 import os
 import platform
+import resource
 import selectors
 import shlex
 import signal
@@ -53,8 +54,11 @@ COMPILE_LIMITS = Limits(cpu_time_limit=15.0, cpu_extra_time=5.0, wall_time_limit
                         stack_limit=128_000, max_processes_and_or_threads=120, max_file_size=4096,
                         max_output_bytes=64 * 1024)
 PERL = "/usr/bin/perl"
-SANDBOX_PROCESSES = 3  # bwrap, bwrap's init in the new PID namespace, the reaper: not the program's to count
-# The reaper: started with the sandbox, it waits on its control pipe for the program (a sandbox may be
+SANDBOX_PROCESSES = 1  # the reaper, in the run's group with the program, not the program's to count (bwrap and
+# its init stay outside: the reaper joins the group, see below)
+# The reaper: started with the sandbox, it first joins the run's cgroup (0 to each join file, whose fds follow
+# its other arguments: opened by the runner, written and closed by the reaper before anything else, so the
+# program it forks starts in the group), then waits on its control pipe for the program (a sandbox may be
 # started ahead of its run, see Runner.ready_next). The message, NUL-separated: the rlimit count n, n
 # (resource, soft, hard) triples, the stdin ("" = /dev/null, "-" = inherited, else a file in the work dir,
 # opened then unlinked), "1" to send stderr to stdout, then the program's argv. End of file without a
@@ -64,6 +68,11 @@ my ($fd, $ctl, $nr, $prctl, $rlim) = splice(@ARGV, 0, 5);
 syscall($prctl, 4, 0) if $prctl > 0;  # PR_SET_DUMPABLE 0: the program cannot open /proc/<reaper>/fd
 open(my $st, '>&=', $fd) or exit 120;
 fcntl($st, 2, 1);  # F_SETFD, FD_CLOEXEC: the program must not inherit the status pipe
+for my $j (@ARGV) {  # the run's cgroup join files: the reaper joins, so the program starts in the group
+    open(my $g, '>&=', $j) or launch("cannot join cgroup (fd $j): $!");
+    (syswrite($g, "0") // 0) == 1 or launch("cannot join cgroup (fd $j): $!");
+    close $g;
+}
 open(my $c, '<&=', $ctl) or exit 120;
 my $msg = do { local $/; <$c> };
 close $c;
@@ -170,6 +179,7 @@ class Sandbox:
     proc: subprocess.Popen | None = None
     cg: RunCgroup | None = None
     cpu_before: float = 0.0  # the group's CPU time when the program was sent (the sandbox's own start)
+    killed: list[int] = field(default_factory=list)  # processes outside the group killed with it (_kill)
 
     def usable(self) -> bool:
         """Whether it still waits for a program (nothing killed it, its set-up did not fail)."""
@@ -200,8 +210,11 @@ class Runner:
         self.groups = GroupPool(pool) if pool and cgroups.mechanism() != "rlimit" else None
         self._closer = weakref.finalize(self, self.groups.close) if self.groups else None
         self._lang_env: dict[int, tuple[dict[str, str], list[str]]] = {}
-        # Join the group and set rlimits by exec (sh, prlimit) rather than in a preexec_fn, so Popen vforks.
+        # Set a launch's rlimits by exec (prlimit) rather than in a preexec_fn, so Popen vforks.
         self.exec_setup = cgroups.exec_prefix_usable()
+        # No core file of what starts a sandbox (bwrap, the reaper before its prctl): they inherit this.
+        _, core_hard = resource.getrlimit(resource.RLIMIT_CORE)
+        resource.setrlimit(resource.RLIMIT_CORE, (0, core_hard))
         # After each run, start the next run's sandbox for the same language (its reaper sets the rlimits;
         # where prlimit64's number is unknown, only the launch sets them, so every sandbox starts with its run).
         self.ready_next = ready_next and PRLIMIT_NR > 0
@@ -388,25 +401,29 @@ class Runner:
         filter_fd = seccomp.bpf_fd() if self.mode == "bwrap" else -1
         sb = Sandbox(key=key, workdir=workdir, status_fd=st_r, control_fd=ctl_w, ahead=limits is None)
         reaper_fd = reaper_binary.fd() if self.compiled_reaper else None
-        if reaper_fd is not None:
-            reaper = [f"/proc/self/fd/{reaper_fd}", str(st_w), str(ctl_r), str(reaper_fd)]
-        else:
-            reaper = [PERL, "-e", REAPER, str(st_w), str(ctl_r), str(GETRUSAGE_NR), str(PRCTL_NR), str(PRLIMIT_NR)]
-        passed = tuple(fd for fd in (st_w, ctl_r, filter_fd, reaper_fd) if fd is not None and fd >= 0)
+        join_fds: list[int] = []
         try:
-            cmd = sandbox.wrap(reaper, workdir=workdir, mode=self.mode, env=env, network=network,
-                               ro_paths=ro, uid=self.uid, seccomp_fd=filter_fd if filter_fd >= 0 else None)
             group_memory, max_pids = _group_limits(limits) if limits is not None else (None, None)
             if self.groups is not None:
                 sb.cg = self.groups.take(group_memory, max_pids)
             else:
                 sb.cg = RunCgroup.create(f"run-{os.getpid()}-{uuid.uuid4().hex[:12]}", group_memory, max_pids)
+            join_fds = sb.cg.open_join_files() if sb.cg is not None else []
+            joins = [str(fd) for fd in join_fds]
+            if reaper_fd is not None:
+                reaper = [f"/proc/self/fd/{reaper_fd}", str(st_w), str(ctl_r), str(reaper_fd), *joins]
+            else:
+                reaper = [PERL, "-e", REAPER, str(st_w), str(ctl_r), str(GETRUSAGE_NR), str(PRCTL_NR),
+                          str(PRLIMIT_NR), *joins]
+            passed = tuple(fd for fd in (st_w, ctl_r, filter_fd, reaper_fd, *join_fds) if fd is not None and fd >= 0)
+            cmd = sandbox.wrap(reaper, workdir=workdir, mode=self.mode, env=env, network=network,
+                               ro_paths=ro, uid=self.uid, seccomp_fd=filter_fd if filter_fd >= 0 else None)
             values = rlimit_values(limits, sb.cg is not None) if limits is not None else {}  # the reaper sets them
             if self.exec_setup:
-                cmd = exec_prefix(values, sb.cg, st_w) + cmd
+                cmd = exec_prefix(values) + cmd
                 preexec = None
             else:
-                preexec = child_setup(values, sb.cg)
+                preexec = child_setup(values)
             sb.proc = subprocess.Popen(
                 cmd, stdin=subprocess.PIPE if stdin_pipe else subprocess.DEVNULL, stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE, pass_fds=passed,
@@ -416,7 +433,7 @@ class Runner:
             self.discard(sb)
             raise
         finally:
-            for fd in (st_w, ctl_r, filter_fd):
+            for fd in (st_w, ctl_r, filter_fd, *join_fds):
                 if fd >= 0:
                     os.close(fd)
 
@@ -456,7 +473,7 @@ class Runner:
             os.close(sb.control_fd)
             sb.control_fd = -1
             feeder = _start_feeder(proc, stdin_reader) if stdin_reader is not None else None
-            self._pump(proc, res, limits, cg, start, on_output, sb.cpu_before)
+            self._pump(sb, res, limits, start, on_output)
             _, status, rusage = _wait(proc)
             waited = True
             res.wall = round(time.monotonic() - start, 3)
@@ -480,26 +497,28 @@ class Runner:
             return res
         finally:
             if not waited:
-                _kill(proc, cg)
+                _kill(sb)
                 with contextlib.suppress(ChildProcessError):
                     _wait(proc)
-            self._collect(cg)
+            self._collect(sb)
             sb.close_fds()
 
     def discard(self, sb: Sandbox) -> None:
         """Stop a sandbox whose program never ran (or failed to start) and free what it holds."""
         if sb.proc is not None:
-            _kill(sb.proc, sb.cg)
+            _kill(sb)
             with contextlib.suppress(ChildProcessError):
                 _wait(sb.proc)
-        self._collect(sb.cg)
+        self._collect(sb)
         sb.close_fds()
 
-    def _collect(self, cg: RunCgroup | None) -> None:
+    def _collect(self, sb: Sandbox) -> None:
         """Make sure nothing of the step lives on. With a group: every process in it is killed (one read of
         cgroup.procs when it is already empty, as usual), children that have exited are collected without
-        waiting for the rest, and the group is deleted by the pool's thread (or here, without one).
-        Without a group: wait (bounded) until the sandbox's dying init is collected."""
+        waiting for the rest, and the group is deleted by the pool's thread (or here, without one); a
+        sandbox that was killed (``_kill``) is also waited for until its init is gone. Without a group: wait
+        (bounded) until the sandbox's dying init is collected."""
+        cg = sb.cg
         if cg is not None:
             cg.kill_all()
             if self.groups is not None:
@@ -508,13 +527,14 @@ class Runner:
                 cg.remove()
             if self.reap_orphans:
                 _reap_orphans(timeout=0)  # only those already gone, waiting for none
+            _wait_gone(sb.killed)
         elif self.reap_orphans:
             _reap_orphans()
 
     @staticmethod
-    def _pump(proc: subprocess.Popen, res: StepResult, limits: Limits, cg: RunCgroup | None, start: float,
-              on_output: OnOutput | None, cpu_before: float = 0.0) -> None:
+    def _pump(sb: Sandbox, res: StepResult, limits: Limits, start: float, on_output: OnOutput | None) -> None:
         """Read stdout/stderr until EOF, keeping up to the cap, killing the sandbox on a time limit."""
+        proc, cg, cpu_before = sb.proc, sb.cg, sb.cpu_before
         sel = selectors.DefaultSelector()
         names = {}
         bufs = {"stdout": bytearray(), "stderr": bytearray()}
@@ -562,9 +582,9 @@ class Runner:
                     elif cg and group_cpu and (cg.cpu_seconds() or 0) - cpu_before > cpu_cap:
                         res.time_limit = "cpu"
                     if res.time_limit:
-                        _kill(proc, cg)
+                        _kill(sb)
                 elif elapsed > limits.wall_time_limit + 5:
-                    _kill(proc, cg)  # still open: something holds the pipes; keep killing
+                    _kill(sb)  # still open: something holds the pipes; keep killing
         finally:
             sel.close()
         for name, dec in decoders.items():
@@ -626,14 +646,51 @@ class _Coalescer:
             self.sink(name, text)
 
 
-def _kill(proc: subprocess.Popen, cg: RunCgroup | None) -> None:
-    """Kill the whole sandbox: the bwrap process (its PID namespace dies with it) and the cgroup."""
+def _kill(sb: Sandbox) -> None:
+    """Kill the whole sandbox: bubblewrap's init (in a session of its own, outside the run's group; its
+    end takes its PID namespace with it, a reaper that had not joined the group yet included), the bwrap
+    process, and the group. The init's pid is kept in ``sb.killed`` for ``_collect`` to wait for."""
+    proc = sb.proc
+    if proc.returncode is None:  # not reaped: its pid, and its children's, are still its own
+        for pid in _children(proc.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            if pid not in sb.killed:
+                sb.killed.append(pid)
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(proc.pid, signal.SIGKILL)
     with contextlib.suppress(ProcessLookupError):
         os.kill(proc.pid, signal.SIGKILL)  # not proc.kill(): it may reap the process before our wait4
-    if cg:
-        cg.kill_all()
+    if sb.cg:
+        sb.cg.kill_all()
+
+
+def _children(pid: int) -> list[int]:
+    """The live children of single-threaded process ``pid`` (none once it has exited)."""
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children", "rb") as f:
+            return [int(p) for p in f.read().split()]
+    except OSError:
+        return []
+
+
+def _wait_gone(pids: list[int], timeout: float = 5.0) -> None:
+    """Wait (bounded) until these killed processes are gone: collected here when they were re-parented
+    to this subreaper, else until they no longer exist."""
+    deadline = time.monotonic() + timeout
+    for pid in pids:
+        while time.monotonic() < deadline:
+            try:
+                if os.waitpid(pid, os.WNOHANG)[0] == pid:
+                    break
+            except ChildProcessError:  # not (or no longer) a child of this process: gone once it is a zombie
+                try:
+                    with open(f"/proc/{pid}/stat", "rb") as f:
+                        if f.read().rsplit(b")", 1)[1].split()[0] == b"Z":
+                            break
+                except OSError:
+                    break
+            time.sleep(0.001)
 
 
 def _wait(proc: subprocess.Popen) -> tuple[int, int, Any]:

@@ -14,7 +14,8 @@ deleted by it after their run, so no run waits for mkdir/rmdir.
 Joining: with cgroup v1 the child writes ``0`` to each group's ``tasks`` file. Right after fork it is
 single-threaded, so this moves the whole process, and the kernel migrates the current thread without
 the global threadgroup lock, whose write side waits for an RCU grace period (3-13 ms per run when
-joining through ``cgroup.procs``).
+joining through ``cgroup.procs``). A program run's reaper joins the same way, at its start, through
+join files the runner opened for it (``open_join_files``): no process is started just to join.
 """
 
 from __future__ import annotations
@@ -226,6 +227,20 @@ class RunCgroup:
         name = "tasks" if self.kind == "cgroup-v1" else "cgroup.procs"
         return [str(d / name) for d in self.dirs.values()]
 
+    def open_join_files(self) -> list[int]:
+        """The join files opened for writing (close-on-exec: a child gets them through ``pass_fds``), for a
+        process that joins by writing ``0`` to each; the caller closes them. Raises ``OSError`` saying which
+        group cannot be joined."""
+        fds: list[int] = []
+        try:
+            for path in self.join_files():
+                fds.append(os.open(path, os.O_WRONLY | os.O_CLOEXEC))
+        except OSError as e:
+            for fd in fds:
+                os.close(fd)
+            raise OSError(e.errno, f"cannot join cgroup {e.filename}: {e.strerror}") from None
+        return fds
+
     def add_pid(self, pid: int) -> None:
         """Move process ``pid`` into the group."""
         for f in self.procs_files():
@@ -328,35 +343,27 @@ def rlimit_preexec(limits: Limits, cgroup: RunCgroup | None = None) -> Callable[
     return child_setup(rlimit_values(limits, cgroup is not None), cgroup)
 
 
-SH = "/bin/sh"
 PRLIMIT = "/usr/bin/prlimit"
 _PRLIMIT_NAMES = {resource.RLIMIT_CPU: "cpu", resource.RLIMIT_CORE: "core", resource.RLIMIT_FSIZE: "fsize",
                   resource.RLIMIT_STACK: "stack", resource.RLIMIT_AS: "as", resource.RLIMIT_NPROC: "nproc"}
-# $1: the status fd; then the files to write 0 to, "--", the command (prlimit ... -- the sandbox, or the
-# sandbox itself when there are no rlimits to set). No core files either way.
-_JOIN_SH = ('ulimit -c 0; s=$1; shift; while [ "$1" != -- ]; do { echo 0 > "$1"; } 2>/dev/null || '
-            '{ echo "launch cannot join cgroup $1" > "/proc/self/fd/$s"; exit 125; }; shift; done; shift; exec "$@"')
 
 
 def exec_prefix_usable() -> bool:
-    """Whether ``exec_prefix`` can stand in for ``child_setup`` here: as root (so no rlimit is refused,
-    as child_setup would silently skip), with /bin/sh and util-linux's prlimit."""
-    return os.geteuid() == 0 and os.access(SH, os.X_OK) and os.access(PRLIMIT, os.X_OK)
+    """Whether ``exec_prefix`` can stand in for ``child_setup``'s rlimits here: as root (so no rlimit is
+    refused, as child_setup would silently skip), with util-linux's prlimit."""
+    return os.geteuid() == 0 and os.access(PRLIMIT, os.X_OK)
 
 
-def exec_prefix(values: dict[int, tuple[int, int]], cgroup: RunCgroup | None, status_fd: int) -> list[str]:
-    """An argv prefix doing what ``child_setup`` does, without a ``preexec_fn``, so that Popen can vfork
-    instead of copying this (large) process: /bin/sh joins the group (0 to each join file: sh is
-    single-threaded) and execs prlimit, which sets the rlimits and execs the command, all in the same
-    process before the command's first instruction (no prlimit without rlimits to set: a sandbox started
-    ahead of its run, whose reaper sets them). A failed join writes ``launch ...`` to ``status_fd`` and
-    exits 125 before running anything."""
+def exec_prefix(values: dict[int, tuple[int, int]]) -> list[str]:
+    """An argv prefix setting these rlimits without a ``preexec_fn``, so that Popen can vfork instead of
+    copying this (large) process: prlimit sets them and execs the command, in the same process before the
+    command's first instruction. None (an empty prefix) without rlimits to set: a sandbox started ahead of
+    its run, whose reaper sets them. The group is not joined here: a program run's reaper joins it."""
     limits = []
     for res, (soft, hard) in values.items():
         fmt = ["unlimited" if v == resource.RLIM_INFINITY else str(v) for v in (soft, hard)]
         limits.append(f"--{_PRLIMIT_NAMES[res]}={fmt[0]}:{fmt[1]}")
-    join = cgroup.join_files() if cgroup else []
-    return [SH, "-c", _JOIN_SH, "sh", str(status_fd), *join, "--", *([PRLIMIT, *limits, "--"] if limits else [])]
+    return [PRLIMIT, *limits, "--"] if limits else []
 
 
 def child_setup(values: dict[int, tuple[int, int]], cgroup: RunCgroup | None = None) -> Callable[[], None]:
