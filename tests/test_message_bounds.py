@@ -139,3 +139,37 @@ def test_program_run_reply_over_the_bound(tmp_path) -> None:
         ok, _ = pr.run(RunRequest(token="ok", source_code="print('fine')", language_id=71))
         assert ok.outcome == "exited" and ok.stdout == "fine\n", ok
         assert pr.engine.stats["kernels_replaced"] >= 1
+
+
+def test_next_msg_times_out_without_taking_a_later_message() -> None:
+    """``next_msg`` on a real kernel: a receive that times out or is cancelled takes no message; the reply
+    arriving after it reaches the next call, decoded."""
+    from jupyter_client.manager import AsyncKernelManager
+
+    async def scenario() -> None:
+        km = AsyncKernelManager(kernel_name="python3", client_factory=BoundedKernelClient)
+        await km.start_kernel()
+        kc = km.client()
+        kc.start_channels()
+        try:
+            await kc.wait_for_ready(timeout=60)
+            with pytest.raises(TimeoutError):
+                await kc.next_msg("shell", 0.05)  # nothing sent: nothing comes
+            msg_id = kc.execute("import time; time.sleep(0.5); 6 * 7")
+            with pytest.raises(TimeoutError):
+                await kc.next_msg("shell", 0.1)  # the reply is on its way
+            waiting = asyncio.ensure_future(kc.next_msg("shell"))
+            await asyncio.sleep(0.05)
+            waiting.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await waiting
+            reply = await kc.next_msg("shell", 30)
+            assert reply["parent_header"]["msg_id"] == msg_id and reply["content"]["status"] == "ok"
+            while (m := await kc.next_msg("iopub", 30))["msg_type"] != "execute_result":
+                pass
+            assert m["content"]["data"]["text/plain"] == "42"
+        finally:
+            kc.stop_channels()
+            await km.shutdown_kernel(now=True)
+
+    asyncio.run(scenario())

@@ -17,6 +17,7 @@ binary buffers (widgets) which are not decoded.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import itertools
 import os
@@ -85,6 +86,34 @@ class BoundedKernelClient(AsyncKernelClient):
         msg = self.session.msg("execute_request", content, metadata=metadata)
         self.shell_channel.send(msg)
         return msg["header"]["msg_id"]
+
+    async def next_msg(self, channel: str, timeout: float | None = None) -> dict[str, Any]:
+        """The next message on ``channel`` ("iopub", "shell" or "stdin"), decoded; ``TimeoutError`` when none
+        comes within ``timeout`` seconds (None: wait as long as it takes). One receive future and one timer a
+        message: jupyter_client's ``get_*_msg`` polls first (a poller, more futures and a timer), about 50 µs
+        more of the event loop a message here. A receive given up never takes a message: pyzmq skips it."""
+        received = getattr(self, f"{channel}_channel").socket.recv_multipart()
+        if received.done() or timeout is None:
+            frames = await received
+        else:
+            expired: list[bool] = []
+
+            def expire() -> None:
+                expired.append(True)
+                received.cancel()
+
+            timer = asyncio.get_running_loop().call_later(timeout, expire)
+            try:
+                frames = await received
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if not expired or getattr(task, "cancelling", lambda: 0)():
+                    raise  # the caller was cancelled
+                raise TimeoutError(f"no {channel} message within {timeout} s") from None
+            finally:
+                timer.cancel()
+        _, msg = self.session.feed_identities(frames)
+        return self.session.deserialize(msg)
 
     def _watch(self, channel: str, sock: zmq.Socket) -> zmq.Socket:
         # A name of its own: pyzmq's default (the socket's fd number) can still be bound by an earlier

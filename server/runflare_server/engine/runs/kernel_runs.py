@@ -35,7 +35,6 @@ import inspect
 import json
 import logging
 import os
-import queue
 import re
 import shutil
 import signal
@@ -299,8 +298,7 @@ class _Run:
         self.msg_id = kc.execute_with(code, {"runflare_setup": setup} if setup is not None else {},
                                       allow_stdin=True, stop_on_error=True)
         inbox: asyncio.Queue[tuple[str, dict[str, Any]]] = asyncio.Queue()
-        readers = [asyncio.ensure_future(self._read(name, get, inbox)) for name, get in
-                   (("iopub", kc.get_iopub_msg), ("shell", kc.get_shell_msg), ("stdin", kc.get_stdin_msg))]
+        readers = [asyncio.ensure_future(self._read(kc, name, inbox)) for name in ("iopub", "shell", "stdin")]
         last_sample = 0.0
         died_at: float | None = None
         try:
@@ -363,13 +361,9 @@ class _Run:
             self.outcome, self.message = "time_limit", "CPU time limit exceeded"
 
     @staticmethod
-    async def _read(name: str, get: Any, inbox: asyncio.Queue) -> None:
+    async def _read(kc: Any, name: str, inbox: asyncio.Queue) -> None:
         while True:
-            try:
-                msg = await get(timeout=3600)
-            except queue.Empty:
-                continue
-            inbox.put_nowait((name, msg))
+            inbox.put_nowait((name, await kc.next_msg(name)))
 
     async def _drain(self, quiet: float = 0.1, longest: float = 0.5) -> None:
         """Handle output that arrives after the kernel reported idle, until it goes quiet (at most `longest`
@@ -377,8 +371,8 @@ class _Run:
         deadline = min(time.monotonic() + longest, self.t0 + self.limits.wall_time_limit)
         while not self.killed and time.monotonic() < deadline:
             try:
-                msg = await self.kernel.client.get_iopub_msg(timeout=quiet)
-            except queue.Empty:
+                msg = await self.kernel.client.next_msg("iopub", quiet)
+            except TimeoutError:
                 return
             await self._on_iopub(msg)
 

@@ -200,8 +200,8 @@ class ProgramRuns:
                 if left <= 0:
                     return RunResult("internal", message="the kernel did not answer in time"), False
                 try:
-                    m = await kc.get_iopub_msg(timeout=min(left, 1.0))
-                except Exception:  # noqa: BLE001 - queue.Empty from jupyter_client, asyncio.TimeoutError
+                    m = await kc.next_msg("iopub", min(left, 1.0))
+                except Exception:  # noqa: BLE001 - TimeoutError: no message yet; or the channel failed
                     lost = await self._lost(kernel, request)
                     if lost:
                         return lost, False
@@ -217,8 +217,8 @@ class ProgramRuns:
                     break
             while True:
                 try:
-                    reply = await kc.get_shell_msg(timeout=1.0)
-                except Exception:  # noqa: BLE001 - queue.Empty: no reply yet
+                    reply = await kc.next_msg("shell", 1.0)
+                except Exception:  # noqa: BLE001 - TimeoutError: no reply yet
                     lost = await self._lost(kernel, request)
                     if lost:
                         return lost, False
@@ -265,7 +265,7 @@ class ProgramRuns:
     async def _feed_stdin(self, kc: Any, msg_id: str, queue: asyncio.Queue[str | None]) -> None:
         """Answer the kernel's input_requests for this run from the queue."""
         while True:
-            m = await kc.get_stdin_msg(timeout=None)
+            m = await kc.next_msg("stdin")
             if m["msg_type"] != "input_request" or m["parent_header"].get("msg_id") != msg_id:
                 continue
             chunk = await queue.get()
