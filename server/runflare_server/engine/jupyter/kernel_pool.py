@@ -16,7 +16,6 @@ import json
 import logging
 import math
 import os
-import queue
 import secrets
 import shutil
 import signal
@@ -242,8 +241,8 @@ class SandboxedKernel:
         probe_at, heard = time.monotonic() + self.IOPUB_PROBE, None
         while True:
             try:
-                msg = await kc.get_iopub_msg(timeout=0.01)
-            except queue.Empty:
+                msg = await kc.next_msg("iopub", 0.01)
+            except TimeoutError:
                 now = time.monotonic()
                 if heard is not None and now - heard >= quiet:
                     break
@@ -257,9 +256,9 @@ class SandboxedKernel:
             if msg["parent_header"].get("msg_id") == last and msg["msg_type"] == "status" and \
                     msg["content"].get("execution_state") == "idle":
                 break
-        with contextlib.suppress(queue.Empty):  # the probes' replies (a run skips other parents anyway)
+        with contextlib.suppress(TimeoutError):  # the probes' replies (a run skips other parents anyway)
             while True:
-                await kc.get_shell_msg(timeout=0)
+                await kc.next_msg("shell", 0)
 
     async def _shell_reply(self, msg_id: str, wait: float) -> dict[str, Any] | None:
         """The shell reply to ``msg_id`` (replies to other requests are skipped), or None if it did not
@@ -267,8 +266,8 @@ class SandboxedKernel:
         end = time.monotonic() + wait
         while True:
             try:
-                msg = await self.client.get_shell_msg(timeout=max(0.0, end - time.monotonic()))
-            except queue.Empty:
+                msg = await self.client.next_msg("shell", max(0.0, end - time.monotonic()))
+            except TimeoutError:
                 return None
             if msg["parent_header"].get("msg_id") == msg_id:
                 return msg
