@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import json
 import os
-import queue
 import signal
 import subprocess
 import sys
@@ -752,29 +751,29 @@ def test_a_kernel_whose_iopub_subscribes_after_its_warm_up_is_probed_ready(
         kc = kernel.client = kernel.km.client()  # the pool's client anew, subscribed late
         kc.start_channels(iopub=False, stdin=False, hb=False, control=False)
         probes: list[str] = []
-        kernel_info, get_shell = kc.kernel_info, kc.get_shell_msg
+        kernel_info, next_msg = kc.kernel_info, kc.next_msg
         subscribed = False
 
         def probe() -> str:
             probes.append(kernel_info())
             return probes[-1]
 
-        async def reply_then_subscribe(timeout: float | None = None) -> dict[str, Any]:
+        async def reply_then_subscribe(channel: str, timeout: float | None = None) -> dict[str, Any]:
             nonlocal subscribed
-            msg = await get_shell(timeout=timeout)
-            if not subscribed:  # the warm-up's reply
+            msg = await next_msg(channel, timeout)
+            if channel == "shell" and not subscribed:  # the warm-up's reply
                 subscribed = True
                 await asyncio.sleep(0.3)  # its idle status goes out meanwhile, to no subscriber
                 assert kc.iopub_channel is not None  # made now: connected and subscribed
                 await asyncio.sleep(0.3)  # the subscription goes through
             return msg
 
-        kc.kernel_info, kc.get_shell_msg = probe, reply_then_subscribe
+        kc.kernel_info, kc.next_msg = probe, reply_then_subscribe
         try:
             await kernel._wait_ready(time.monotonic() + 60)
             assert probes, "the wait ended without the idle status of a request it sent"
-            with pytest.raises(queue.Empty):
-                await kc.get_iopub_msg(timeout=0.3)
+            with pytest.raises(TimeoutError):
+                await next_msg("iopub", 0.3)
             assert await _printed(kernel, "print(6 * 7)") == "42\n"
         finally:
             await kernel.shutdown()
