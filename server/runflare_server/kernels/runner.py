@@ -37,7 +37,7 @@ from typing import Any
 
 from runflare_server.engine.interface import Limits
 from runflare_server.engine.runs import languages as langs
-from runflare_server.engine.sandbox import cgroups, policy, seccomp
+from runflare_server.engine.sandbox import cgroups, kernel_sandbox, policy, seccomp
 from runflare_server.engine.sandbox import process as sandbox
 from runflare_server.engine.sandbox.cgroups import (
     GroupPool,
@@ -652,7 +652,7 @@ def _kill(sb: Sandbox) -> None:
     process, and the group. The init's pid is kept in ``sb.killed`` for ``_collect`` to wait for."""
     proc = sb.proc
     if proc.returncode is None:  # not reaped: its pid, and its children's, are still its own
-        for pid in _children(proc.pid):
+        for pid in kernel_sandbox.child_pids(proc.pid):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
             if pid not in sb.killed:
@@ -665,15 +665,6 @@ def _kill(sb: Sandbox) -> None:
         sb.cg.kill_all()
 
 
-def _children(pid: int) -> list[int]:
-    """The live children of single-threaded process ``pid`` (none once it has exited)."""
-    try:
-        with open(f"/proc/{pid}/task/{pid}/children", "rb") as f:
-            return [int(p) for p in f.read().split()]
-    except OSError:
-        return []
-
-
 def _wait_gone(pids: list[int], timeout: float = 5.0) -> None:
     """Wait (bounded) until these killed processes are gone: collected here when they were re-parented
     to this subreaper, else until they no longer exist."""
@@ -683,12 +674,8 @@ def _wait_gone(pids: list[int], timeout: float = 5.0) -> None:
             try:
                 if os.waitpid(pid, os.WNOHANG)[0] == pid:
                     break
-            except ChildProcessError:  # not (or no longer) a child of this process: gone once it is a zombie
-                try:
-                    with open(f"/proc/{pid}/stat", "rb") as f:
-                        if f.read().rsplit(b")", 1)[1].split()[0] == b"Z":
-                            break
-                except OSError:
+            except ChildProcessError:  # not (or no longer) a child of this process
+                if kernel_sandbox.exited(pid):
                     break
             time.sleep(0.001)
 
