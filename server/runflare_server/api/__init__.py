@@ -7,6 +7,7 @@ from pathlib import Path
 from tornado import web
 
 from ..service import Service
+from .access_log import ScrubbedRequestLogs, log_request
 from .base import NotFoundHandler
 from .openapi import OpenApiHandler
 from .reference import (
@@ -26,7 +27,7 @@ STATIC = Path(__file__).resolve().parent.parent / "static"
 TOKEN = r"([^/]+)"
 
 
-class StaticFile(web.RequestHandler):
+class StaticFile(ScrubbedRequestLogs, web.RequestHandler):
     """One file of static/, served as is (no build step at run time)."""
 
     FILE = ""
@@ -89,5 +90,5 @@ WORKER_ROUTES = {HealthHandler, MetricsHandler}  # what a --role worker process 
 def make_app(service: Service) -> web.Application:
     routes = [(pattern, handler) for _, pattern, handler in ROUTES
               if service.settings.role != "worker" or handler in WORKER_ROUTES]
-    return web.Application(routes, service=service,
-                           default_handler_class=NotFoundHandler)
+    return web.Application(routes, service=service, default_handler_class=NotFoundHandler,
+                           log_function=log_request)

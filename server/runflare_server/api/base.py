@@ -12,6 +12,7 @@ from tornado import web
 from ..broker.base import BrokerUnavailable
 from ..service import Service
 from ..store.base import StoreUnavailable
+from .access_log import ScrubbedRequestLogs
 
 MAINTENANCE_RETRY_AFTER = 60  # seconds a client waits before retrying in maintenance mode
 QUEUE_FULL_RETRY_AFTER = 5  # seconds a client waits before retrying when the queue is full
@@ -98,7 +99,7 @@ def method_not_allowed(handler: web.RequestHandler) -> None:
 
 
 @web.stream_request_body
-class BaseHandler(web.RequestHandler):
+class BaseHandler(ScrubbedRequestLogs, web.RequestHandler):
     """Every /api/v1 route. Bodies stream in, so an oversized one is refused (413) before it is read."""
 
     needs_user: set[str] = set()  # methods that also need X-Auth-User

@@ -14,6 +14,7 @@ from tornado.iostream import IOStream, StreamClosedError
 
 from .. import events
 from ..statuses import is_final
+from .access_log import ScrubbedRequestLogs
 from .base import INTEGER, ApiError, allowed_origin, check_auth, raw_query, unavailable
 
 log = logging.getLogger(__name__)
@@ -60,7 +61,7 @@ class StdinInbox:
         self.feeder: asyncio.Task | None = None
 
 
-class SubmissionSocket(websocket.WebSocketHandler):
+class SubmissionSocket(ScrubbedRequestLogs, websocket.WebSocketHandler):
     """One client following one submission.
 
     Each client pulls from the shared log with its own cursor and has at most one message in flight, so a
