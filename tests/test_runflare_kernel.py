@@ -7,6 +7,7 @@ import base64
 import json
 import os
 import tempfile
+import time
 import unittest
 from pathlib import Path
 
@@ -233,6 +234,34 @@ def test_the_kernel_app_publishes_on_a_locked_pub_socket_and_decodes_with_the_le
         app.iopub_socket.close(0)
         app.context.term()
         launched["cls"].clear_instance()
+
+
+def test_a_message_published_after_the_kernel_closed_its_iopub_socket_is_dropped(tmp_path):
+    """ipykernel's control thread publishes a shutdown request's idle status after the main thread may have
+    closed the app (and its iopub socket): that message has no reader and is dropped, not a traceback."""
+    import zmq
+
+    from runflare_server.kernels.runflare_kernel import LockedSocket
+
+    context = zmq.Context()
+    sub, pub = context.socket(zmq.SUB), LockedSocket(context.socket(zmq.PUB))
+    try:
+        sub.setsockopt(zmq.SUBSCRIBE, b"")
+        pub.socket.bind(f"ipc://{tmp_path}/iopub")
+        sub.connect(f"ipc://{tmp_path}/iopub")
+        deadline = time.monotonic() + 10
+        while not sub.poll(10):  # until the subscription is through
+            assert time.monotonic() < deadline
+            pub.send_multipart([b"status", b"idle"])
+        assert sub.recv_multipart()[0] == b"status"
+        pub.close(0)
+        assert pub.send_multipart([b"status", b"idle"]) is None
+        with pytest.raises(zmq.ZMQError):  # what the kernel's publisher did before
+            pub.socket.send_multipart([b"status", b"idle"])
+    finally:
+        sub.close(0)
+        pub.close(0)
+        context.term()
 
 
 def test_a_record_every_handler_drops_is_never_made():

@@ -51,7 +51,11 @@ class LockedSocket:
         self._lock = threading.Lock()
 
     def send_multipart(self, parts: list[Any], *args: Any, **kwargs: Any) -> Any:
+        """Send, unless the kernel already closed the socket at its shutdown (ipykernel publishes the
+        shutdown request's idle status after the app's close: there is no one left to read it)."""
         with self._lock:
+            if self.socket.closed:
+                return None
             return self.socket.send_multipart(parts, *args, **kwargs)
 
     def close(self, linger: int | None = None) -> None:
