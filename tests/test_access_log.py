@@ -60,6 +60,20 @@ def test_successes_are_not_logged_at_info_and_errors_are(tmp_path):
     assert "Traceback" not in log and "Uncaught exception" not in log
 
 
+@pytest.mark.parametrize("trusted", [False, True])
+def test_a_client_names_its_address_only_to_a_server_told_to_trust_its_proxy(tmp_path, trusted):
+    """The address in the log is the connection's unless RUNFLARE_TRUST_XHEADERS is set (a proxy's deployment):
+    a client cannot blame another address for its refused requests. (The header's address is only text here.)"""
+    server = start_server(tmp_path, env={**LEAN, "RUNFLARE_TRUST_XHEADERS": str(trusted).lower()})
+    try:
+        assert get(f"{server.api}/no-such-route", headers={"X-Real-Ip": "203.0.113.7"}).status == 404
+    finally:
+        server.stop()
+    lines = [line for line in (tmp_path / "server.log").read_text().splitlines() if "404 GET /api/v1/no-such-route" in line]
+    assert len(lines) == 1
+    assert lines[0].split("route ")[1].startswith("(203.0.113.7)" if trusted else "(127.0.0.1)")
+
+
 @pytest.mark.parametrize(("uri", "scrubbed"), [
     ("/a", "/a"),
     ("/a?", "/a?"),

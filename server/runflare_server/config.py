@@ -44,6 +44,9 @@ class Settings(BaseSettings):
     auth_tokens: list[str] = Field(default_factory=list)
     authz_users: list[str] = Field(default_factory=list)  # empty: any non-empty X-Auth-User
     cors_origins: list[str] = Field(default_factory=list)  # "*" for any, "null" for pages opened from disk
+    # believe X-Real-Ip / X-Forwarded-For and X-Scheme / X-Forwarded-Proto: only behind a proxy that sets them
+    # (else any client writes the address the log shows for it)
+    trust_xheaders: bool = False
 
     # Judge0 switches.
     maintenance_mode: bool = False

@@ -84,7 +84,7 @@ class Service:
             from .api import make_app
 
             app = make_app(self)
-            self.http = HTTPServer(app, xheaders=True, max_body_size=self.settings.max_body_size)
+            self.http = HTTPServer(app, xheaders=self.settings.trust_xheaders, max_body_size=self.settings.max_body_size)
             self.http.listen(self.settings.port, self.settings.host)
             log.info("Run-Flare (%s) listening on http://%s:%d (store %s, broker %s)", self.settings.role,
                      self.settings.host, self.settings.port, self.store.kind, self.broker.kind)
