@@ -166,6 +166,24 @@ def test_websocket_through_jupyter_auth(jupyter: Jupyter) -> None:
         assert json.loads(ws.recv(timeout=30))["type"] == "connected"
 
 
+def test_the_jupyter_token_sent_in_a_url_never_reaches_jupyter_s_log(jupyter: Jupyter) -> None:
+    """Under the extension, ?X-Auth-Token= carries the Jupyter server's own token; Jupyter Server's log scrubs
+    query keys containing "token" as written, which neither "X-Auth-Token" nor its percent-encoded spelling
+    (which Tornado decodes, so it authenticates as well) does. The refused requests below are logged."""
+    marker = uuid.uuid4().hex
+    assert get(f"{jupyter.api}/submissions/{marker}?X-Auth-Token={TOKEN}").status == 404
+    assert get(f"{jupyter.api}/submissions/{marker}?X%2DAuth%2DToken={TOKEN}&X-Auth-User=u").status == 404
+    assert get(f"{jupyter.api}/languages?X-Auth-Token={TOKEN}").status == 200
+
+    def lines() -> list[str]:
+        return [line for line in (jupyter.root / "server.log").read_text().splitlines() if marker in line]
+
+    wait_until(lambda: len(lines()) >= 2, timeout=10, interval=0.1, message="the refused requests' log lines")
+    assert all(TOKEN not in line for line in lines()), lines()
+    assert any(f"/runflare/api/v1/submissions/{marker}?X-Auth-Token=[secret] " in line for line in lines())
+    assert any(f"{marker}?X%2DAuth%2DToken=[secret]&X-Auth-User=[secret] " in line for line in lines())
+
+
 def kernel_execute(jupyter: Jupyter, code: str) -> str:
     """Run `code` in a kernel the Jupyter server starts (its REST and kernel WebSocket API); its stdout."""
     kernel = post(f"{jupyter.url}/api/kernels", {"name": "python3"}, headers=AUTH)

@@ -21,6 +21,7 @@ from tornado import web, websocket
 from traitlets import Bool, Dict, Unicode
 
 from runflare_server.api import ROUTES, HomeHandler
+from runflare_server.api.access_log import scrub_uri
 from runflare_server.api.base import BaseHandler
 from runflare_server.config import Settings
 from runflare_server.service import Service
@@ -63,6 +64,16 @@ class JupyterGate:
             value = raw[-1].decode("utf-8", "replace") if raw else ""
         if value:
             request.headers["Authorization"] = f"token {value}"
+
+    def _log(self) -> None:
+        """Jupyter Server's access line, the URI (and Referer) scrubbed first of Run-Flare's query credentials in
+        any spelling: Jupyter scrubs query keys that contain "token", as written; "X-Auth-Token" does not, and
+        under this extension its value is the Jupyter server's own token."""
+        request = self.request  # type: ignore[attr-defined]
+        request.uri = scrub_uri(request.uri or "")
+        if "Referer" in request.headers:
+            request.headers["Referer"] = scrub_uri(request.headers["Referer"])
+        super()._log()  # type: ignore[misc]
 
     def check_xsrf_cookie(self) -> None:
         """Jupyter's rules (token-authenticated: no XSRF check), plus: a cookie-authenticated request whose Origin
